@@ -1,0 +1,483 @@
+"""The public API: init/shutdown, ``@remote``, ``get``/``wait``/``put``/``delete``, ``ObjectRef``.
+
+An :class:`ObjectRef` *is* a ``concurrent.futures.Future``: it completes when its object exists
+somewhere (its value is fetched lazily by ``result()``/``get``), or fails with the producing task's
+exception.  Refs are hashable and picklable; one ref object exists per object id per process.
+"""
+from __future__ import annotations
+
+import atexit
+import concurrent.futures as cf
+import hashlib
+import logging
+import sys
+import threading
+import time
+from typing import Any, Callable, Generic, Iterable, Optional, Sequence, TypeVar, Union, overload
+
+from .config import Config
+from .errors import NotInitializedError, ObjectDeletedError, SerializationError
+from .ids import format_id
+from .protocol import ObjectInfo, TaskSpec
+from .serialization import deserialize, dumps, rebuild_error, serialize
+from .worker import DepPlaceholder, current_task_id
+
+log = logging.getLogger("hoplite_mpi")
+
+_runtime = None          # the Runtime of this process, if any
+_init_lock = threading.RLock()
+_READY = object()        # the Future result of a ref whose object exists
+
+
+# --- runtime lifecycle -----------------------------------------------------------------------
+
+def _setup_logging(config: Config, rank: int) -> None:
+    log.setLevel(config.log_level.upper())
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"[hoplite_mpi rank {rank}] %(levelname)s %(message)s"))
+        log.addHandler(handler)
+
+
+def _start(comm: Any, root: int, options: dict) -> Any:
+    """Create and start the runtime on a private copy of ``comm`` (collective over ``comm``)."""
+    from mpi4py import MPI
+
+    from .runtime import Runtime
+
+    config = Config.from_sources(options)
+    if MPI.Query_thread() < MPI.THREAD_SERIALIZED:
+        raise RuntimeError("hoplite_mpi needs MPI initialised with thread level SERIALIZED or MULTIPLE "
+                           "(mpi4py's default is MULTIPLE; do not lower mpi4py.rc.thread_level)")
+    if comm is None:
+        comm = MPI.COMM_WORLD
+    if not 0 <= root < comm.Get_size():
+        raise ValueError(f"root must be within 0..{comm.Get_size() - 1}, got {root}")
+    # rank `root` of comm becomes rank 0 (the driver) of the runtime's communicator
+    own = comm.Split(0, (comm.Get_rank() - root) % comm.Get_size())
+    _setup_logging(config, own.Get_rank())
+    return Runtime(own, config).start()
+
+
+def init(comm: Any = None, **options: Any) -> None:
+    """Start hoplite_mpi on every rank of ``comm`` (default ``MPI.COMM_WORLD``); collective.
+
+    Rank 0 returns (it is the driver).  Every other rank serves tasks until the driver calls
+    :func:`shutdown` (or exits), then exits the process with status 0, so code after ``init()`` runs
+    on rank 0 only.  Idempotent: a second call returns at once.
+
+    Args:
+        comm: an ``mpi4py.MPI.Comm``; the runtime works on a private duplicate.
+        **options: fields of :class:`~hoplite_mpi.config.Config` (also ``HOPLITE_MPI_*`` env vars).
+
+    Raises:
+        TypeError / ValueError: an unknown option or a bad value (on every rank, before any MPI call).
+        RuntimeError: MPI was initialised with a thread level below SERIALIZED.
+    """
+    global _runtime
+    with _init_lock:
+        if _runtime is not None:
+            return
+        rt = _start(comm, 0, options)
+        _runtime = rt
+    if rt.rank == 0:
+        atexit.register(shutdown)
+        return
+    rt.serve()
+    _runtime = None
+    sys.exit(0)
+
+
+def shutdown() -> None:
+    """Driver: stop the runtime on every rank.  Refs of this runtime can no longer be resolved.
+
+    Idempotent; does nothing on a rank that is not the driver or without a runtime.
+    """
+    global _runtime
+    with _init_lock:
+        rt = _runtime
+        if rt is None or rt.rank != 0:
+            return
+        _runtime = None
+    rt.shutdown()
+
+
+def is_initialized() -> bool:
+    """Whether this process has a running runtime."""
+    return _runtime is not None
+
+
+def _rt() -> Any:
+    rt = _runtime
+    if rt is None:
+        raise NotInitializedError("hoplite_mpi is not initialised: call hoplite_mpi.init() first "
+                                  "(or run the script with `python -m hoplite_mpi`)")
+    return rt
+
+
+def rank() -> int:
+    """This process's rank in the runtime (0 = driver)."""
+    return _rt().rank
+
+
+def world_size() -> int:
+    """Number of ranks of the runtime."""
+    return _rt().size
+
+
+# --- ObjectRef -------------------------------------------------------------------------------
+
+class ObjectRef(cf.Future):
+    """A future for an object in the distributed store (a task's result or a ``put`` value).
+
+    ``done()`` means the object exists (or its task failed); ``result(timeout)`` fetches the value
+    (seconds; raises ``TimeoutError``), raising the task's exception with the remote traceback as
+    ``__cause__``, or :class:`~hoplite_mpi.errors.ObjectDeletedError` after :func:`delete`.
+    Hashable (by object id) and picklable: a ref can travel inside task arguments and results.
+    """
+
+    def __init__(self, object_id: int, task_id: Optional[int] = None) -> None:
+        super().__init__()
+        self.id = object_id
+        self._task_id = task_id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectRef) and other.id == self.id
+
+    def __repr__(self) -> str:
+        with self._condition:
+            state = self._state.lower()
+        return f"ObjectRef({format_id(self.id)}, {state})"
+
+    def __reduce__(self):
+        return (_rebuild_ref, (self.id,))
+
+    def hex(self) -> str:
+        return format_id(self.id)
+
+    # called by the runtime (notifier thread)
+    def _set_ready(self) -> None:
+        self.set_result(_READY)
+
+    def _set_failed(self, exc: BaseException) -> None:
+        self.set_exception(exc)
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        return get(self, timeout=timeout)
+
+    def cancel(self) -> bool:
+        """Cancel the task if it has not been placed on a worker yet (driver only)."""
+        if self.done() or self._task_id is None:
+            return self.cancelled()
+        rt = _runtime
+        if rt is None or not rt.cancel(self._task_id):
+            return False
+        return super().cancel()
+
+
+def _rebuild_ref(object_id: int) -> ObjectRef:
+    rt = _runtime
+    if rt is None:
+        return ObjectRef(object_id)
+    ref = ObjectRef(object_id)
+    interned = rt.register_ref(ref)
+    if interned is ref:
+        rt.watch(object_id)
+    return interned
+
+
+def _new_refs(rt: Any, first_id: int, n: int, task_id: Optional[int]) -> list[ObjectRef]:
+    refs = []
+    for oid in range(first_id, first_id + n):
+        ref = rt.register_ref(ObjectRef(oid, task_id))
+        if rt.scheduler is None:      # not the driver: learn readiness from the directory
+            rt.watch(oid)
+        refs.append(ref)
+    return refs
+
+
+# --- objects ---------------------------------------------------------------------------------
+
+def put(value: Any) -> ObjectRef:
+    """Store ``value`` in this rank's object store; returns a ready ref.
+
+    numpy arrays are kept as raw buffers (copied, so later changes to ``value`` do not show).
+    Raises :class:`SerializationError` if ``value`` cannot be pickled (nothing is stored).
+    """
+    rt = _rt()
+    if isinstance(value, ObjectRef):
+        raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself instead")
+    frames = serialize(value, "the value given to put()", copy=True)
+    oid = rt.put(frames)
+    ref = rt.register_ref(ObjectRef(oid))
+    ref._set_ready()
+    return ref
+
+
+def delete(refs: Union[ObjectRef, Iterable[ObjectRef]]) -> None:
+    """Free the objects of ``refs`` on every rank.  A later ``get`` raises ObjectDeletedError."""
+    rt = _rt()
+    refs = [refs] if isinstance(refs, ObjectRef) else list(refs)
+    _check_refs(refs, "delete")
+    rt.delete([r.id for r in refs])
+
+
+def _check_refs(refs: Sequence[Any], what: str) -> None:
+    for r in refs:
+        if not isinstance(r, ObjectRef):
+            raise TypeError(f"{what}() takes ObjectRefs, got {type(r).__name__}: {r!r}")
+
+
+class _Blocking:
+    """Marks the calling task as blocked (slot released) while it waits for other tasks."""
+
+    def __init__(self, rt: Any, refs: Sequence[ObjectRef]) -> None:
+        self.rt = rt
+        self.active = current_task_id() is not None and not all(r.done() for r in refs)
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.rt.set_blocked(True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            self.rt.set_blocked(False)
+
+
+def _remaining(deadline: Optional[float]) -> Optional[float]:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def get(refs: Union[ObjectRef, Sequence[ObjectRef]], timeout: Optional[float] = None) -> Any:
+    """The value of a ref, or the list of values of a list of refs (fetched concurrently).
+
+    Args:
+        refs: one ObjectRef or a list/tuple of them.
+        timeout: seconds to wait in all; None waits for ever.
+
+    Raises:
+        TimeoutError: not all values arrived in time (nothing is lost: call again).
+        the task's exception: with a ``RemoteTraceback`` (rank, host, traceback) as ``__cause__``.
+        ObjectDeletedError: an object was freed with :func:`delete`.
+        concurrent.futures.CancelledError: the task was cancelled.
+    """
+    single = isinstance(refs, ObjectRef)
+    items = [refs] if single else list(refs)
+    _check_refs(items, "get")
+    rt = _rt()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with _Blocking(rt, items):
+        for ref in items:
+            if ref.id in rt._deleted:
+                raise ObjectDeletedError(format_id(ref.id))
+            try:
+                cf.Future.result(ref, _remaining(deadline))  # readiness (or the task's error)
+            except cf.TimeoutError:
+                raise TimeoutError(f"get() timed out after {timeout} s waiting for "
+                                   f"{format_id(ref.id)}") from None
+        # fetch every value not held locally, all at once
+        pending = {}
+        for ref in items:
+            if rt.local_frames(ref.id) is None and ref.id not in pending:
+                fut: cf.Future = cf.Future()
+                pending[ref.id] = fut
+                rt.call_soon(rt.fetch, ref.id, fut.set_result)
+        values = []
+        for ref in items:
+            got = rt.local_frames(ref.id)
+            if got is None:
+                try:
+                    got = pending[ref.id].result(_remaining(deadline))
+                except cf.TimeoutError:
+                    raise TimeoutError(f"get() timed out after {timeout} s fetching "
+                                       f"{format_id(ref.id)}") from None
+            values.append(_value(ref.id, got))
+    return values[0] if single else values
+
+
+def _value(object_id: int, got: Any) -> Any:
+    from .runtime import _DELETED
+
+    if got is _DELETED:
+        raise ObjectDeletedError(format_id(object_id))
+    if isinstance(got, ObjectInfo):
+        if got.error:
+            raise rebuild_error(got.inline)
+        return deserialize(got.inline)
+    return deserialize(got)
+
+
+def wait(refs: Sequence[ObjectRef], num_returns: int = 1, timeout: Optional[float] = None
+         ) -> tuple[list[ObjectRef], list[ObjectRef]]:
+    """Wait until ``num_returns`` of ``refs`` are ready (exist or failed), or ``timeout`` seconds.
+
+    Returns ``(ready, pending)``, both in the order of ``refs``; ``ready`` has at most
+    ``num_returns`` refs.  Raises TypeError for a non-ref, ValueError for duplicate refs or a
+    ``num_returns`` outside ``0..len(refs)``.
+    """
+    refs = list(refs)
+    _check_refs(refs, "wait")
+    if len(set(refs)) != len(refs):
+        raise ValueError("wait() got duplicate ObjectRefs")
+    if not 0 <= num_returns <= len(refs):
+        raise ValueError(f"num_returns must be within 0..{len(refs)}, got {num_returns}")
+    rt = _rt()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with _Blocking(rt, refs):
+        done: set = {r for r in refs if r.done()}
+        while len(done) < num_returns:
+            remaining = _remaining(deadline)
+            if remaining == 0:
+                break
+            more, _ = cf.wait([r for r in refs if r not in done], remaining,
+                              return_when=cf.FIRST_COMPLETED)
+            done |= more
+    ready = [r for r in refs if r in done][:num_returns]
+    chosen = set(ready)
+    return ready, [r for r in refs if r not in chosen]
+
+
+# --- tasks -----------------------------------------------------------------------------------
+
+_TASK_OPTIONS = ("num_returns", "max_retries", "rank", "name")
+
+
+def _check_options(options: dict, worker_ranks: Optional[Sequence[int]] = None) -> None:
+    unknown = set(options) - set(_TASK_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown task option(s) {sorted(unknown)}; known: {list(_TASK_OPTIONS)}")
+    n = options.get("num_returns", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"num_returns must be an int >= 1, got {n!r}")
+    r = options.get("max_retries", 3)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+        raise ValueError(f"max_retries must be an int >= 0, got {r!r}")
+    rank_ = options.get("rank")
+    if rank_ is not None:
+        if not isinstance(rank_, int) or isinstance(rank_, bool):
+            raise TypeError(f"rank must be an int, got {rank_!r}")
+        if worker_ranks is not None and rank_ not in worker_ranks:
+            raise ValueError(f"rank={rank_} is not a worker rank (worker ranks: {list(worker_ranks)})")
+
+
+def _fn_identity(fn: Callable, what: str) -> tuple[bytes, bytes]:
+    blob = dumps(fn, what)
+    return hashlib.blake2b(blob, digest_size=16).digest(), blob
+
+
+def _pack_args(rt: Any, name: str, args: tuple, kwargs: dict) -> tuple[bytes, tuple[int, ...]]:
+    """Pickle (args, kwargs), top-level refs replaced by placeholders; large values become
+    objects of their own (``put``), so a task message stays small.  Raises SerializationError."""
+    deps: list[int] = []
+
+    def sub(value: Any) -> Any:
+        if isinstance(value, ObjectRef):
+            deps.append(value.id)
+            return DepPlaceholder(len(deps) - 1)
+        return value
+
+    packed_args = [sub(a) for a in args]
+    packed_kwargs = {k: sub(v) for k, v in kwargs.items()}
+    try:
+        blob = dumps((packed_args, packed_kwargs), "arguments")
+    except SerializationError:
+        for i, a in enumerate(args):
+            dumps(a, f"argument {i} of {name}")          # raises, naming the culprit
+        for k, v in kwargs.items():
+            dumps(v, f"keyword argument {k!r} of {name}")
+        raise
+    if len(blob) > rt.config.inline_threshold:
+        def big(value: Any) -> Any:
+            if isinstance(value, DepPlaceholder):
+                return value
+            if len(dumps(value, "argument")) > rt.config.inline_threshold // 4:
+                return sub(put(value))
+            return value
+        packed_args = [big(a) for a in packed_args]
+        packed_kwargs = {k: big(v) for k, v in packed_kwargs.items()}
+        blob = dumps((packed_args, packed_kwargs), "arguments")
+    return blob, tuple(deps)
+
+
+class RemoteFunction:
+    """A function made remote with :func:`remote`.  ``f.remote(*args, **kwargs)`` submits a task."""
+
+    def __init__(self, fn: Callable, options: dict) -> None:
+        if not callable(fn):
+            raise TypeError(f"remote() needs a callable, got {fn!r}")
+        _check_options(options)
+        self._fn = fn
+        self._options = dict(options)
+        self._identity: Optional[tuple[bytes, bytes]] = None
+        self.__name__ = getattr(fn, "__name__", "task")
+        self.__doc__ = getattr(fn, "__doc__", None)
+        self.__wrapped__ = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"remote function {self.__name__} cannot be called directly: use "
+                        f"{self.__name__}.remote(...)")
+
+    def options(self, **options: Any) -> "RemoteFunction":
+        """A copy with other task options: ``num_returns``, ``max_retries``, ``rank``, ``name``."""
+        _check_options(options)
+        other = RemoteFunction(self._fn, {**self._options, **options})
+        other._identity = self._identity
+        return other
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Submit a task; returns an ObjectRef at once (a list of them if ``num_returns > 1``).
+
+        Raises (at call time, nothing submitted): SerializationError naming the function or the
+        argument that cannot be pickled; ValueError for a ``rank`` that is not a worker rank.
+        """
+        if self._identity is None:
+            self._identity = _fn_identity(self._fn, f"function {self.__name__}")
+        return submit_task(_rt(), self._identity, self.__name__, args, kwargs, self._options)
+
+
+def submit_task(rt: Any, identity: tuple[bytes, bytes], name: str, args: tuple, kwargs: dict,
+                options: dict, allowed: Optional[tuple[int, ...]] = None,
+                init: Optional[tuple[bytes, bytes]] = None) -> Any:
+    """Build a TaskSpec and hand it to the scheduler; returns the ref(s)."""
+    _check_options(options, rt.worker_ranks)
+    fn_id, fn_blob = identity
+    args_blob, deps = _pack_args(rt, name, args, kwargs)
+    num_returns = options.get("num_returns", 1)
+    task_id = rt.ids.next(num_returns)
+    sent = rt.sent_blobs
+    spec = TaskSpec(
+        task_id=task_id, num_returns=num_returns, fn_id=fn_id,
+        fn_blob=None if fn_id in sent else fn_blob, args_blob=args_blob, deps=deps,
+        owner=rt.rank, name=options.get("name", name), rank=options.get("rank"), allowed=allowed,
+        max_retries=options.get("max_retries", 3),
+        init_id=init[0] if init else None,
+        init_blob=init[1] if init and init[0] not in sent else None)
+    sent.add(fn_id)
+    if init:
+        sent.add(init[0])
+    refs = _new_refs(rt, task_id, num_returns, task_id)
+    rt.submit(spec)
+    return refs[0] if num_returns == 1 else refs
+
+
+@overload
+def remote(fn: Callable) -> RemoteFunction: ...
+@overload
+def remote(**options: Any) -> Callable[[Callable], RemoteFunction]: ...
+
+
+def remote(fn: Optional[Callable] = None, **options: Any) -> Any:
+    """Make ``fn`` a remote function: ``@remote`` or ``@remote(num_returns=2, max_retries=3)``.
+
+    Options: ``num_returns`` (int >= 1), ``max_retries`` (int >= 0), ``rank`` (pin to a worker
+    rank), ``name``.  Raises TypeError/ValueError for unknown options or bad values.
+    """
+    if fn is not None:
+        if options:
+            raise TypeError("use @remote or @remote(**options), not both")
+        return RemoteFunction(fn, {})
+    _check_options(options)
+    return lambda f: RemoteFunction(f, options)

@@ -1,0 +1,85 @@
+"""Runtime options: one frozen :class:`Config`; keyword > ``HOPLITE_MPI_*`` environment variable > default.
+
+Every field can be set as ``hoplite_mpi.init(field=value)`` or with the environment variable
+``HOPLITE_MPI_<FIELD>`` (upper case), e.g. ``HOPLITE_MPI_CHUNK_SIZE=1048576``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+ENV_PREFIX = "HOPLITE_MPI_"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """All runtime options, with units.
+
+    Attributes:
+        chunk_size: bytes per point-to-point data message of an object transfer (default 1 MiB;
+            256 KiB-1 MiB measured best on one host, see DESIGN.md).
+        window: chunks of one transfer in flight at once (posted ``Isend``/``Irecv``).
+        inline_threshold: objects of at most this many serialized bytes travel inside control
+            messages (completion, directory replies) instead of a chunked transfer (Hoplite: 64 KiB).
+        tasks_per_worker: tasks the scheduler keeps in flight on one worker rank (queued there),
+            so fine-grained tasks do not wait for a round trip to rank 0.
+        worker_threads: tasks one worker rank executes at the same time (tasks blocked in a
+            nested ``get``/``wait`` do not count).
+        replication: number of ranks each directory shard lives on (rank-loss tolerance: later).
+        backoff_max: seconds; the longest sleep of an idle progress engine between polls.
+        shutdown_timeout: seconds the driver waits for workers to acknowledge shutdown.
+        log_level: name of the ``logging`` level of the ``hoplite_mpi`` logger.
+    """
+
+    chunk_size: int = 1 << 20
+    window: int = 4
+    inline_threshold: int = 64 << 10
+    tasks_per_worker: int = 16
+    worker_threads: int = 1
+    replication: int = 1
+    backoff_max: float = 0.002
+    shutdown_timeout: float = 30.0
+    log_level: str = "WARNING"
+
+    def __post_init__(self) -> None:
+        positive = ("chunk_size", "window", "tasks_per_worker", "worker_threads", "replication")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.inline_threshold, int) or self.inline_threshold < 0:
+            raise ValueError(f"inline_threshold must be an int >= 0, got {self.inline_threshold!r}")
+        for name in ("backoff_max", "shutdown_timeout"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_sources(cls, options: Mapping[str, Any] | None = None,
+                     environ: Mapping[str, str] | None = None) -> "Config":
+        """Build a Config: ``options`` (keywords) win over ``environ`` (default ``os.environ``).
+
+        Raises:
+            TypeError: an unknown option keyword.
+            ValueError: a value of the wrong type or range (env values are parsed first).
+        """
+        options = dict(options or {})
+        environ = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise TypeError(f"unknown hoplite_mpi option(s) {unknown}; known: {sorted(fields)}")
+        values: dict[str, Any] = {}
+        for name, field in fields.items():
+            if name in options:
+                values[name] = options[name]
+                continue
+            raw = environ.get(ENV_PREFIX + name.upper())
+            if raw is None:
+                continue
+            kind = type(field.default)
+            try:
+                values[name] = kind(float(raw)) if kind is int else kind(raw)
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        return cls(**values)

@@ -1,0 +1,100 @@
+"""The public exception types of hoplite_mpi.
+
+Every error a user can see derives from :class:`HopliteError`, except the standard ones that
+``concurrent.futures`` users expect (``TimeoutError``, ``CancelledError``, ``BrokenExecutor``,
+``ValueError``/``TypeError`` for bad arguments), which are raised as they are.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+
+__all__ = [
+    "HopliteError",
+    "NotInitializedError",
+    "SerializationError",
+    "ObjectDeletedError",
+    "ObjectLostError",
+    "RemoteTraceback",
+    "TaskError",
+    "RuntimeShutdownError",
+    "BrokenExecutor",
+]
+
+BrokenExecutor = concurrent.futures.BrokenExecutor
+
+
+class HopliteError(Exception):
+    """Base class of hoplite_mpi's own errors."""
+
+
+class NotInitializedError(HopliteError, RuntimeError):
+    """An API call needs a runtime: call ``hoplite_mpi.init()`` (or use ``Executor``) first."""
+
+
+class RuntimeShutdownError(HopliteError, RuntimeError):
+    """The runtime was shut down while the call was waiting or before it was made."""
+
+
+class SerializationError(HopliteError, TypeError):
+    """A function, argument or return value could not be pickled (cloudpickle protocol 5).
+
+    The message names what could not be pickled (e.g. ``argument 1 of f``) and the original
+    pickling error is chained as ``__cause__``.  Raised at call time by ``f.remote(...)`` and
+    ``put``; delivered through the returned future by ``Executor.submit``.  Nothing was sent,
+    so no other task or object is affected.
+    """
+
+
+class ObjectDeletedError(HopliteError, KeyError):
+    """The object was freed with ``hoplite_mpi.delete``; its value can no longer be fetched."""
+
+    def __init__(self, object_id: object) -> None:
+        super().__init__(object_id)
+        self.object_id = object_id
+
+    def __str__(self) -> str:
+        return f"object {self.object_id} was deleted with hoplite_mpi.delete()"
+
+
+class ObjectLostError(HopliteError):
+    """Every copy of the object is gone and it cannot be rebuilt from lineage."""
+
+    def __init__(self, object_id: object, rank: int | None = None) -> None:
+        super().__init__(object_id, rank)
+        self.object_id = object_id
+        self.rank = rank
+
+    def __str__(self) -> str:
+        where = f" (its last copy was on dead rank {self.rank})" if self.rank is not None else ""
+        return f"object {self.object_id} is lost{where}"
+
+
+class RemoteTraceback(Exception):
+    """Carries the formatted traceback of an exception raised on another rank.
+
+    Attached as ``__cause__`` of the re-raised task exception, like CPython's
+    ``concurrent.futures.process._RemoteTraceback``.
+    """
+
+    def __init__(self, tb: str, rank: int, host: str) -> None:
+        super().__init__(tb, rank, host)
+        self.tb = tb
+        self.rank = rank
+        self.host = host
+
+    def __str__(self) -> str:
+        return f'\n"""\nTraceback on rank {self.rank} ({self.host}):\n{self.tb}"""'
+
+
+class TaskError(HopliteError):
+    """Stand-in for a task exception whose own type could not be pickled or rebuilt.
+
+    ``original_type`` names the exception's type; the remote traceback is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, original_type: str = "") -> None:
+        super().__init__(message, original_type)
+        self.original_type = original_type
+
+    def __str__(self) -> str:
+        return f"{self.original_type}: {self.args[0]}" if self.original_type else str(self.args[0])

@@ -1,0 +1,534 @@
+"""One rank's runtime: MPI set-up, roles by rank, the progress engine thread, shutdown.
+
+Roles: rank 0 runs the driver (the user's program) and the :class:`~.scheduler.Scheduler`; ranks
+1..N-1 run tasks (:class:`~.worker.Worker`); with one rank, rank 0 runs tasks too.  Every rank has
+an :class:`~.store.ObjectStore` and a :class:`~.directory.DirectoryShard`.
+
+The engine thread owns all state and all MPI calls.  Other threads (the driver, task threads) hand
+it work with :meth:`Runtime.call_soon`.  One loop iteration::
+
+    run queued calls -> receive control batches -> handle messages -> drive data streams
+      -> flush one batch per destination -> sleep with exponential backoff if nothing happened
+
+Idle ranks back off up to ``Config.backoff_max`` seconds between polls instead of spinning (the
+ranks are usually oversubscribed); a call from another thread wakes the engine at once.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import random
+import threading
+import time
+import weakref
+from collections import defaultdict, deque
+from concurrent.futures import Future
+from typing import Any, Callable, Optional
+
+from . import protocol as P
+from .config import Config
+from .directory import DirectoryShard, shard_map
+from .errors import ObjectDeletedError, RuntimeShutdownError
+from .ids import IdGenerator, format_id, shard_of
+from .protocol import ObjectInfo
+from .scheduler import Scheduler
+from .serialization import frame_sizes, rebuild_error, to_bytes
+from .store import ObjectStore, chunk_plan
+from .transport.base import PeerFailure
+from .worker import Worker, _context, current_task_id
+
+log = logging.getLogger("hoplite_mpi")
+
+_DELETED = object()
+
+
+class Runtime:
+    """The runtime of one rank over communicator ``comm`` (which it owns: pass a ``Dup``)."""
+
+    def __init__(self, comm: Any, config: Config, transport: Any = None) -> None:
+        from .transport.mpi import MPITransport
+
+        self.comm = comm
+        self.config = config
+        self.transport = transport or MPITransport(comm, config.window)
+        self.rank = self.transport.rank
+        self.size = self.transport.size
+        self.ids = IdGenerator(self.rank)
+        self.store = ObjectStore()
+        self.shards = shard_map(self.size, min(config.replication, self.size))
+        self.directory = DirectoryShard(self.rank)
+        self.worker_ranks = list(range(1, self.size)) or [0]
+        self.scheduler: Optional[Scheduler] = None
+        if self.rank == 0:
+            self.scheduler = Scheduler(self.worker_ranks, self.shard_ranks, config.tasks_per_worker)
+        self.worker: Optional[Worker] = None
+        if self.rank in self.worker_ranks:
+            self.worker = Worker(self.rank, config.worker_threads, self.fetch_info,
+                                 self._task_finished, self.call_soon)
+        # engine state (engine thread only)
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._outbox: dict[int, list] = defaultdict(list)
+        self._local: deque = deque()
+        self._known: dict[int, ObjectInfo] = {}
+        self._deleted: set[int] = set()
+        self._lookups: dict[int, list[Callable]] = {}
+        self._fetching: dict[int, list[Callable]] = {}
+        self._next_tag = 0
+        self.sent_blobs: set = set()   # function ids already sent to the scheduler from here
+        self._acks: set[int] = set()
+        self._shutdown_started = False
+        self.stopped = threading.Event()
+        self.closed = False
+        self.stats = defaultdict(int)
+        # refs of this process, to complete when their object becomes ready
+        self._refs: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+        self._refs_lock = threading.Lock()
+        self._notify: queue.SimpleQueue = queue.SimpleQueue()
+        self._handlers = {
+            P.SubmitTask: lambda src, m: self._scheduled(self.scheduler.submit(m.spec)),
+            P.RunTask: lambda src, m: self.worker.enqueue(m),
+            P.TaskDone: lambda src, m: self._scheduled(self.scheduler.task_done(m)),
+            P.TaskBlocked: lambda src, m: self._scheduled(self.scheduler.task_blocked(m.task_id, m.blocked)),
+            P.DirAdd: self._on_directory,
+            P.DirLookup: self._on_directory,
+            P.DirDelete: self._on_delete,
+            P.DirReply: self._on_dir_reply,
+            P.Free: lambda src, m: self.store.delete(m.object_id),
+            P.Pull: self._on_pull,
+            P.PullRefused: self._on_pull_refused,
+            P.Shutdown: lambda src, m: self._on_shutdown(src),
+            P.ShutdownAck: lambda src, m: self._acks.add(src),
+        }
+        self._engine = threading.Thread(target=self._loop, name=f"hoplite-engine-{self.rank}", daemon=True)
+        self._notifier = threading.Thread(target=self._notify_loop, name="hoplite-notify", daemon=True)
+
+    def start(self) -> "Runtime":
+        self._engine.start()
+        self._notifier.start()
+        return self
+
+    # --- threads -> engine -------------------------------------------------------------------
+
+    def call_soon(self, fn: Callable, *args: Any) -> None:
+        """Run ``fn(*args)`` on the engine thread (thread-safe, returns at once)."""
+        if self.closed:
+            raise RuntimeShutdownError("the hoplite_mpi runtime is shut down")
+        self._calls.put((fn, args))
+        self._wake.set()
+
+    def call(self, fn: Callable, *args: Any, timeout: float | None = None) -> Any:
+        """Run ``fn(*args)`` on the engine thread and wait for its return value."""
+        fut: Future = Future()
+
+        def run():
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:
+                fut.set_exception(exc)
+        self.call_soon(run)
+        return fut.result(timeout)
+
+    def shard_ranks(self, object_id: int) -> tuple[int, ...]:
+        return self.shards[shard_of(object_id, len(self.shards))]
+
+    # --- engine loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        transport = self.transport
+        tmin, tmax = 1e-6, self.config.backoff_max
+        delay = tmin
+        try:
+            while not self.stopped.is_set():
+                active = False
+                while True:
+                    try:
+                        fn, args = self._calls.get_nowait()
+                    except queue.Empty:
+                        break
+                    fn(*args)
+                    active = True
+                for source, batch in transport.receive():
+                    active = True
+                    for msg in batch:
+                        self._handle(source, msg)
+                while self._local:
+                    active = True
+                    self._handle(self.rank, self._local.popleft())
+                if transport.progress():
+                    active = True
+                self._flush()
+                if active:
+                    delay = tmin
+                else:
+                    cap = min(tmax, 1e-4) if transport.busy() else tmax
+                    delay = min(cap, delay * 2)
+                    if self._wake.wait(delay):
+                        self._wake.clear()
+        except BaseException:
+            log.exception("rank %d: progress engine failed", self.rank)
+            raise
+        finally:
+            self._flush()
+
+    def _handle(self, source: int, msg: Any) -> None:
+        self.stats[type(msg).__name__] += 1
+        self._handlers[type(msg)](source, msg)
+
+    def send(self, dest: int, msg: Any) -> None:
+        """Queue a message (engine thread); batches go out at the end of the loop iteration."""
+        if dest == self.rank:
+            self._local.append(msg)
+        else:
+            self._outbox[dest].append(msg)
+
+    def _send_all(self, out: list) -> None:
+        for dest, msg in out:
+            self.send(dest, msg)
+
+    def _flush(self) -> None:
+        if self._outbox:
+            outbox, self._outbox = self._outbox, defaultdict(list)
+            for dest, batch in outbox.items():
+                self.transport.send(dest, batch)
+
+    def _scheduled(self, out: list) -> None:
+        """Send a scheduler's messages and deliver the objects it completed to local refs."""
+        self._send_all(out)
+        done = self.scheduler.completed
+        if done:
+            self.scheduler.completed = []
+            self._notify.put(done)
+
+    # --- futures (ObjectRef) -------------------------------------------------------------------
+
+    def register_ref(self, ref: Any) -> Any:
+        """Intern ``ref`` (one ObjectRef per id per process); returns the interned one."""
+        with self._refs_lock:
+            existing = self._refs.get(ref.id)
+            if existing is not None:
+                return existing
+            self._refs[ref.id] = ref
+        return ref
+
+    def watch(self, object_id: int) -> None:
+        """Complete the local ref of ``object_id`` once the object exists (directory lookup)."""
+        self.call_soon(self._watch, object_id)
+
+    def _watch(self, object_id: int) -> None:
+        info = self._info(object_id)
+        if info is not None:
+            self._notify.put([info])
+        elif object_id in self._deleted:
+            self._notify.put([object_id])
+        else:
+            self._lookup(object_id, lambda info: self._notify.put([info if info is not None else object_id]))
+
+    def _notify_loop(self) -> None:
+        """Completes futures outside the engine thread (user callbacks may block or call get)."""
+        while True:
+            batch = self._notify.get()
+            if batch is None:
+                return
+            for item in batch:
+                oid = item if isinstance(item, int) else item.object_id
+                ref = self._refs.get(oid)
+                if ref is None or ref.done():
+                    continue
+                try:
+                    if isinstance(item, int):
+                        ref._set_failed(ObjectDeletedError(format_id(oid)))
+                    elif item.error:
+                        ref._set_failed(rebuild_error(item.inline))
+                    else:
+                        ref._set_ready()
+                except Exception:  # a concurrent cancel() won the race: nothing to deliver
+                    log.debug("ref %s already completed", format_id(oid))
+
+    # --- objects ---------------------------------------------------------------------------
+
+    def _info(self, object_id: int) -> Optional[ObjectInfo]:
+        info = self._known.get(object_id)
+        if info is None and self.scheduler is not None:
+            info = self.scheduler.objects.get(object_id)
+        return info
+
+    def local_frames(self, object_id: int) -> Any:
+        """Frames of the object if this rank has them complete or inline, ``_DELETED`` if it was
+        deleted, else None.  Safe from any thread (reads only)."""
+        if object_id in self._deleted:
+            return _DELETED
+        entry = self.store.get(object_id)
+        if entry is not None and entry.complete:
+            return entry.frames
+        info = self._info(object_id)
+        if info is not None and info.inline is not None:
+            return info
+        return None
+
+    def put(self, frames: list, object_id: int | None = None) -> int:
+        """Store a serialized value as a new object on this rank (any thread).  Returns its id."""
+        oid = self.ids.next() if object_id is None else object_id
+        sizes = frame_sizes(frames)
+        if sum(sizes) <= self.config.inline_threshold:
+            info = ObjectInfo(oid, sizes, (self.rank,), to_bytes(frames))
+            self._known[oid] = info
+        else:
+            info = ObjectInfo(oid, sizes, (self.rank,))
+            self.call_soon(self.store.put, oid, frames)
+        self.call_soon(self._published, info)
+        return oid
+
+    def _published(self, info: ObjectInfo) -> None:
+        for rank in self.shard_ranks(info.object_id):
+            self.send(rank, P.DirAdd(info))
+        if self.scheduler is not None:
+            self._scheduled(self.scheduler.object_known(info))
+
+    def fetch(self, object_id: int, callback: Callable[[Any], None]) -> None:
+        """(engine) Call ``callback(frames | info-with-inline | _DELETED)`` once this rank has the
+        object, looking it up and pulling it from a holder when needed."""
+        local = self.local_frames(object_id)
+        if local is not None:
+            callback(local)
+            return
+        info = self._info(object_id)
+        if info is not None:
+            self._fetch_from(info, callback)
+        else:
+            self._lookup(object_id, lambda info: self._fetch_from(info, callback) if info is not None
+                         else callback(_DELETED))
+
+    def fetch_info(self, info: ObjectInfo, timeout: float | None = None) -> list:
+        """Blocking (any thread but the engine): the frames of the object ``info`` describes."""
+        fut: Future = Future()
+        self.call_soon(self._fetch_from, info, fut.set_result)
+        got = fut.result(timeout)
+        if got is _DELETED:
+            raise ObjectDeletedError(format_id(info.object_id))
+        return got.inline if isinstance(got, ObjectInfo) else got
+
+    def _fetch_from(self, info: ObjectInfo, callback: Callable) -> None:
+        oid = info.object_id
+        if info.inline is not None:
+            callback(info)
+            return
+        local = self.local_frames(oid)
+        if local is not None:
+            callback(local)
+            return
+        waiting = self._fetching.get(oid)
+        if waiting is not None:
+            waiting.append(callback)
+            return
+        self._fetching[oid] = [callback]
+        holders = [h for h in info.holders if h != self.rank]
+        if not holders:
+            self._lookup(oid, lambda i: self._refetch(oid, i), fresh=True)
+            return
+        self._pull(oid, info.sizes, random.choice(holders))
+
+    def _pull(self, oid: int, sizes: tuple, holder: int) -> None:
+        entry = self.store.get(oid)
+        if entry is None:
+            entry = self.store.allocate(oid, sizes)
+            entry.on_complete.append(lambda e: self._fetched(oid))
+        self._next_tag += 1
+        tag = self._next_tag
+        chunks = [memoryview(entry.frames[f])[a:b] for f, a, b in chunk_plan(sizes, self.config.chunk_size)]
+        if not chunks:
+            self.store.advance(oid, 0)
+            return
+        self.stats["pulls"] += 1
+        self.transport.recv_stream(holder, tag, chunks, lambda n: self.store.advance(oid, n),
+                                   lambda failure: self._pull_failed(oid, failure))
+        self.send(holder, P.Pull(oid, tag))
+
+    def _fetched(self, oid: int) -> None:
+        entry = self.store.get(oid)
+        info = ObjectInfo(oid, entry.sizes, (self.rank,))
+        for rank in self.shard_ranks(oid):  # this rank now holds a copy (a future sender)
+            self.send(rank, P.DirAdd(info))
+        for callback in self._fetching.pop(oid, ()):
+            callback(entry.frames)
+
+    def _refetch(self, oid: int, info: Optional[ObjectInfo]) -> None:
+        callbacks = self._fetching.pop(oid, [])
+        if info is None or self.store.get(oid) is not None and not self.store.get(oid).complete:
+            self.store.delete(oid)
+        for callback in callbacks:
+            if info is None:
+                callback(_DELETED)
+            else:
+                self._fetch_from(info, callback)
+
+    def _pull_failed(self, oid: int, failure: PeerFailure) -> None:
+        log.warning("rank %d: pull of %s from rank %d failed: %s", self.rank, format_id(oid),
+                    failure.rank, failure.detail)
+        self.store.delete(oid)
+        self._lookup(oid, lambda i: self._refetch(oid, i), fresh=True)
+
+    def _on_pull(self, source: int, msg: P.Pull) -> None:
+        entry = self.store.get(msg.object_id)
+        if entry is None or not entry.complete:
+            self.send(source, P.PullRefused(msg.object_id, msg.tag))
+            return
+        chunks = [memoryview(entry.frames[f]).cast("B")[a:b]
+                  for f, a, b in chunk_plan(entry.sizes, self.config.chunk_size)]
+        self.transport.send_stream(source, msg.tag, chunks, lambda: None,
+                                   lambda failure: log.warning("rank %d: send to rank %d failed: %s",
+                                                               self.rank, failure.rank, failure.detail))
+
+    def _on_pull_refused(self, source: int, msg: P.PullRefused) -> None:
+        # The holder dropped its copy (deleted): cancel our receive and ask the directory anew.
+        self.transport.cancel_stream(source, msg.tag)
+        self.store.delete(msg.object_id)
+        self._lookup(msg.object_id, lambda i: self._refetch(msg.object_id, i), fresh=True)
+
+    # --- directory -----------------------------------------------------------------------------
+
+    def _on_directory(self, source: int, msg: Any) -> None:
+        self._send_all(self.directory.handle(source, msg))
+
+    def _lookup(self, object_id: int, callback: Callable, fresh: bool = False) -> None:
+        """Ask the object's shard for its info; ``callback(info | None)`` (None: deleted)."""
+        waiting = self._lookups.get(object_id)
+        if waiting is not None:
+            waiting.append(callback)
+            return
+        self._lookups[object_id] = [callback]
+        self.send(self.shard_ranks(object_id)[0], P.DirLookup(object_id, self.rank))
+
+    def _on_dir_reply(self, source: int, msg: P.DirReply) -> None:
+        if msg.info is not None and msg.info.inline is not None:
+            self._known[msg.object_id] = msg.info
+        elif msg.info is None:
+            self._deleted.add(msg.object_id)
+        if self.scheduler is not None:
+            if msg.info is None:
+                self._scheduled(self.scheduler.object_deleted(msg.object_id))
+            elif msg.object_id in self.scheduler.looked_up:
+                self._scheduled(self.scheduler.object_known(msg.info))
+        for callback in self._lookups.pop(msg.object_id, ()):
+            callback(msg.info)
+
+    def delete(self, object_ids: list[int]) -> None:
+        """Free objects everywhere (any thread).  Later fetches raise ObjectDeletedError."""
+        self._deleted.update(object_ids)   # visible to this rank's readers at once
+        self.call_soon(self._delete, list(object_ids))
+
+    def _delete(self, object_ids: list[int]) -> None:
+        for oid in object_ids:
+            self.store.delete(oid)
+            self._known.pop(oid, None)
+            for rank in set(self.shard_ranks(oid)) | {0}:
+                self.send(rank, P.DirDelete(oid))
+
+    def _on_delete(self, source: int, msg: P.DirDelete) -> None:
+        self._deleted.add(msg.object_id)
+        self._known.pop(msg.object_id, None)
+        if self.rank in self.shard_ranks(msg.object_id):
+            self._send_all(self.directory.delete(msg.object_id))
+        if self.scheduler is not None:
+            self._scheduled(self.scheduler.object_deleted(msg.object_id))
+
+    # --- tasks -----------------------------------------------------------------------------
+
+    def submit(self, spec: P.TaskSpec) -> None:
+        """Hand a task to the scheduler (any thread)."""
+        self.call_soon(self._submit, spec)
+
+    def _submit(self, spec: P.TaskSpec) -> None:
+        if self.scheduler is not None:
+            self._scheduled(self.scheduler.submit(spec))
+        else:
+            self.send(0, P.SubmitTask(spec))
+
+    def _task_finished(self, spec: P.TaskSpec, results: list, blocked: bool) -> None:
+        """Executor thread: a task ended; ``results`` = [(frames, is_error)] per return value."""
+        infos = []
+        stored = []
+        for oid, (frames, is_error) in zip(spec.return_ids, results):
+            sizes = frame_sizes(frames)
+            if is_error or sum(sizes) <= self.config.inline_threshold:
+                infos.append(ObjectInfo(oid, sizes, (self.rank,), to_bytes(frames), is_error))
+            else:
+                infos.append(ObjectInfo(oid, sizes, (self.rank,)))
+                stored.append((oid, frames))
+        self.call_soon(self._report, spec, tuple(infos), stored, blocked)
+
+    def _report(self, spec: P.TaskSpec, infos: tuple, stored: list, blocked: bool) -> None:
+        for oid, frames in stored:
+            self.store.put(oid, frames)
+        for info in infos:
+            for rank in self.shard_ranks(info.object_id):
+                self.send(rank, P.DirAdd(info))
+        self.send(0, P.TaskDone(spec.task_id, self.rank, infos))
+        self.worker.task_ended(blocked)
+
+    def set_blocked(self, blocked: bool) -> None:
+        """The calling task thread enters/leaves a blocking wait (nested get/wait)."""
+        task_id = current_task_id()
+        if task_id is None or _context.blocked == blocked:
+            return
+        _context.blocked = blocked
+        self.call_soon(self._blocked, task_id, blocked)
+
+    def _blocked(self, task_id: int, blocked: bool) -> None:
+        self.worker.set_blocked(blocked)
+        self.send(0, P.TaskBlocked(task_id, blocked))
+
+    def cancel(self, task_id: int) -> bool:
+        """Cancel a task not placed yet (driver).  Returns whether it was cancelled."""
+        if self.scheduler is None or self.closed:
+            return False
+        cancelled, out = self.call(self.scheduler.cancel, task_id)
+        if out:
+            self.call_soon(self._scheduled, out)
+        return cancelled
+
+    # --- shutdown --------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Block until the driver shuts the runtime down (worker ranks)."""
+        self.stopped.wait()
+        self._close()
+
+    def shutdown(self) -> None:
+        """Driver: stop every rank (waits up to ``Config.shutdown_timeout`` for their acks)."""
+        if self.closed:
+            return
+        others = set(range(self.size)) - {self.rank}
+        self.call_soon(self._send_all, [(r, P.Shutdown()) for r in others])
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        while not others <= self._acks and time.monotonic() < deadline and self._engine.is_alive():
+            time.sleep(0.002)
+        if not others <= self._acks:
+            log.warning("rank 0: ranks %s did not acknowledge shutdown", sorted(others - self._acks))
+        self.stopped.set()
+        self._close()
+
+    def _on_shutdown(self, source: int) -> None:
+        self._shutdown_started = True
+        if self.worker is not None:
+            self.worker.close()
+        self.send(source, P.ShutdownAck(self.rank))
+        self._flush()
+        self.stopped.set()
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._engine.join(timeout=5)
+        # let the last sends (acks) complete before the communicator goes away
+        deadline = time.monotonic() + 2
+        while self.transport._sends and time.monotonic() < deadline:
+            self.transport.progress()
+        self._notify.put(None)
+        self.transport.close()
+        try:
+            self.comm.Free()
+        except Exception:
+            pass

@@ -1,0 +1,286 @@
+"""The task scheduler of rank 0: a pure state machine (event in -> messages out), no MPI.
+
+Task life cycle (one gate per transition; an illegal one raises :class:`InvalidTransition`)::
+
+    WAITING --inputs exist--> READY --placed--> RUNNING --TaskDone--> DONE
+       |                        |
+       +--input failed/deleted--+--cancel--> FAILED (its results become error objects)
+
+Placement (dynamic, dependency-aware): a pinned task goes to its rank; otherwise the rank holding
+most bytes of the task's inputs if it has room, else the least loaded rank.  Each worker keeps up
+to ``tasks_per_worker`` tasks in flight; tasks blocked in a nested ``get`` do not count, so nested
+tasks can always be placed (no deadlock when every worker waits on children).
+
+Every event method returns a list of ``(rank, message)`` to send.  Objects that became known on
+the way (task results, failures) are appended to :attr:`Scheduler.completed` for the runtime to
+deliver to the driver's futures.
+"""
+from __future__ import annotations
+
+import enum
+from collections import deque
+from concurrent.futures import CancelledError
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Optional
+
+from .errors import ObjectDeletedError
+from .ids import format_id
+from .protocol import DirAdd, DirLookup, ObjectInfo, RunTask, TaskDone, TaskSpec
+from .serialization import frame_sizes, local_error, to_bytes
+
+Outbox = list
+
+
+class TaskState(enum.Enum):
+    WAITING = "waiting"
+    READY = "ready"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+_ALLOWED = {
+    TaskState.WAITING: {TaskState.READY, TaskState.FAILED},
+    TaskState.READY: {TaskState.RUNNING, TaskState.FAILED},
+    TaskState.RUNNING: {TaskState.DONE, TaskState.FAILED, TaskState.READY},
+    TaskState.DONE: set(),
+    TaskState.FAILED: set(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    """A task was moved along an edge the life cycle does not have; carries the task's history."""
+
+    def __init__(self, task_id: int, old: TaskState, new: TaskState, history: list) -> None:
+        super().__init__(f"task {format_id(task_id)}: {old.value} -> {new.value} is not allowed "
+                         f"(history: {[s.value for s in history]})")
+        self.task_id, self.old, self.new, self.history = task_id, old, new, list(history)
+
+
+@dataclass
+class _Task:
+    spec: TaskSpec
+    state: TaskState = TaskState.WAITING
+    missing: set = field(default_factory=set)
+    rank: Optional[int] = None
+    blocked: bool = False
+    history: list = field(default_factory=list)
+
+    def move(self, new: TaskState) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise InvalidTransition(self.spec.task_id, self.state, new, self.history + [self.state])
+        self.history.append(self.state)
+        self.state = new
+
+
+class Scheduler:
+    """Rank 0's view of tasks and of the objects they make.
+
+    Args:
+        workers: ranks that execute tasks (``[0]`` when the job has one rank).
+        shard_ranks: maps an object id to the ranks of its directory shard.
+        tasks_per_worker: in-flight limit per worker (``Config.tasks_per_worker``).
+        rank: the rank the scheduler runs on (0).
+    """
+
+    def __init__(self, workers: Iterable[int], shard_ranks: Callable[[int], tuple[int, ...]],
+                 tasks_per_worker: int = 16, rank: int = 0) -> None:
+        self.workers = list(workers)
+        if not self.workers:
+            raise ValueError("the scheduler needs at least one worker rank")
+        self.rank = rank
+        self.shard_ranks = shard_ranks
+        self.tasks_per_worker = tasks_per_worker
+        self.tasks: dict[int, _Task] = {}
+        self.objects: dict[int, ObjectInfo] = {}       # ready objects (and error objects)
+        self.producer: dict[int, int] = {}             # pending return id -> task id
+        self.dependents: dict[int, list[int]] = {}     # missing object id -> waiting task ids
+        self.looked_up: set[int] = set()               # ids asked of the directory
+        self.deleted: set[int] = set()
+        self.ready: dict[object, deque] = {}           # constraint key -> ready task ids
+        self.inflight: dict[int, int] = {r: 0 for r in self.workers}
+        self.blobs: dict[bytes, bytes] = {}            # function / initializer id -> blob
+        self.sent_blobs: dict[int, set] = {r: set() for r in self.workers}
+        self.completed: list[ObjectInfo] = []
+        self.stats = {"submitted": 0, "done": 0, "failed": 0}
+
+    # --- events --------------------------------------------------------------------------
+
+    def submit(self, spec: TaskSpec) -> Outbox:
+        """A new task.  Raises ValueError for a pinned/allowed rank that is not a worker."""
+        for key, blob in ((spec.fn_id, spec.fn_blob), (spec.init_id, spec.init_blob)):
+            if key is not None and blob is not None:
+                self.blobs[key] = blob
+        if spec.fn_id not in self.blobs or (spec.init_id is not None and spec.init_id not in self.blobs):
+            raise ValueError(f"task {format_id(spec.task_id)}: function was never sent")
+        spec = replace(spec, fn_blob=None, init_blob=None)
+        task = _Task(spec)
+        self.tasks[spec.task_id] = task
+        self.stats["submitted"] += 1
+        for oid in spec.return_ids:
+            self.producer[oid] = spec.task_id
+        out: Outbox = []
+        for oid in spec.deps:
+            info = self.objects.get(oid)
+            if info is not None and info.error:
+                return out + self._fail(task, info.inline, propagate=True)
+            if oid in self.deleted:
+                return out + self._fail(task, to_bytes(local_error(ObjectDeletedError(format_id(oid)))))
+            if info is None:
+                task.missing.add(oid)
+                self.dependents.setdefault(oid, []).append(spec.task_id)
+                if oid not in self.producer and oid not in self.looked_up:
+                    self.looked_up.add(oid)
+                    out.append((self.shard_ranks(oid)[0], DirLookup(oid, self.rank)))
+        if not task.missing:
+            self._make_ready(task)
+        return out + self.dispatch()
+
+    def object_known(self, info: ObjectInfo) -> Outbox:
+        """An object now exists (a ``put``, a directory reply, a result); wake its dependents."""
+        if info.object_id in self.deleted:
+            return []
+        self.objects[info.object_id] = info
+        out: Outbox = []
+        for task_id in self.dependents.pop(info.object_id, ()):
+            task = self.tasks.get(task_id)
+            if task is None or task.state is not TaskState.WAITING:
+                continue
+            if info.error:
+                out += self._fail(task, info.inline, propagate=True)
+                continue
+            task.missing.discard(info.object_id)
+            if not task.missing:
+                self._make_ready(task)
+        return out + self.dispatch()
+
+    def object_deleted(self, object_id: int) -> Outbox:
+        """The object was deleted; tasks waiting for it fail with ObjectDeletedError."""
+        self.deleted.add(object_id)
+        self.objects.pop(object_id, None)
+        error = to_bytes(local_error(ObjectDeletedError(format_id(object_id))))
+        out: Outbox = []
+        for task_id in self.dependents.pop(object_id, ()):
+            task = self.tasks.get(task_id)
+            if task is not None and task.state is TaskState.WAITING:
+                out += self._fail(task, error)
+        return out
+
+    def task_done(self, msg: TaskDone) -> Outbox:
+        """A worker finished a task (successfully or with an error object as result)."""
+        task = self.tasks.pop(msg.task_id, None)
+        if task is None:
+            return []
+        task.move(TaskState.DONE)
+        if not task.blocked:
+            self.inflight[task.rank] -= 1
+        self.stats["done"] += 1
+        out: Outbox = []
+        for info in msg.results:
+            self.producer.pop(info.object_id, None)
+            self.completed.append(info)
+            out += self.object_known(info)
+        return out + self.dispatch()
+
+    def task_blocked(self, task_id: int, blocked: bool) -> Outbox:
+        """A running task entered (``blocked``) or left a nested get/wait."""
+        task = self.tasks.get(task_id)
+        if task is None or task.state is not TaskState.RUNNING or task.blocked == blocked:
+            return []
+        task.blocked = blocked
+        self.inflight[task.rank] += -1 if blocked else 1
+        return self.dispatch() if blocked else []
+
+    def cancel(self, task_id: int) -> tuple[bool, Outbox]:
+        """Cancel a task that has not been placed yet.  Returns (cancelled, messages).
+
+        The task's own results are not reported in :attr:`completed` (the caller cancels them);
+        its dependents fail with ``CancelledError``.
+        """
+        task = self.tasks.get(task_id)
+        if task is None or task.state not in (TaskState.WAITING, TaskState.READY):
+            return False, []
+        if task.state is TaskState.READY:
+            self._queue(task.spec).remove(task_id)
+        return True, self._fail(task, to_bytes(local_error(CancelledError())), report=False)
+
+    # --- placement -----------------------------------------------------------------------
+
+    def dispatch(self) -> Outbox:
+        """Place ready tasks on workers with room; returns the RunTask messages."""
+        out: Outbox = []
+        for key, queue in self.ready.items():
+            while queue:
+                task = self.tasks[queue[0]]
+                rank = self._place(task.spec)
+                if rank is None:
+                    break
+                queue.popleft()
+                out.append((rank, self._run(task, rank)))
+        return out
+
+    def _place(self, spec: TaskSpec) -> Optional[int]:
+        limit = self.tasks_per_worker
+        if spec.rank is not None:
+            return spec.rank if self.inflight[spec.rank] < limit else None
+        candidates = spec.allowed or self.workers
+        best, best_bytes = None, 0
+        for oid in spec.deps:
+            info = self.objects.get(oid)
+            if info is None or info.inline is not None:
+                continue
+            for holder in info.holders:
+                if holder in self.inflight and holder in candidates and self.inflight[holder] < limit:
+                    if info.nbytes > best_bytes:  # most bytes of one input (cheap, good enough)
+                        best, best_bytes = holder, info.nbytes
+        if best is not None:
+            return best
+        rank = min(candidates, key=self.inflight.__getitem__)
+        return rank if self.inflight[rank] < limit else None
+
+    def _run(self, task: _Task, rank: int) -> RunTask:
+        task.move(TaskState.RUNNING)
+        task.rank = rank
+        self.inflight[rank] += 1
+        spec = task.spec
+        sent = self.sent_blobs[rank]
+        blobs = tuple((key, self.blobs[key]) for key in (spec.fn_id, spec.init_id)
+                      if key is not None and key not in sent)
+        sent.update(key for key, _ in blobs)
+        return RunTask(spec, tuple(self.objects[oid] for oid in spec.deps), blobs)
+
+    def _queue(self, spec: TaskSpec) -> deque:
+        key = ("rank", spec.rank) if spec.rank is not None else spec.allowed
+        queue = self.ready.get(key)
+        if queue is None:
+            queue = self.ready[key] = deque()
+        return queue
+
+    def _make_ready(self, task: _Task) -> None:
+        spec = task.spec
+        if spec.rank is not None and spec.rank not in self.inflight:
+            raise ValueError(f"rank {spec.rank} is not a worker rank (workers: {self.workers})")
+        task.move(TaskState.READY)
+        self._queue(spec).append(spec.task_id)
+
+    def _fail(self, task: _Task, error: tuple, propagate: bool = False, report: bool = True) -> Outbox:
+        """Fail a task without running it: every result becomes an error object ``error``."""
+        task.move(TaskState.FAILED)
+        self.tasks.pop(task.spec.task_id, None)
+        self.stats["failed"] += 1
+        sizes = frame_sizes(error)
+        out: Outbox = []
+        for oid in task.spec.return_ids:
+            self.producer.pop(oid, None)
+            info = ObjectInfo(oid, sizes, (), tuple(error), True)
+            if report:
+                self.completed.append(info)
+            out += [(rank, DirAdd(info)) for rank in self.shard_ranks(oid)]
+            out += self.object_known(info)
+        return out
+
+    # --- introspection -------------------------------------------------------------------
+
+    def pending(self) -> int:
+        """Tasks not finished yet."""
+        return len(self.tasks)

@@ -1,0 +1,110 @@
+"""Per-rank object store: serialized frames with a progress counter, pure (no MPI).
+
+An entry is created complete (``put``, a task's return value) or empty (``allocate``, the receiving
+end of a transfer) and then filled in order; ``progress`` counts the bytes received so far, in the
+order of :func:`chunk_plan`.  A partially received entry can already be read up to ``progress``
+(the next issue relays partial copies, Hoplite §3.3).
+
+State left after errors: every method either does what it says or raises ``KeyError`` and leaves
+the store unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .serialization import frame_sizes
+
+
+def chunk_plan(sizes: Sequence[int], chunk_size: int) -> list[tuple[int, int, int]]:
+    """Split frames of the given byte ``sizes`` into ``(frame, start, stop)`` chunks.
+
+    Each frame is cut separately into pieces of at most ``chunk_size`` bytes; empty frames give no
+    chunk.  Both ends of a transfer compute the same plan from ``sizes`` alone.
+    """
+    plan = []
+    for i, size in enumerate(sizes):
+        for start in range(0, size, chunk_size):
+            plan.append((i, start, min(size, start + chunk_size)))
+    return plan
+
+
+@dataclass
+class StoreEntry:
+    """One object's frames on this rank.  ``progress == nbytes`` once complete."""
+
+    object_id: int
+    frames: list
+    sizes: tuple[int, ...]
+    progress: int
+    on_complete: list[Callable[["StoreEntry"], None]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def complete(self) -> bool:
+        return self.progress >= self.nbytes
+
+
+class ObjectStore:
+    """The objects held on one rank, by object id.  Used by the engine thread only."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, StoreEntry] = {}
+        self.bytes_used = 0
+
+    def __contains__(self, object_id: int) -> bool:
+        return object_id in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, object_id: int) -> StoreEntry | None:
+        return self._entries.get(object_id)
+
+    def put(self, object_id: int, frames: list) -> StoreEntry:
+        """Add a complete object.  Re-adding an id that is present keeps the existing entry."""
+        entry = self._entries.get(object_id)
+        if entry is not None:
+            return entry
+        sizes = frame_sizes(frames)
+        entry = StoreEntry(object_id, list(frames), sizes, sum(sizes))
+        self._entries[object_id] = entry
+        self.bytes_used += entry.nbytes
+        return entry
+
+    def allocate(self, object_id: int, sizes: Sequence[int]) -> StoreEntry:
+        """Create an empty entry of the given frame sizes to receive into (uninitialised memory)."""
+        if object_id in self._entries:
+            raise KeyError(f"object {object_id} is already in the store")
+        frames = [np.empty(size, dtype=np.uint8) for size in sizes]
+        entry = StoreEntry(object_id, frames, tuple(sizes), 0)
+        self._entries[object_id] = entry
+        self.bytes_used += entry.nbytes
+        return entry
+
+    def advance(self, object_id: int, nbytes: int) -> bool:
+        """Record ``nbytes`` more received bytes; run and clear ``on_complete`` callbacks when the
+        entry becomes complete.  Returns whether it is complete."""
+        entry = self._entries[object_id]
+        entry.progress = min(entry.nbytes, entry.progress + nbytes)
+        if entry.complete:
+            callbacks, entry.on_complete = entry.on_complete, []
+            for callback in callbacks:
+                callback(entry)
+            return True
+        return False
+
+    def delete(self, object_id: int) -> StoreEntry | None:
+        """Drop an object (a transfer still sending from it keeps its own reference to the frames)."""
+        entry = self._entries.pop(object_id, None)
+        if entry is not None:
+            self.bytes_used -= entry.nbytes
+        return entry
+
+    def ids(self) -> list[int]:
+        return list(self._entries)

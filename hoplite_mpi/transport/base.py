@@ -1,0 +1,64 @@
+"""The interface a progress engine needs from a transport.
+
+All methods are called from the engine thread only.  Nothing blocks: sends and receives are
+started, then driven by :meth:`Transport.progress`, which reports what completed.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Callable, Sequence
+
+
+class PeerFailure(Exception):
+    """A point-to-point operation with ``rank`` failed (e.g. ULFM ``MPI_ERR_PROC_FAILED``)."""
+
+    def __init__(self, rank: int, detail: str = "") -> None:
+        super().__init__(rank, detail)
+        self.rank = rank
+        self.detail = detail
+
+
+class Transport(abc.ABC):
+    """Control messages (picklable batches) and chunked object streams between ranks.
+
+    Attributes:
+        rank: this rank.  size: number of ranks.
+    """
+
+    rank: int
+    size: int
+
+    @abc.abstractmethod
+    def send(self, dest: int, batch: list) -> None:
+        """Start sending a batch of control messages to ``dest`` (never to self)."""
+
+    @abc.abstractmethod
+    def receive(self) -> list[tuple[int, list]]:
+        """Control batches that have arrived: ``[(source, batch), ...]`` (possibly empty)."""
+
+    @abc.abstractmethod
+    def send_stream(self, dest: int, tag: int, chunks: Sequence[memoryview],
+                    on_done: Callable[[], None], on_error: Callable[[PeerFailure], None]) -> None:
+        """Send ``chunks`` in order to ``dest`` with data tag ``tag``, a window at a time."""
+
+    @abc.abstractmethod
+    def recv_stream(self, source: int, tag: int, chunks: Sequence[memoryview],
+                    on_chunk: Callable[[int], None], on_error: Callable[[PeerFailure], None]) -> None:
+        """Receive ``chunks`` (writable views) in order from ``source``; ``on_chunk(nbytes)`` after
+        each completes in order.  The stream ends after the last chunk."""
+
+    @abc.abstractmethod
+    def cancel_stream(self, peer: int, tag: int) -> None:
+        """Abandon the receive stream from ``peer`` with ``tag`` (if still in flight)."""
+
+    @abc.abstractmethod
+    def progress(self) -> bool:
+        """Drive started operations; return whether anything completed."""
+
+    @abc.abstractmethod
+    def busy(self) -> bool:
+        """Whether data streams are in flight (the engine then polls without sleeping long)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Cancel what is still in flight and release the communicator."""

@@ -1,0 +1,146 @@
+"""MPI transport: the only module that calls mpi4py for data.
+
+- Control batches: ``comm.isend`` of a pickled list, tag ``Tag.CONTROL``; received by polling
+  ``comm.improbe`` (never a blocking receive, so an idle rank can sleep between polls).
+- Object streams: ``Isend``/``Irecv`` of raw buffer slices (no pickling, no copy), a window of
+  ``window`` chunks in flight per stream, tag ``Tag.DATA_BASE + tag``.  MPI's non-overtaking rule
+  for one (source, tag, communicator) keeps the chunks of a stream in order.
+
+The communicator's error handler is ``ERRORS_RETURN`` so that a failed peer raises
+``MPI.Exception`` here (ULFM: ``MPI_ERR_PROC_FAILED``), which becomes :class:`PeerFailure` for the
+stream concerned; the job goes on.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Sequence
+
+from mpi4py import MPI
+
+from ..protocol import Tag
+from .base import PeerFailure, Transport
+
+
+class _Stream:
+    __slots__ = ("peer", "tag", "chunks", "next", "inflight", "on_chunk", "on_done", "on_error", "send")
+
+    def __init__(self, peer, tag, chunks, send, on_chunk, on_done, on_error):
+        self.peer, self.tag, self.chunks, self.send = peer, tag, chunks, send
+        self.next = 0
+        self.inflight: deque = deque()
+        self.on_chunk, self.on_done, self.on_error = on_chunk, on_done, on_error
+
+
+class MPITransport(Transport):
+    """Transport over an MPI communicator (which it owns: pass a ``Dup``)."""
+
+    def __init__(self, comm: "MPI.Comm", window: int = 4) -> None:
+        self.comm = comm
+        self.comm.Set_errhandler(MPI.ERRORS_RETURN)
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self.window = window
+        self.tag_ub = int(comm.Get_attr(MPI.TAG_UB) or 32767)
+        self._sends: list = []           # pending control isend requests
+        self._streams: list[_Stream] = []
+        self._status = MPI.Status()
+
+    # --- control ----------------------------------------------------------------------------
+
+    def send(self, dest: int, batch: list) -> None:
+        self._sends.append(self.comm.isend(batch, dest, Tag.CONTROL))
+
+    def receive(self) -> list[tuple[int, list]]:
+        got = []
+        status = self._status
+        while True:
+            msg = self.comm.improbe(MPI.ANY_SOURCE, Tag.CONTROL, status)
+            if msg is None:
+                return got
+            got.append((status.Get_source(), msg.recv()))
+
+    # --- streams ----------------------------------------------------------------------------
+
+    def data_tag(self, tag: int) -> int:
+        """The MPI tag of stream ``tag`` (wrapped below the MPI tag upper bound)."""
+        return Tag.DATA_BASE + tag % (self.tag_ub - Tag.DATA_BASE)
+
+    def send_stream(self, dest, tag, chunks, on_done, on_error) -> None:
+        self._streams.append(_Stream(dest, self.data_tag(tag), chunks, True, None, on_done, on_error))
+
+    def recv_stream(self, source, tag, chunks, on_chunk, on_error) -> None:
+        self._streams.append(_Stream(source, self.data_tag(tag), chunks, False, on_chunk, None, on_error))
+
+    def cancel_stream(self, peer, tag) -> None:
+        mpi_tag = self.data_tag(tag)
+        for s in self._streams:
+            if not s.send and s.peer == peer and s.tag == mpi_tag:
+                for req, _ in s.inflight:
+                    _cancel(req)
+                s.inflight.clear()
+                s.next = len(s.chunks)  # finished: dropped at the next progress()
+
+    def _drive(self, s: _Stream) -> tuple[bool, bool]:
+        """Advance one stream; returns (finished, progressed)."""
+        progressed = False
+        while s.inflight and s.inflight[0][0].Test():
+            _, nbytes = s.inflight.popleft()
+            progressed = True
+            if s.on_chunk is not None:
+                s.on_chunk(nbytes)
+        while s.next < len(s.chunks) and len(s.inflight) < self.window:
+            buf = s.chunks[s.next]
+            if s.send:
+                req = self.comm.Isend([buf, MPI.BYTE], s.peer, s.tag)
+            else:
+                req = self.comm.Irecv([buf, MPI.BYTE], s.peer, s.tag)
+            s.inflight.append((req, len(buf)))
+            s.next += 1
+            progressed = True
+        finished = s.next >= len(s.chunks) and not s.inflight
+        if finished and s.on_done is not None:
+            s.on_done()
+        return finished, progressed
+
+    def progress(self) -> bool:
+        progressed = False
+        if self._sends:
+            before = len(self._sends)
+            self._sends = [r for r in self._sends if not r.Test()]
+            progressed = len(self._sends) != before
+        if self._streams:
+            keep = []
+            for s in self._streams:
+                try:
+                    finished, moved = self._drive(s)
+                except MPI.Exception as exc:
+                    for req, _ in s.inflight:
+                        _cancel(req)
+                    s.on_error(PeerFailure(s.peer, str(exc)))
+                    progressed = True
+                    continue
+                progressed |= moved or finished
+                if not finished:
+                    keep.append(s)
+            self._streams = keep
+        return progressed
+
+    def busy(self) -> bool:
+        return bool(self._streams)
+
+    def close(self) -> None:
+        for s in self._streams:
+            for req, _ in s.inflight:
+                _cancel(req)
+        self._streams = []
+        for req in self._sends:
+            _cancel(req)
+        self._sends = []
+
+
+def _cancel(req) -> None:
+    try:
+        req.Cancel()
+        req.Free()
+    except MPI.Exception:
+        pass

@@ -1,0 +1,193 @@
+"""Task execution on a rank: a bounded number of running tasks, threads spawned on demand.
+
+The engine thread owns the queue of :class:`~hoplite_mpi.protocol.RunTask` messages and the count
+of running tasks (no locks): it hands a task to an executor thread while fewer than
+``worker_threads`` run.  A task blocked in a nested ``get``/``wait`` gives its slot back (and the
+scheduler is told, so it places more tasks here): a task that submits tasks and waits for them never
+deadlocks, even when every worker is busy that way (Ray does the same with CPU resources).
+
+The executor thread loads the function, resolves the arguments (fetching large inputs from their
+holders), runs the task and serializes the return values; the engine then stores them and reports.
+A task's exception becomes an error object; the worker goes on.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from typing import Any, Callable
+
+from .protocol import ObjectInfo, RunTask, TaskSpec
+from .serialization import deserialize, loads, rebuild_error, serialize, serialize_error
+
+log = logging.getLogger("hoplite_mpi")
+
+_context = threading.local()
+
+
+def current_task_id() -> int | None:
+    """Id of the task the calling thread runs, or None outside tasks."""
+    return getattr(_context, "task_id", None)
+
+
+class DepPlaceholder:
+    """Stands for the i-th top-level ObjectRef argument inside a pickled ``(args, kwargs)``."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __reduce__(self):
+        return (DepPlaceholder, (self.index,))
+
+
+class Worker:
+    """The task-executing role of one rank.
+
+    Args:
+        rank: this rank.
+        threads: tasks run at the same time (``Config.worker_threads``).
+        fetch: ``fetch(info) -> frames``, blocking, called from executor threads to get an input.
+        finished: ``finished(spec, results)`` called on an executor thread when a task ends;
+            ``results`` is a list of ``(frames, is_error)`` per return value.
+        call_soon: runs a callable on the engine thread.
+    """
+
+    def __init__(self, rank: int, threads: int, fetch: Callable[[ObjectInfo], list],
+                 finished: Callable[[TaskSpec, list], None], call_soon: Callable[..., None]) -> None:
+        self.rank = rank
+        self.threads = threads
+        self._fetch = fetch
+        self._finished = finished
+        self._call_soon = call_soon
+        self.queue: deque[RunTask] = deque()
+        self.running = 0
+        self._blobs: dict[bytes, bytes] = {}
+        self._functions: dict[bytes, Any] = {}
+        self._inits: dict[bytes, BaseException | None] = {}
+        self._lock = threading.Lock()   # guards function loading and initializer runs
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = 0
+        self._idle_lock = threading.Lock()
+        self._closed = False
+        self.executed = 0
+
+    # --- engine thread ---------------------------------------------------------------------
+
+    def enqueue(self, msg: RunTask) -> None:
+        for key, blob in msg.blobs:
+            self._blobs[key] = blob
+        self.queue.append(msg)
+        self.pump()
+
+    def pump(self) -> None:
+        while self.queue and self.running < self.threads and not self._closed:
+            self.running += 1
+            self._start(self.queue.popleft())
+
+    def task_ended(self, blocked: bool) -> None:
+        """A task returned (engine thread); ``blocked`` if it ended while counted as blocked."""
+        if not blocked:
+            self.running -= 1
+        self.executed += 1
+        self.pump()
+
+    def set_blocked(self, blocked: bool) -> None:
+        self.running += -1 if blocked else 1
+        if blocked:
+            self.pump()
+
+    def close(self) -> None:
+        self._closed = True
+        with self._idle_lock:
+            idle, self._idle = self._idle, 0
+        for _ in range(idle):
+            self._work.put(None)
+
+    # --- executor threads ------------------------------------------------------------------
+
+    def _start(self, msg: RunTask) -> None:
+        with self._idle_lock:
+            spawn = self._idle == 0
+            if not spawn:
+                self._idle -= 1
+        if spawn:
+            threading.Thread(target=self._thread_main, args=(msg,), daemon=True,
+                             name=f"hoplite-task-{self.rank}").start()
+        else:
+            self._work.put(msg)
+
+    def _thread_main(self, msg: RunTask | None) -> None:
+        while msg is not None:
+            self._execute(msg)
+            with self._idle_lock:
+                if self._closed:
+                    return
+                self._idle += 1
+            msg = self._work.get()
+
+    def _execute(self, msg: RunTask) -> None:
+        spec = msg.spec
+        _context.task_id = spec.task_id
+        _context.blocked = False
+        try:
+            results = self._run(spec, msg.deps)
+        except BaseException as exc:  # the task's own error, or a failure to load/resolve it
+            error = serialize_error(exc, self.rank)
+            results = [(error, True)] * spec.num_returns
+        finally:
+            blocked = _context.blocked
+            _context.task_id = None
+        self._finished(spec, results, blocked)
+
+    def _run(self, spec: TaskSpec, deps: tuple[ObjectInfo, ...]) -> list:
+        if spec.init_id is not None:
+            self._initialize(spec.init_id)
+        fn = self._function(spec.fn_id)
+        values = []
+        for info in deps:
+            frames = info.inline if info.inline is not None else self._fetch(info)
+            if info.error:
+                raise rebuild_error(frames)
+            values.append(deserialize(frames))
+        args, kwargs = loads(spec.args_blob)
+        if values:
+            args = [values[a.index] if type(a) is DepPlaceholder else a for a in args]
+            kwargs = {k: values[v.index] if type(v) is DepPlaceholder else v for k, v in kwargs.items()}
+        result = fn(*args, **kwargs)
+        name = spec.name or getattr(fn, "__name__", "task")
+        if spec.num_returns == 1:
+            return [(serialize(result, f"return value of {name}", copy=True), False)]
+        if not isinstance(result, (tuple, list)) or len(result) != spec.num_returns:
+            raise ValueError(f"{name} was declared with num_returns={spec.num_returns} but returned "
+                             f"{type(result).__name__} {'of length ' + str(len(result)) if hasattr(result, '__len__') else ''}".rstrip())
+        return [(serialize(r, f"return value {i} of {name}", copy=True), False) for i, r in enumerate(result)]
+
+    def _function(self, fn_id: bytes) -> Any:
+        fn = self._functions.get(fn_id)
+        if fn is None:
+            with self._lock:
+                fn = self._functions.get(fn_id)
+                if fn is None:
+                    fn = self._functions[fn_id] = loads(self._blobs[fn_id])
+        return fn
+
+    def _initialize(self, init_id: bytes) -> None:
+        """Run an Executor's initializer once on this rank; if it raised, every task of that
+        executor fails with BrokenExecutor (as in concurrent.futures / mpi4py.futures)."""
+        from concurrent.futures import BrokenExecutor
+
+        with self._lock:
+            if init_id not in self._inits:
+                try:
+                    initializer, initargs = loads(self._blobs[init_id])
+                    initializer(*initargs)
+                    self._inits[init_id] = None
+                except BaseException as exc:
+                    log.error("rank %d: executor initializer failed: %r", self.rank, exc)
+                    self._inits[init_id] = exc
+            error = self._inits[init_id]
+        if error is not None:
+            raise BrokenExecutor(f"the executor's initializer raised {error!r} on rank {self.rank}") from error
