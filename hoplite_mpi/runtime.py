@@ -422,7 +422,9 @@ class Runtime:
         for oid in object_ids:
             self.store.delete(oid)
             self._known.pop(oid, None)
-            for rank in set(self.shard_ranks(oid)) | {0}:
+            if self.scheduler is not None:   # before any later submit is handled
+                self._scheduled(self.scheduler.object_deleted(oid))
+            for rank in set(self.shard_ranks(oid)) | ({0} if self.scheduler is None else set()):
                 self.send(rank, P.DirDelete(oid))
 
     def _on_delete(self, source: int, msg: P.DirDelete) -> None:

@@ -1,0 +1,391 @@
+#!/usr/bin/env python
+"""Task benchmark: hoplite_mpi vs mpi4py.futures in one MPI job (issue 2).
+
+    mpirun -n 4 --oversubscribe --allow-run-as-root python benchmarks/tasks.py \
+        [--tasks 20000] [--chain 1000] [--idle 2] [--json PATH]
+
+Run it with plain ``mpirun`` (not ``python -m hoplite_mpi``): the script starts both runtimes
+itself, one after the other, on ``MPI.COMM_WORLD``:
+
+1. ``mpi4py.futures.MPICommExecutor(COMM_WORLD, root=0)``: rank 0 measures
+   - no-op throughput: submit ``--tasks`` tasks, then ``.result()`` each;
+   - chain latency: ``--chain`` tasks, each taking the previous result (submit, wait, submit next);
+   - idle CPU: every rank's process CPU time over ``--idle`` seconds of doing nothing.
+2. ``hoplite_mpi.Executor(comm=COMM_WORLD)`` (the other ranks serve until rank 0 leaves the
+   block): the same with ``@hm.remote`` (submit all ``.remote()``, then ``hm.get`` each ref; a chain
+   whose tasks take the previous task's ObjectRef, all submitted up front, then get the last) and
+   with ``ex.submit`` (the same calls as for mpi4py.futures), then idle CPU of the runtime.
+
+Idle CPU is measured by rank 0 with psutil over the pids of all ranks (same host), and, for
+hoplite, cross-checked by each worker rank itself with a task pinned to it (``.options(rank=r)``)
+reading ``getrusage(RUSAGE_SELF)`` before and after the idle period.
+
+Every phase checks its results (assert).  Nothing is asserted about timings.  Each measurement is
+preceded by a warm-up (function shipping, thread start-up, MPI connection set-up).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import sys
+import threading
+import time
+
+import psutil
+from mpi4py import MPI
+from mpi4py.futures import MPICommExecutor
+
+import hoplite_mpi as hm
+
+
+# --- tasks (module level: mpi4py.futures pickles functions by reference) ----------------------
+
+def noop(x):
+    return x
+
+
+def inc(x):
+    return x + 1
+
+
+def self_cpu():
+    """(pid, CPU seconds of this process, monotonic time): run pinned on a worker rank."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return os.getpid(), ru.ru_utime + ru.ru_stime, time.monotonic()
+
+
+# --- measurement helpers ---------------------------------------------------------------------
+
+class CpuProbe:
+    """CPU seconds of a set of processes (psutil), and of the threads of this process."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.procs = [psutil.Process(pid) for pid in pids]
+
+    def snapshot(self) -> tuple[float, list[float]]:
+        now = time.monotonic()
+        out = []
+        for p in self.procs:
+            t = p.cpu_times()
+            out.append(t.user + t.system)
+        return now, out
+
+    @staticmethod
+    def percent(before, after) -> list[float]:
+        wall = after[0] - before[0]
+        return [100.0 * (b - a) / wall for a, b in zip(before[1], after[1])]
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of each thread of this process, by thread name (same names summed)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for th in psutil.Process().threads():
+        name = names.get(th.id, "other (MPI/native)")
+        out[name] = out.get(name, 0.0) + th.user_time + th.system_time
+    return out
+
+
+def thread_delta(before: dict, after: dict) -> dict[str, float]:
+    return {k: round(after.get(k, 0.0) - before.get(k, 0.0), 3)
+            for k in sorted(set(before) | set(after))
+            if abs(after.get(k, 0.0) - before.get(k, 0.0)) >= 0.0005}
+
+
+def _group(name: str) -> str:
+    # hoplite's task threads share one name per rank; collapse numbered pool threads
+    return name.split("-")[0] if name.startswith("Thread-") else name
+
+
+def timed_throughput(submit_all, get_all, n: int, probe, detail: dict) -> float:
+    """Run one throughput measurement; returns tasks/s and fills ``detail``."""
+    c0 = probe.snapshot() if probe else None
+    tc0 = thread_cpu()
+    t0 = time.perf_counter()
+    futs = submit_all()
+    t1 = time.perf_counter()
+    values = get_all(futs)
+    t2 = time.perf_counter()
+    c1 = probe.snapshot() if probe else None
+    tc1 = thread_cpu()
+    assert values == list(range(n)), "wrong results"
+    detail.update(submit_s=round(t1 - t0, 4), wait_s=round(t2 - t1, 4), total_s=round(t2 - t0, 4),
+                  rank0_thread_cpu_s=thread_delta(tc0, tc1))
+    if probe:
+        detail["cpu_pct_per_rank"] = [round(x, 1) for x in CpuProbe.percent(c0, c1)]
+    return n / (t2 - t0)
+
+
+def idle_cpu(probe, seconds: float, settle: float = 0.5) -> dict:
+    time.sleep(settle)          # let back-off reach its longest sleep
+    before = probe.snapshot()
+    time.sleep(seconds)
+    after = probe.snapshot()
+    pct = CpuProbe.percent(before, after)
+    return {"rank0_pct": round(pct[0], 2), "worker_pct": [round(x, 2) for x in pct[1:]],
+            "worker_mean_pct": round(statistics.fmean(pct[1:]), 2),
+            "worker_max_pct": round(max(pct[1:]), 2), "seconds": round(after[0] - before[0], 3)}
+
+
+# --- phases ----------------------------------------------------------------------------------
+
+def mpi4py_phase(ex, args, probe) -> dict:
+    res: dict = {}
+    n, length = args.tasks, args.chain
+    # warm-up
+    futs = [ex.submit(noop, i) for i in range(args.warmup)]
+    assert [f.result() for f in futs] == list(range(args.warmup))
+    v = 0
+    for _ in range(50):
+        v = ex.submit(inc, v).result()
+    assert v == 50
+
+    detail: dict = {}
+    res["throughput"] = timed_throughput(lambda: [ex.submit(noop, i) for i in range(n)],
+                                         lambda fs: [f.result() for f in fs], n, probe, detail)
+    res["throughput_detail"] = detail
+
+    t0 = time.perf_counter()
+    v = 0
+    for _ in range(length):
+        v = ex.submit(inc, v).result()
+    dt = time.perf_counter() - t0
+    assert v == length, f"chain gave {v}, expected {length}"
+    res["chain_ms"] = 1e3 * dt / length
+
+    if probe:
+        res["idle"] = idle_cpu(probe, args.idle)
+    return res
+
+
+def hoplite_phase(ex, args, probe) -> dict:
+    res: dict = {}
+    n, length = args.tasks, args.chain
+    rnoop, rinc = hm.remote(noop), hm.remote(inc)
+    # warm-up: ship the functions, start task threads, set up every connection
+    refs = [rnoop.remote(i) for i in range(args.warmup)]
+    assert [hm.get(r) for r in refs] == list(range(args.warmup))
+    futs = [ex.submit(noop, i) for i in range(args.warmup)]
+    assert [f.result() for f in futs] == list(range(args.warmup))
+    r = rinc.remote(0)
+    for _ in range(49):
+        r = rinc.remote(r)
+    assert hm.get(r) == 50
+    v = 0
+    for _ in range(50):
+        v = ex.submit(inc, v).result()
+    assert v == 50
+    del refs, futs, r
+
+    detail: dict = {}
+    res["throughput_remote"] = timed_throughput(
+        lambda: [rnoop.remote(i) for i in range(n)],
+        lambda refs: [hm.get(r) for r in refs], n, probe, detail)
+    res["throughput_remote_detail"] = detail
+
+    detail = {}
+    res["throughput_remote_batch"] = timed_throughput(
+        lambda: [rnoop.remote(i) for i in range(n)], hm.get, n, probe, detail)
+    res["throughput_remote_batch_detail"] = detail
+
+    detail = {}
+    res["throughput_submit"] = timed_throughput(
+        lambda: [ex.submit(noop, i) for i in range(n)],
+        lambda fs: [f.result() for f in fs], n, probe, detail)
+    res["throughput_submit_detail"] = detail
+
+    # chain of refs, all submitted up front
+    t0 = time.perf_counter()
+    r = rinc.remote(0)
+    for _ in range(length - 1):
+        r = rinc.remote(r)
+    t1 = time.perf_counter()
+    v = hm.get(r)
+    dt = time.perf_counter() - t0
+    assert v == length, f"ref chain gave {v}, expected {length}"
+    res["chain_refs_ms"] = 1e3 * dt / length
+    res["chain_refs_submit_s"] = round(t1 - t0, 4)
+    res["chain_len"] = length
+
+    # chain the mpi4py.futures way: submit, wait, submit the next with the value
+    t0 = time.perf_counter()
+    v = 0
+    for _ in range(length):
+        v = ex.submit(inc, v).result()
+    dt = time.perf_counter() - t0
+    assert v == length, f"submit/result chain gave {v}, expected {length}"
+    res["chain_submit_ms"] = 1e3 * dt / length
+
+    # idle cost: psutil from rank 0, cross-checked by each worker about itself
+    pinned = hm.remote(self_cpu)
+    workers = list(range(1, hm.world_size()))
+    first = hm.get([pinned.options(rank=w).remote() for w in workers])
+    if probe:
+        res["idle"] = idle_cpu(probe, args.idle)
+    else:
+        time.sleep(args.idle + 0.5)
+    last = hm.get([pinned.options(rank=w).remote() for w in workers])
+    self_pct = [100.0 * (b[1] - a[1]) / (b[2] - a[2]) for a, b in zip(first, last)]
+    res["idle_self_report"] = {"worker_pct": [round(x, 2) for x in self_pct],
+                               "worker_mean_pct": round(statistics.fmean(self_pct), 2),
+                               "worker_max_pct": round(max(self_pct), 2),
+                               "seconds": round(statistics.fmean(b[2] - a[2] for a, b in zip(first, last)), 3),
+                               "pids": [a[0] for a in first]}
+    rt = hm.api._runtime
+    stats = getattr(rt, "stats", None)
+    if stats is not None:
+        res["rank0_message_counts"] = dict(stats)
+    return res
+
+
+# --- report ----------------------------------------------------------------------------------
+
+def fmt(x, unit=""):
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        s = f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}" if abs(x) >= 1 else f"{x:.2f}"
+    else:
+        s = str(x)
+    return s + unit
+
+
+def build_rows(h: dict, m: dict) -> list[dict]:
+    """(metric, hoplite, mpi4py, ratio) rows; ratio > 1 always means hoplite is better."""
+    rows = []
+
+    def rate(metric, hv, mv):
+        rows.append({"metric": metric, "hoplite": hv, "mpi4py": mv,
+                     "ratio": hv / mv if hv and mv else None})
+
+    def cost(metric, hv, mv):
+        rows.append({"metric": metric, "hoplite": hv, "mpi4py": mv,
+                     "ratio": mv / hv if hv and mv else None})
+
+    rate("no-op tasks/s: @remote, hm.get each", h["throughput_remote"], m["throughput"])
+    rate("no-op tasks/s: @remote, hm.get(list)", h["throughput_remote_batch"], m["throughput"])
+    rate("no-op tasks/s: ex.submit, .result() each", h["throughput_submit"], m["throughput"])
+    cost("chain ms/task: refs submitted up front", h["chain_refs_ms"], m["chain_ms"])
+    cost("chain ms/task: submit, result, submit", h["chain_submit_ms"], m["chain_ms"])
+    if "idle" in h:
+        cost("idle CPU %/core, worker rank (mean)", h["idle"]["worker_mean_pct"],
+             m.get("idle", {}).get("worker_mean_pct"))
+        cost("idle CPU %/core, worker rank (max)", h["idle"]["worker_max_pct"],
+             m.get("idle", {}).get("worker_max_pct"))
+        cost("idle CPU %/core, rank 0", h["idle"]["rank0_pct"], m.get("idle", {}).get("rank0_pct"))
+    rows.append({"metric": "idle CPU %/core, worker (self-report)",
+                 "hoplite": h["idle_self_report"]["worker_mean_pct"], "mpi4py": None, "ratio": None})
+    return rows
+
+
+def print_table(rows: list[dict], meta: dict) -> None:
+    w = max(len(r["metric"]) for r in rows) + 2
+    print()
+    print(f"hoplite_mpi vs mpi4py.futures: {meta['ranks']} ranks on {meta['cores']} cores "
+          f"({meta['cpu']}), {meta['mpi']}, --tasks {meta['tasks']} --chain {meta['chain']}")
+    head = f"{'metric':<{w}}{'hoplite':>12}{'mpi4py.futures':>16}{'ratio':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        print(f"{r['metric']:<{w}}{fmt(r['hoplite']):>12}{fmt(r['mpi4py']):>16}{ratio:>9}")
+    print("ratio > 1 means hoplite is better: hoplite/mpi4py for tasks/s, mpi4py/hoplite for ms "
+          "and CPU %")
+
+
+def print_details(h: dict, m: dict) -> None:
+    print("\ndetails (rank 0 CPU seconds by thread during each throughput run; "
+          "CPU % of a core per rank, rank 0 first):")
+    for label, d in (("mpi4py.futures submit", m["throughput_detail"]),
+                     ("hoplite @remote get each", h["throughput_remote_detail"]),
+                     ("hoplite @remote get(list)", h["throughput_remote_batch_detail"]),
+                     ("hoplite ex.submit", h["throughput_submit_detail"])):
+        threads = {}
+        for k, v in d["rank0_thread_cpu_s"].items():
+            threads[_group(k)] = round(threads.get(_group(k), 0.0) + v, 3)
+        print(f"  {label:<27} submit {d['submit_s']:.2f}s + wait {d['wait_s']:.2f}s; "
+              f"threads {threads}; cpu% {d.get('cpu_pct_per_rank', 'n/a')}")
+    print(f"  hoplite ref chain: {h['chain_refs_submit_s']:.2f}s of the "
+          f"{h['chain_refs_ms'] * h['chain_len'] / 1e3:.2f}s spent submitting")
+    if "idle" in h:
+        print(f"  idle hoplite (psutil): {h['idle']}")
+    print(f"  idle hoplite (self-report): {h['idle_self_report']}")
+    if "idle" in m:
+        print(f"  idle mpi4py.futures (psutil): {m['idle']}")
+
+
+def machine_meta(comm, args) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import mpi4py
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "host": socket.gethostname(), "ranks": comm.Get_size(), "cores": os.cpu_count(),
+            "cpu": cpu, "mpi": MPI.Get_library_version().strip().splitlines()[0].split(",")[0],
+            "mpi4py": mpi4py.__version__, "hoplite_mpi": hm.__version__,
+            "python": platform.python_version(), "ulfm": os.environ.get("OMPI_MCA_mpi_ft_enable", "off"),
+            "tasks": args.tasks, "chain": args.chain, "idle_s": args.idle, "warmup": args.warmup,
+            "argv": sys.argv}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=20000, help="no-op tasks per throughput run")
+    parser.add_argument("--chain", type=int, default=1000, help="length of the dependent chain")
+    parser.add_argument("--idle", type=float, default=2.0, help="seconds of idle CPU measurement")
+    parser.add_argument("--warmup", type=int, default=500, help="no-op warm-up tasks per API")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args()
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if size < 2:
+        if rank == 0:
+            print("tasks.py needs at least 2 ranks (rank 0 drives, the others run tasks)", file=sys.stderr)
+        return 2
+    # the pids of all ranks, for psutil on rank 0 (only when every rank is on this host)
+    where = comm.allgather((socket.gethostname(), os.getpid()))
+    probe = None
+    if rank == 0 and len({h for h, _ in where}) == 1:
+        probe = CpuProbe([pid for _, pid in where])
+    meta = machine_meta(comm, args) if rank == 0 else {}
+
+    m = h = None
+    with MPICommExecutor(comm, root=0) as ex:
+        if ex is not None:
+            t = time.perf_counter()
+            m = mpi4py_phase(ex, args, probe)
+            print(f"mpi4py.futures phase: {time.perf_counter() - t:.1f} s", flush=True)
+
+    with hm.Executor(comm=comm) as ex:
+        if ex is not None:
+            t = time.perf_counter()
+            h = hoplite_phase(ex, args, probe)
+            print(f"hoplite_mpi phase: {time.perf_counter() - t:.1f} s", flush=True)
+
+    if rank != 0:
+        return 0
+    rows = build_rows(h, m)
+    print_table(rows, meta)
+    print_details(h, m)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "hoplite": h, "mpi4py_futures": m}, f, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""``mpirun -n N python -m hoplite_mpi script.py [args]`` (or ``-m module [args]``, ``-c code``).
+
+Rank 0 runs the script as ``__main__`` with the runtime started; the other ranks serve tasks and
+exit with status 0 when the script ends (like ``python -m mpi4py.futures``).  The exit status of
+rank 0 is the script's.
+"""
+from __future__ import annotations
+
+import runpy
+import sys
+
+USAGE = "usage: python -m hoplite_mpi (script.py | -m module | -c code) [args ...]"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr if not argv else sys.stdout)
+        sys.exit(2 if not argv else 0)
+    if argv[0] in ("-m", "-c") and len(argv) < 2:
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
+    import hoplite_mpi
+
+    hoplite_mpi.init()  # non-driver ranks serve here and exit
+    try:
+        if argv[0] == "-m":
+            sys.argv = [argv[1]] + argv[2:]
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        elif argv[0] == "-c":
+            sys.argv = ["-c"] + argv[2:]
+            exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
+        else:
+            sys.argv = argv
+            sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(argv[0])))
+            runpy.run_path(argv[0], run_name="__main__")
+    finally:
+        hoplite_mpi.shutdown()
+
+
+if __name__ == "__main__":
+    main()

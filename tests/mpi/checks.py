@@ -1,0 +1,530 @@
+"""End-to-end checks of the runtime, run as ONE job per rank count by tests/test_runtime_mpi.py:
+
+    mpirun -n N python -m hoplite_mpi tests/mpi/checks.py --json OUT [--only name,name]
+
+Each check raises AssertionError (or anything) on failure; every wait has a timeout, so a hang
+becomes a failure of that check instead of a hung job.  Results: one JSON object per check.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import hashlib
+import json
+import os
+import threading
+import time
+import traceback
+
+import numpy as np
+
+import hoplite_mpi as hm
+
+T = 120  # seconds: bound of every wait in these checks
+CHECKS = {}
+
+
+def check(fn):
+    CHECKS[fn.__name__.removeprefix("check_")] = fn
+    return fn
+
+
+def workers():
+    n = hm.world_size()
+    return list(range(1, n)) or [0]
+
+
+# --- the seeds' workload (Hoplite Go prototype) ----------------------------------------------
+
+def is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    i = 3
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 2
+    return True
+
+
+@hm.remote
+def task1_primes(xs):
+    return [x for x in xs if is_prime(x)]
+
+
+@hm.remote
+def task2_multiply(a, b):
+    return [x * y for x, y in zip(a, b)]
+
+
+@hm.remote
+def task3_multiply_arrays(*arrays):
+    out = np.array(arrays[0], dtype=object)
+    for a in arrays[1:]:
+        n = min(len(out), len(a))
+        out = out[:n] * np.array(a[:n], dtype=object)
+    return [int(v) for v in out]
+
+
+@check
+def check_seed_workload():
+    rng = np.random.default_rng(7)
+    lists = [[int(v) for v in rng.integers(10**6, 10**6 + 20000, size=int(rng.integers(50, 300)))]
+             for _ in range(50)]
+    # Task 1 refs (half of the tasks)...
+    primes = [task1_primes.remote(xs) for xs in lists]
+    # ...and tasks depending on their futures, submitted before those exist (the other half)
+    dependents, expected = [], []
+    seq = [[x for x in xs if is_prime(x)] for xs in lists]
+    for i in range(25):
+        a, b = i, (i * 7 + 3) % 50
+        dependents.append(task2_multiply.remote(primes[a], primes[b]))
+        expected.append([x * y for x, y in zip(seq[a], seq[b])])
+    for i in range(25):
+        idx = [(i + k * 11) % 50 for k in range(3)]
+        dependents.append(task3_multiply_arrays.remote(*[primes[j] for j in idx]))
+        n = min(len(seq[j]) for j in idx)
+        expected.append([seq[idx[0]][t] * seq[idx[1]][t] * seq[idx[2]][t] for t in range(n)])
+    refs = primes + dependents
+    assert len(refs) == 100
+    values = hm.get(refs, timeout=T)          # fetched concurrently
+    assert values[:50] == seq
+    assert values[50:] == expected
+    hm.delete(refs)
+    for ref in refs:
+        try:
+            hm.get(ref, timeout=T)
+        except hm.ObjectDeletedError as exc:
+            assert exc.object_id == ref.hex()
+        else:
+            raise AssertionError(f"get of deleted {ref} did not raise")
+
+
+# --- tasks and dependencies ------------------------------------------------------------------
+
+@hm.remote
+def inc(x):
+    return x + 1
+
+
+@hm.remote
+def square(x):
+    return x * x
+
+
+@hm.remote
+def nested_parent(k):
+    children = [square.remote(k * 10 + i) for i in range(10)]
+    return sum(hm.get(children, timeout=T))
+
+
+@check
+def check_nested_all_workers_busy():
+    # more parents than the scheduler keeps in flight on all workers together: every worker is
+    # full of parents blocked in get() while their children still have to be placed
+    cfg = hm.api._rt().config
+    n = len(workers()) * cfg.tasks_per_worker * cfg.worker_threads + 5
+    refs = [nested_parent.remote(k) for k in range(n)]
+    got = hm.get(refs, timeout=T)
+    assert got == [sum((k * 10 + i) ** 2 for i in range(10)) for k in range(n)]
+
+
+@check
+def check_chain_1000():
+    ref = hm.put(0)
+    for _ in range(1000):
+        ref = inc.remote(ref)
+    assert hm.get(ref, timeout=T) == 1000
+
+
+@check
+def check_submit_before_input_exists():
+    @hm.remote
+    def slow_value():
+        time.sleep(0.3)
+        return 41
+
+    src = slow_value.remote()
+    dep = inc.remote(src)         # submitted while src is still running
+    assert not src.done() or True
+    assert hm.get(dep, timeout=T) == 42
+
+
+@check
+def check_refs_nested_in_containers_stay_refs():
+    @hm.remote
+    def inspect(arg, box):
+        assert not isinstance(arg, hm.ObjectRef)
+        inner = box["r"]
+        assert isinstance(inner, hm.ObjectRef), type(inner)
+        return arg + hm.get(inner, timeout=T)
+
+    a, b = hm.put(1), hm.put(2)
+    assert hm.get(inspect.remote(a, {"r": b}), timeout=T) == 3
+
+
+@check
+def check_num_returns_and_kwargs():
+    @hm.remote(num_returns=3)
+    def three(x, *, y=0):
+        return x, x + y, x * y
+
+    r1, r2, r3 = three.remote(2, y=5)
+    assert hm.get([r1, r2, r3], timeout=T) == [2, 7, 10]
+    bad = three.options(num_returns=2).remote(1)
+    try:
+        hm.get(bad[0], timeout=T)
+    except ValueError as exc:
+        assert "num_returns=2" in str(exc)
+    else:
+        raise AssertionError("wrong number of returns not reported")
+
+
+@check
+def check_pinned_rank():
+    @hm.remote
+    def where():
+        return hm.rank()
+
+    for r in workers():
+        assert hm.get(where.options(rank=r).remote(), timeout=T) == r
+    try:
+        where.options(rank=hm.world_size() + 3).remote()
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("bad rank accepted")
+
+
+# --- object plane ----------------------------------------------------------------------------
+
+@hm.remote
+def make_big(nbytes, seed):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 2**63 - 1, size=nbytes // 8, dtype=np.int64)
+    return arr
+
+
+@hm.remote
+def digest(arr):
+    return hashlib.sha256(memoryview(np.ascontiguousarray(arr)).cast("B")).hexdigest(), hm.rank(), arr.nbytes
+
+
+@hm.remote
+def digest_of_seed(nbytes, seed):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 2**63 - 1, size=nbytes // 8, dtype=np.int64)
+    return hashlib.sha256(memoryview(arr).cast("B")).hexdigest()
+
+
+@check
+def check_big_array_worker_to_worker():
+    nbytes = 256 << 20
+    ws = workers()
+    src, dst = ws[0], ws[-1] if len(ws) > 1 else ws[0]
+    big = make_big.options(rank=src).remote(nbytes, 11)
+    want = digest_of_seed.options(rank=dst).remote(nbytes, 11)
+    got, where, size = hm.get(digest.options(rank=dst).remote(big), timeout=T)
+    assert where == dst and size == nbytes
+    assert got == hm.get(want, timeout=T)
+    hm.delete([big])
+
+
+@check
+def check_put_get_numpy_roundtrip():
+    arrays = [np.arange(0, dtype=np.float32), np.arange(1, dtype=np.int64),
+              np.random.default_rng(1).random((300, 301)), np.arange(10**6, dtype=np.float32)[::3]]
+    refs = [hm.put(a) for a in arrays]
+    for a, got in zip(arrays, hm.get(refs, timeout=T)):
+        assert got.dtype == a.dtype and got.shape == a.shape and np.array_equal(got, a)
+    # mutation after put does not change the stored object
+    a = np.ones(100000)
+    r = hm.put(a)
+    a[:] = 5
+    assert hm.get(r, timeout=T).sum() == 100000
+    # a worker reads the driver's object (inline and chunked sizes)
+    for arr in (np.ones(10), np.ones(3 << 20)):
+        assert hm.get(square.remote(hm.put(arr)), timeout=T).sum() == arr.size
+
+
+@check
+def check_delete_then_get_raises():
+    small, large = hm.put(1), hm.put(np.zeros(1 << 20))
+    on_worker = make_big.remote(1 << 20, 3)
+    hm.get(on_worker, timeout=T)
+    hm.delete([small, large, on_worker])
+    for ref in (small, large, on_worker):
+        try:
+            ref.result(timeout=T)
+        except hm.ObjectDeletedError:
+            pass
+        else:
+            raise AssertionError("deleted object still readable")
+    # a task depending on a deleted object fails with the same error
+    try:
+        hm.get(inc.remote(small), timeout=T)
+    except hm.ObjectDeletedError:
+        pass
+    else:
+        raise AssertionError("task on deleted input ran")
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+class CustomError(Exception):
+    pass
+
+
+@hm.remote
+def fails(msg):
+    raise CustomError(msg)
+
+
+@check
+def check_exception_type_and_remote_traceback():
+    ref = fails.remote("boom")
+    try:
+        hm.get(ref, timeout=T)
+    except CustomError as exc:
+        cause = exc.__cause__
+        assert isinstance(cause, hm.RemoteTraceback)
+        assert "boom" in cause.tb and "fails" in cause.tb
+        assert cause.rank in workers()
+    else:
+        raise AssertionError("no exception")
+    assert isinstance(ref.exception(timeout=T), CustomError)
+    dep = inc.remote(ref)                      # depends on the failed task: fails with it
+    try:
+        hm.get(dep, timeout=T)
+    except CustomError:
+        pass
+    else:
+        raise AssertionError("dependent did not fail")
+    # the workers survive
+    assert hm.get([inc.remote(i) for i in range(20)], timeout=T) == list(range(1, 21))
+
+
+@check
+def check_unpicklable_argument_and_function():
+    lock = threading.Lock()
+    try:
+        inc.remote(lock)
+    except hm.SerializationError as exc:
+        assert "argument 0 of inc" in str(exc) and "lock" in str(exc)
+    else:
+        raise AssertionError("unpicklable argument accepted")
+
+    @hm.remote
+    def uses_lock():
+        return lock.locked()
+
+    try:
+        uses_lock.remote()
+    except hm.SerializationError as exc:
+        assert "uses_lock" in str(exc)
+    else:
+        raise AssertionError("unpicklable function accepted")
+    with hm.Executor() as ex:
+        fut = ex.submit(len, [lock])
+        assert isinstance(fut.exception(timeout=T), hm.SerializationError)
+        assert ex.submit(len, [1, 2]).result(timeout=T) == 2
+
+
+@check
+def check_unpicklable_return_value():
+    @hm.remote
+    def returns_lock():
+        return threading.Lock()
+
+    try:
+        hm.get(returns_lock.remote(), timeout=T)
+    except hm.SerializationError as exc:
+        assert "return value of returns_lock" in str(exc)
+    else:
+        raise AssertionError("unpicklable result accepted")
+    assert hm.get(inc.remote(1), timeout=T) == 2
+
+
+# --- futures ---------------------------------------------------------------------------------
+
+@check
+def check_concurrent_futures_wait_and_as_completed():
+    refs = [square.remote(i) for i in range(30)]
+    done, not_done = cf.wait(refs, timeout=T)
+    assert not not_done and len(done) == 30
+    assert sorted(f.result() for f in cf.as_completed([square.remote(i) for i in range(20)],
+                                                        timeout=T)) == [i * i for i in range(20)]
+    seen = []
+    ev = threading.Event()
+    r = square.remote(9)
+    r.add_done_callback(lambda f: (seen.append(f.result()), ev.set()))
+    assert ev.wait(T) and seen == [81]
+    ready, pending = hm.wait([square.remote(i) for i in range(5)], num_returns=5, timeout=T)
+    assert len(ready) == 5 and not pending
+    assert isinstance(hash(r), int) and r in {r}
+
+
+@check
+def check_wait_timeout_and_get_timeout():
+    @hm.remote
+    def sleepy(t):
+        time.sleep(t)
+        return t
+
+    r = sleepy.remote(3.0)
+    t0 = time.monotonic()
+    ready, pending = hm.wait([r], num_returns=1, timeout=0.2)
+    assert ready == [] and pending == [r] and time.monotonic() - t0 < 2.5
+    try:
+        hm.get(r, timeout=0.2)
+    except TimeoutError:
+        pass
+    else:
+        raise AssertionError("no timeout")
+    assert hm.get(r, timeout=T) == 3.0
+
+
+@check
+def check_refs_travel_in_results():
+    @hm.remote
+    def make_ref():
+        return {"ref": hm.put(np.arange(5))}
+
+    box = hm.get(make_ref.remote(), timeout=T)
+    assert isinstance(box["ref"], hm.ObjectRef)
+    assert list(hm.get(box["ref"], timeout=T)) == [0, 1, 2, 3, 4]
+
+
+# --- Executor --------------------------------------------------------------------------------
+
+def slow_identity(x):
+    time.sleep(0.05 if x % 7 == 0 else 0)
+    return x
+
+
+@check
+def check_executor_map_order_and_timeout():
+    with hm.Executor() as ex:
+        assert list(ex.map(slow_identity, range(50))) == list(range(50))
+        assert list(ex.map(pow, range(20), range(20), chunksize=6)) == [i ** i for i in range(20)]
+        assert sorted(ex.map(slow_identity, range(10), unordered=True)) == list(range(10))
+        it = ex.map(time.sleep, [5.0, 5.0], timeout=0.3)
+        t0 = time.monotonic()
+        try:
+            list(it)
+        except TimeoutError:
+            assert time.monotonic() - t0 < 3
+        else:
+            raise AssertionError("map timeout not raised")
+        try:
+            ex.map(abs, [1], chunksize=0)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("chunksize=0 accepted")
+
+
+@check
+def check_executor_arguments_and_lifecycle():
+    for bad in (0, -1):
+        try:
+            hm.Executor(max_workers=bad)
+        except ValueError as exc:
+            assert "max_workers must be greater than 0" in str(exc)
+        else:
+            raise AssertionError("bad max_workers accepted")
+    try:
+        hm.Executor(initializer=3)
+    except TypeError:
+        pass
+    else:
+        raise AssertionError("bad initializer accepted")
+    a, b = hm.Executor(max_workers=1), hm.Executor()
+    assert a.num_workers == 1
+    assert a.submit(pow, 2, 5).result(timeout=T) == 32
+    a.shutdown()
+    try:
+        a.submit(abs, 1)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("submit after shutdown accepted")
+    assert b.submit(abs, -3).result(timeout=T) == 3      # the other executor still works
+    assert hm.get(inc.remote(1), timeout=T) == 2          # and so does the runtime
+    b.shutdown()
+
+
+def _init_global(value):
+    # functions of __main__ are pickled by value (each with its own globals), so the initializer
+    # leaves its mark in the process environment, which every task of the rank sees
+    os.environ["HM_CHECK_INITIALIZED"] = value
+
+
+def _read_global():
+    return os.environ.get("HM_CHECK_INITIALIZED")
+
+
+def _bad_init():
+    raise RuntimeError("initializer failed")
+
+
+@check
+def check_executor_initializer():
+    with hm.Executor(initializer=_init_global, initargs=("yes",)) as ex:
+        assert set(ex.map(lambda _: _read_global(), range(10))) == {"yes"}
+    ex = hm.Executor(initializer=_bad_init)
+    f = ex.submit(abs, 1)
+    assert isinstance(f.exception(timeout=T), cf.BrokenExecutor)
+    try:
+        ex.submit(abs, 1)
+    except cf.BrokenExecutor:
+        pass
+    else:
+        raise AssertionError("broken executor accepted work")
+
+
+@check
+def check_cancel_pending():
+    @hm.remote
+    def sleepy(t):
+        time.sleep(t)
+        return t
+
+    cfg = hm.api._rt().config
+    blockers = [sleepy.remote(0.1) for _ in range(len(workers()) * cfg.tasks_per_worker)]
+    queued = sleepy.remote(0.0)   # cannot be placed: every worker is full
+    assert queued.cancel() and queued.cancelled()
+    try:
+        queued.result(timeout=T)
+    except cf.CancelledError:
+        pass
+    else:
+        raise AssertionError("cancelled ref has a value")
+    assert hm.get(blockers, timeout=T) == [0.1] * len(blockers)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--only", default="")
+    args = parser.parse_args()
+    names = [n for n in args.only.split(",") if n] or list(CHECKS)
+    results = []
+    for name in names:
+        t0 = time.monotonic()
+        try:
+            CHECKS[name]()
+            results.append({"check": name, "ok": True, "seconds": time.monotonic() - t0})
+        except BaseException:
+            results.append({"check": name, "ok": False, "seconds": time.monotonic() - t0,
+                            "error": traceback.format_exc()})
+        print(f"{name}: {'ok' if results[-1]['ok'] else 'FAILED'} ({time.monotonic() - t0:.2f} s)",
+              flush=True)
+        with open(args.json, "w") as fh:
+            json.dump(results, fh)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""DirectoryShard state machine: feed messages, compare the emitted (rank, message) lists."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from hoplite_mpi.directory import DirectoryShard, shard_map
+from hoplite_mpi.ids import IdGenerator, format_id, origin_rank, shard_of
+from hoplite_mpi.protocol import DirAdd, DirDelete, DirLookup, DirReply, Free, ObjectInfo, Pull
+
+X = 1001
+Y = 1002
+
+
+def info(holders=(1,), oid=X, sizes=(100, 4000), inline=None, error=False):
+    return ObjectInfo(oid, sizes, tuple(holders), inline, error)
+
+
+@pytest.fixture
+def shard():
+    return DirectoryShard(rank=0)
+
+
+# --- lookup / add ---------------------------------------------------------------------------
+
+def test_lookup_waits_until_add_then_replies_to_every_waiter(shard):
+    assert shard.lookup(X, 3) == []
+    assert shard.lookup(X, 4) == []
+    assert shard.lookup(Y, 5) == []  # another object: not answered by X's add
+    assert len(shard) == 0 and shard.info(X) is None
+    i = info(holders=(1,))
+    assert shard.add(i) == [(3, DirReply(X, i)), (4, DirReply(X, i))]
+    assert len(shard) == 1 and shard.info(X) == i
+    # the waiters were answered once: a second add answers nobody
+    assert shard.add(info(holders=(1,))) == []
+
+
+def test_lookup_of_a_known_object_is_answered_at_once(shard):
+    i = info(holders=(2,), inline=(b"x",), sizes=(1,))
+    assert shard.add(i) == []
+    assert shard.lookup(X, 6) == [(6, DirReply(X, i))]
+    assert shard.lookup(X, 6) == [(6, DirReply(X, i))]
+
+
+def test_same_rank_waiting_twice_gets_two_replies(shard):
+    shard.lookup(X, 3)
+    shard.lookup(X, 3)
+    i = info()
+    assert shard.add(i) == [(3, DirReply(X, i)), (3, DirReply(X, i))]
+
+
+def test_add_merges_holders_in_order_without_duplicates(shard):
+    first = info(holders=(1,))
+    shard.add(first)
+    shard.add(info(holders=(2, 1)))
+    shard.add(info(holders=(3,)))
+    merged = info(holders=(1, 2, 3))
+    assert shard.info(X) == merged
+    assert shard.lookup(X, 9) == [(9, DirReply(X, merged))]
+    assert len(shard) == 1
+
+
+def test_add_merge_keeps_sizes_and_inline_of_the_first_registration(shard):
+    shard.add(info(holders=(1,), sizes=(3,), inline=(b"abc",)))
+    shard.add(info(holders=(2,), sizes=(3,), inline=None))
+    assert shard.info(X) == info(holders=(1, 2), sizes=(3,), inline=(b"abc",))
+
+
+def test_waiters_get_the_merged_info(shard):
+    shard.add(info(holders=(1,)))
+    shard.add(info(holders=(2,)))
+    assert shard.lookup(X, 5) == [(5, DirReply(X, info(holders=(1, 2))))]
+
+
+# --- delete ---------------------------------------------------------------------------------
+
+def test_delete_answers_waiters_with_none(shard):
+    shard.lookup(X, 3)
+    shard.lookup(X, 4)
+    assert shard.delete(X) == [(3, DirReply(X, None)), (4, DirReply(X, None))]
+    assert len(shard) == 0
+
+
+def test_delete_frees_every_holder(shard):
+    shard.add(info(holders=(1,)))
+    shard.add(info(holders=(2,)))
+    assert shard.delete(X) == [(1, Free(X)), (2, Free(X))]
+    assert shard.info(X) is None and len(shard) == 0
+
+
+def test_lookup_after_delete_answers_none_at_once(shard):
+    shard.add(info(holders=(1,)))
+    shard.delete(X)
+    assert shard.lookup(X, 7) == [(7, DirReply(X, None))]
+
+
+def test_late_add_after_delete_frees_the_late_copy(shard):
+    shard.add(info(holders=(1,)))
+    shard.delete(X)
+    assert shard.add(info(holders=(2, 3))) == [(2, Free(X)), (3, Free(X))]
+    assert shard.info(X) is None and len(shard) == 0
+    assert shard.lookup(X, 4) == [(4, DirReply(X, None))]
+
+
+def test_delete_of_an_unknown_object_still_marks_it_deleted(shard):
+    assert shard.delete(X) == []
+    assert shard.add(info(holders=(5,))) == [(5, Free(X))]
+    assert shard.lookup(X, 1) == [(1, DirReply(X, None))]
+
+
+def test_delete_twice_frees_only_once(shard):
+    shard.add(info(holders=(1,)))
+    assert shard.delete(X) == [(1, Free(X))]
+    assert shard.delete(X) == []
+
+
+def test_delete_does_not_touch_other_objects(shard):
+    shard.add(info(holders=(1,)))
+    other = info(holders=(2,), oid=Y)
+    shard.add(other)
+    shard.delete(X)
+    assert shard.lookup(Y, 3) == [(3, DirReply(Y, other))]
+    assert len(shard) == 1
+
+
+# --- remove_holder / handle -----------------------------------------------------------------
+
+def test_remove_holder(shard):
+    shard.add(info(holders=(1, 2, 3)))
+    assert shard.remove_holder(X, 2) == []
+    assert shard.info(X) == info(holders=(1, 3))
+    assert shard.remove_holder(X, 9) == []  # not a holder: no change
+    assert shard.remove_holder(Y, 1) == []  # unknown object: no error
+    assert shard.info(X) == info(holders=(1, 3))
+
+
+def test_handle_dispatches_directory_messages(shard):
+    i = info(holders=(2,))
+    assert shard.handle(3, DirLookup(X, 3)) == []
+    assert shard.handle(2, DirAdd(i)) == [(3, DirReply(X, i))]
+    assert shard.handle(4, DirLookup(X, 4)) == [(4, DirReply(X, i))]
+    assert shard.handle(4, DirDelete(X)) == [(2, Free(X))]
+    assert shard.handle(5, DirLookup(X, 5)) == [(5, DirReply(X, None))]
+
+
+def test_handle_rejects_other_messages(shard):
+    with pytest.raises(TypeError, match="not a directory message"):
+        shard.handle(1, Pull(X, 16))
+
+
+# --- shard_map and shard_of -----------------------------------------------------------------
+
+def test_shard_map_one_shard_per_rank():
+    assert shard_map(4) == [(0,), (1,), (2,), (3,)]
+    assert shard_map(1) == [(0,)]
+
+
+def test_shard_map_replication_wraps_around():
+    assert shard_map(4, 3) == [(0, 1, 2), (1, 2, 3), (2, 3, 0), (3, 0, 1)]
+    assert shard_map(3, 3) == [(0, 1, 2), (1, 2, 0), (2, 0, 1)]
+
+
+@pytest.mark.parametrize("num_ranks, replication", [(5, 1), (5, 2), (7, 7), (16, 3)])
+def test_shard_map_every_rank_holds_replication_shards(num_ranks, replication):
+    shards = shard_map(num_ranks, replication)
+    assert len(shards) == num_ranks
+    assert all(len(set(ranks)) == replication for ranks in shards)
+    assert all(0 <= r < num_ranks for ranks in shards for r in ranks)
+    counts = Counter(r for ranks in shards for r in ranks)
+    assert counts == {r: replication for r in range(num_ranks)}
+
+
+@pytest.mark.parametrize("num_ranks, replication", [(4, 0), (4, 5), (4, -1), (0, 1)])
+def test_shard_map_rejects_replication_out_of_range(num_ranks, replication):
+    with pytest.raises(ValueError, match="replication"):
+        shard_map(num_ranks, replication)
+
+
+def test_ids_are_unique_across_ranks_and_consecutive_per_call():
+    gens = [IdGenerator(rank) for rank in range(3)]
+    ids = [g.next() for g in gens for _ in range(100)]
+    assert len(set(ids)) == 300
+    assert [origin_rank(i) for i in ids[::100]] == [0, 1, 2]
+    first = gens[1].next(3)
+    assert gens[1].next() == first + 3
+    assert format_id(first) == f"1:{101}"
+
+
+def test_shard_of_is_in_range_and_spreads_ids():
+    ids = [IdGenerator(rank).next() for rank in range(4)] + [IdGenerator(0).next(1) + k for k in range(400)]
+    for n in (1, 3, 8):
+        shards = [shard_of(i, n) for i in ids]
+        assert all(0 <= s < n for s in shards)
+        assert set(shards) == set(range(n))  # every shard gets some of 404 ids

@@ -1,0 +1,81 @@
+"""The three launch modes, with 1, 2 and 4 ranks, and the hoplite-mpi command."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import HERE, ROOT, run_job
+from hoplite_mpi.cli import mpirun_command
+
+RANKS = (1, 2, 4)
+
+
+@pytest.mark.parametrize("n", RANKS)
+def test_module_launch_runs_script_on_rank0_with_args(n):
+    proc = run_job(n, "-m", "hoplite_mpi", os.path.join(HERE, "mpi", "launch_module.py"), "41",
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("RESULT") == 1 and "ARGS ['41'] RESULT 42" in proc.stdout
+
+
+def test_module_launch_passes_exit_status():
+    proc = run_job(2, "-m", "hoplite_mpi", os.path.join(HERE, "mpi", "launch_module.py"), "1", "3",
+                   timeout=300)
+    assert "RESULT 2" in proc.stdout
+    assert proc.returncode == 3
+
+
+@pytest.mark.parametrize("n", RANKS)
+@pytest.mark.parametrize("flag", ["", "--no-shutdown"])
+def test_init_launch(n, flag):
+    args = [os.path.join(HERE, "mpi", "launch_init.py")] + ([flag] if flag else [])
+    proc = run_job(n, *args, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("RESULT") == 1 and f"RESULT {sum(2 * i for i in range(100))}" in proc.stdout
+
+
+def test_plain_python_without_mpirun():
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "mpi", "launch_init.py")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "RESULT 9900" in proc.stdout
+
+
+@pytest.mark.parametrize("n", RANKS)
+def test_executor_in_spmd_program_under_pytest_mpi(n):
+    proc = run_job(n, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--with-mpi",
+                   os.path.join(HERE, "mpi", "spmd_executor_pytest.py"), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 passed" in proc.stdout or ("1 passed" in proc.stdout and n == 1)
+
+
+def test_cli_run_and_info():
+    script = os.path.join(HERE, "mpi", "launch_module.py")
+    proc = subprocess.run([sys.executable, "-m", "hoplite_mpi.cli", "run", "-n", "2", script, "5"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "RESULT 6" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "hoplite_mpi.cli", "run", "-n", "2", script, "5", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 4
+    proc = subprocess.run([sys.executable, "-m", "hoplite_mpi.cli", "run", "-n", "3", "info"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "ranks:             3" in proc.stdout
+    assert "MPI library:" in proc.stdout and "thread level:      MULTIPLE" in proc.stdout
+    assert "rank-loss tolerance (ULFM): on" in proc.stdout
+
+
+def test_mpirun_command_flags():
+    cmd = mpirun_command(4, ["s.py", "a"], mpirun="mpirun", flavour="openmpi", cores=2, uid=0)
+    assert cmd[:3] == ["mpirun", "-n", "4"]
+    assert "--oversubscribe" in cmd and "--allow-run-as-root" in cmd
+    assert cmd[cmd.index("--with-ft") + 1] == "ulfm"
+    assert cmd[-3:] == ["hoplite_mpi", "s.py", "a"]
+    cmd = mpirun_command(2, ["s.py"], mpirun="mpirun", flavour="openmpi", cores=2, uid=1000, ft=False)
+    assert "--oversubscribe" not in cmd and "--allow-run-as-root" not in cmd and "--with-ft" not in cmd
+    cmd = mpirun_command(8, ["s.py"], mpirun="mpiexec", flavour="mpich", cores=2, uid=0)
+    assert cmd[:3] == ["mpiexec", "-n", "8"] and "--oversubscribe" not in cmd and "--with-ft" not in cmd
