@@ -20,6 +20,7 @@ from .errors import NotInitializedError, ObjectDeletedError, SerializationError
 from .ids import format_id
 from .protocol import ObjectInfo, TaskSpec
 from .serialization import deserialize, dumps, rebuild_error, serialize
+from .store import DELETED
 from .worker import DepPlaceholder, current_task_id
 
 log = logging.getLogger("hoplite_mpi")
@@ -299,9 +300,7 @@ def get(refs: Union[ObjectRef, Sequence[ObjectRef]], timeout: Optional[float] = 
 
 
 def _value(object_id: int, got: Any) -> Any:
-    from .runtime import _DELETED
-
-    if got is _DELETED:
+    if got is DELETED:
         raise ObjectDeletedError(format_id(object_id))
     if isinstance(got, ObjectInfo):
         if got.error:
@@ -441,8 +440,11 @@ class RemoteFunction:
 def submit_task(rt: Any, identity: tuple[bytes, bytes], name: str, args: tuple, kwargs: dict,
                 options: dict, allowed: Optional[tuple[int, ...]] = None,
                 init: Optional[tuple[bytes, bytes]] = None) -> Any:
-    """Build a TaskSpec and hand it to the scheduler; returns the ref(s)."""
-    _check_options(options, rt.worker_ranks)
+    """Build a TaskSpec and hand it to the scheduler; returns the ref(s).  ``options`` were
+    checked by :func:`_check_options` already; only the pinned rank is checked here."""
+    pinned = options.get("rank")
+    if pinned is not None and pinned not in rt.worker_ranks:
+        raise ValueError(f"rank={pinned} is not a worker rank (worker ranks: {list(rt.worker_ranks)})")
     fn_id, fn_blob = identity
     args_blob, deps = _pack_args(rt, name, args, kwargs)
     num_returns = options.get("num_returns", 1)

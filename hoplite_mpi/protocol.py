@@ -13,8 +13,30 @@ Data flow (rank 0 = driver + scheduler; W = worker ranks; D = the directory shar
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import operator
+from dataclasses import dataclass, fields
 from typing import Optional
+
+
+def message(cls: type) -> type:
+    """Make ``cls`` a slotted dataclass that pickles as a plain tuple of its fields.
+
+    Messages are immutable by convention but not ``frozen``: a frozen dataclass's ``__init__``
+    (``object.__setattr__`` per field) and the generic pickling of slotted dataclasses (which
+    calls ``dataclasses.fields`` per object) dominated rank 0's profile at 20k tasks/s; this
+    brings a RunTask pickle round trip from ~40 us to ~11 us.
+    """
+    cls = dataclass(frozen=False, slots=True)(cls)
+    names = tuple(f.name for f in fields(cls))
+    if not names:
+        cls.__reduce__ = lambda self: (cls, ())
+        return cls
+    getter = operator.attrgetter(*names)
+    if len(names) == 1:
+        cls.__reduce__ = lambda self: (cls, (getter(self),))
+    else:
+        cls.__reduce__ = lambda self: (cls, getter(self))
+    return cls
 
 
 class Tag(enum.IntEnum):
@@ -24,7 +46,7 @@ class Tag(enum.IntEnum):
     DATA_BASE = 16
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class ObjectInfo:
     """What is known of one object: enough to fetch it, or the value itself when small.
 
@@ -45,7 +67,7 @@ class ObjectInfo:
         return sum(self.sizes)
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class TaskSpec:
     """A task as submitted.  ``task_id`` is also the id of its first return object.
 
@@ -75,14 +97,14 @@ class TaskSpec:
 
 # --- worker <-> scheduler -------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@message
 class SubmitTask:
     """A task submitted on a worker rank (nested task), forwarded to the scheduler."""
 
     spec: TaskSpec
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class RunTask:
     """Scheduler -> worker: run ``spec``; ``deps`` gives an ObjectInfo per dependency.
 
@@ -94,7 +116,7 @@ class RunTask:
     blobs: tuple[tuple[bytes, bytes], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class TaskDone:
     """Worker -> scheduler: the task finished (``results[i]`` describes return object ``i``)."""
 
@@ -103,7 +125,7 @@ class TaskDone:
     results: tuple[ObjectInfo, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class TaskBlocked:
     """Worker -> scheduler: the task waits in a nested get/wait; its slot may be reused."""
 
@@ -111,7 +133,7 @@ class TaskBlocked:
     blocked: bool
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class ObjectReady:
     """Scheduler -> owner of a ref: the object exists (or failed).  Used for put-from-worker too."""
 
@@ -120,14 +142,14 @@ class ObjectReady:
 
 # --- directory ------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@message
 class DirAdd:
     """Holder -> directory shard: ``info.holders[0]`` now holds ``info.object_id``."""
 
     info: ObjectInfo
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class DirLookup:
     """Any rank -> shard: reply once the object exists (the lookup waits until then)."""
 
@@ -135,7 +157,7 @@ class DirLookup:
     requester: int
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class DirReply:
     """Shard -> requester: ``info`` is None when the object was deleted."""
 
@@ -143,14 +165,14 @@ class DirReply:
     info: Optional[ObjectInfo]
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class DirDelete:
     """Any rank -> shard: forget the object everywhere; later lookups answer 'deleted'."""
 
     object_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Free:
     """Shard -> holder: drop your copy of the object."""
 
@@ -159,7 +181,7 @@ class Free:
 
 # --- object transfer ------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@message
 class Pull:
     """Receiver -> holder: send the object's bytes from ``offset`` on, as chunks tagged ``tag``."""
 
@@ -168,7 +190,7 @@ class Pull:
     offset: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class PullRefused:
     """Holder -> receiver: it does not hold the object (any more); ask the directory again."""
 
@@ -178,12 +200,12 @@ class PullRefused:
 
 # --- lifecycle ------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@message
 class Shutdown:
     """Driver -> every rank: stop after acknowledging."""
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class ShutdownAck:
     """Rank -> driver: engine stopped accepting work."""
 

@@ -34,13 +34,12 @@ from .ids import IdGenerator, format_id, shard_of
 from .protocol import ObjectInfo
 from .scheduler import Scheduler
 from .serialization import frame_sizes, rebuild_error, to_bytes
+from .store import DELETED as _DELETED
 from .store import ObjectStore, chunk_plan
 from .transport.base import PeerFailure
 from .worker import Worker, _context, current_task_id
 
 log = logging.getLogger("hoplite_mpi")
-
-_DELETED = object()
 
 
 class Runtime:

@@ -17,7 +17,6 @@ deliver to the driver's futures.
 """
 from __future__ import annotations
 
-import enum
 from collections import deque
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, replace
@@ -31,7 +30,9 @@ from .serialization import frame_sizes, local_error, to_bytes
 Outbox = list
 
 
-class TaskState(enum.Enum):
+class TaskState:
+    """Task states (plain strings: compared and hashed on the hot path)."""
+
     WAITING = "waiting"
     READY = "ready"
     RUNNING = "running"
@@ -51,16 +52,16 @@ _ALLOWED = {
 class InvalidTransition(RuntimeError):
     """A task was moved along an edge the life cycle does not have; carries the task's history."""
 
-    def __init__(self, task_id: int, old: TaskState, new: TaskState, history: list) -> None:
-        super().__init__(f"task {format_id(task_id)}: {old.value} -> {new.value} is not allowed "
-                         f"(history: {[s.value for s in history]})")
+    def __init__(self, task_id: int, old: str, new: str, history: list) -> None:
+        super().__init__(f"task {format_id(task_id)}: {old} -> {new} is not allowed "
+                         f"(history: {history})")
         self.task_id, self.old, self.new, self.history = task_id, old, new, list(history)
 
 
 @dataclass
 class _Task:
     spec: TaskSpec
-    state: TaskState = TaskState.WAITING
+    state: str = TaskState.WAITING
     missing: set = field(default_factory=set)
     rank: Optional[int] = None
     blocked: bool = False
@@ -113,7 +114,8 @@ class Scheduler:
                 self.blobs[key] = blob
         if spec.fn_id not in self.blobs or (spec.init_id is not None and spec.init_id not in self.blobs):
             raise ValueError(f"task {format_id(spec.task_id)}: function was never sent")
-        spec = replace(spec, fn_blob=None, init_blob=None)
+        if spec.fn_blob is not None or spec.init_blob is not None:
+            spec = replace(spec, fn_blob=None, init_blob=None)
         task = _Task(spec)
         self.tasks[spec.task_id] = task
         self.stats["submitted"] += 1

@@ -18,6 +18,9 @@ import numpy as np
 from .serialization import frame_sizes
 
 
+DELETED = object()   # sentinel: "this object was deleted" (returned by Runtime.local_frames)
+
+
 def chunk_plan(sizes: Sequence[int], chunk_size: int) -> list[tuple[int, int, int]]:
     """Split frames of the given byte ``sizes`` into ``(frame, start, stop)`` chunks.
 

@@ -27,20 +27,18 @@ def test_chunk_plan_rejects_zero_chunk_size():
         chunk_plan([5], 0)
 
 
-@settings(max_examples=300, deadline=None)
-@given(sizes=st.lists(st.integers(min_value=0, max_value=5000), max_size=8),
-       chunk=st.integers(min_value=1, max_value=1500))
+@settings(max_examples=200, deadline=None, database=None)
+@given(sizes=st.lists(st.integers(min_value=0, max_value=1000), max_size=6),
+       chunk=st.integers(min_value=1, max_value=400))
 def test_chunk_plan_covers_every_byte_exactly_once(sizes, chunk):
     plan = chunk_plan(sizes, chunk)
-    covered = [np.zeros(size, dtype=np.int32) for size in sizes]
+    ends = [0] * len(sizes)  # per frame: bytes covered so far, in order, without gap or overlap
     for frame, start, stop in plan:
-        assert 0 <= start < stop <= sizes[frame]  # no empty chunk, inside the frame
-        assert stop - start <= chunk
-        covered[frame][start:stop] += 1
-    for counts in covered:
-        assert (counts == 1).all()
-    # in transfer order: by frame, then by offset, so progress counts a prefix
-    assert plan == sorted(plan)
+        assert start == ends[frame]
+        assert 0 < stop - start <= chunk  # no empty chunk, none too long
+        assert frame == 0 or ends[frame - 1] == sizes[frame - 1]  # frames in transfer order
+        ends[frame] = stop
+    assert ends == list(sizes)
     assert len(plan) == sum(-(-size // chunk) for size in sizes)
 
 
