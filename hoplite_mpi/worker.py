@@ -1,10 +1,10 @@
 """Task execution on a rank: a bounded number of running tasks, threads spawned on demand.
 
-The engine thread owns the queue of :class:`~hoplite_mpi.protocol.RunTask` messages and the count
-of running tasks (no locks): it hands a task to an executor thread while fewer than
-``worker_threads`` run.  A task blocked in a nested ``get``/``wait`` gives its slot back (and the
-scheduler is told, so it places more tasks here): a task that submits tasks and waits for them never
-deadlocks, even when every worker is busy that way (Ray does the same with CPU resources).
+The engine thread appends :class:`~hoplite_mpi.protocol.RunTask` messages to a queue; executor
+threads take them from it while holding one of ``worker_threads`` slots.  A task blocked in a nested
+``get``/``wait`` gives its slot back (and the scheduler is told, so it places more tasks here): a
+task that submits tasks and waits for them never deadlocks, even when every worker is busy that way
+(Ray does the same with CPU resources).
 
 The executor thread loads the function, resolves the arguments (fetching large inputs from their
 holders), runs the task and serializes the return values; the engine then stores them and reports.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections import deque
 from typing import Any, Callable
 
 from .protocol import ObjectInfo, RunTask, TaskSpec
@@ -46,87 +45,85 @@ class DepPlaceholder:
 class Worker:
     """The task-executing role of one rank.
 
+    Executor threads take tasks straight from a queue (the engine only appends), each holding one
+    of ``threads`` slots while it runs a task; a task blocked in a nested ``get``/``wait`` gives its
+    slot back and a new executor thread is started if none is idle.
+
     Args:
         rank: this rank.
         threads: tasks run at the same time (``Config.worker_threads``).
         fetch: ``fetch(info) -> frames``, blocking, called from executor threads to get an input.
         finished: ``finished(spec, results)`` called on an executor thread when a task ends;
             ``results`` is a list of ``(frames, is_error)`` per return value.
-        call_soon: runs a callable on the engine thread.
     """
 
     def __init__(self, rank: int, threads: int, fetch: Callable[[ObjectInfo], list],
-                 finished: Callable[[TaskSpec, list], None], call_soon: Callable[..., None]) -> None:
+                 finished: Callable[[TaskSpec, list], None]) -> None:
         self.rank = rank
         self.threads = threads
         self._fetch = fetch
         self._finished = finished
-        self._call_soon = call_soon
-        self.queue: deque[RunTask] = deque()
-        self.running = 0
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._slots = threading.Semaphore(threads)
+        self._lock = threading.Lock()       # guards the counters and function/initializer tables
+        self._idle = 0
+        self._threads = 0
         self._blobs: dict[bytes, bytes] = {}
         self._functions: dict[bytes, Any] = {}
         self._inits: dict[bytes, BaseException | None] = {}
-        self._lock = threading.Lock()   # guards function loading and initializer runs
-        self._work: queue.SimpleQueue = queue.SimpleQueue()
-        self._idle = 0
-        self._idle_lock = threading.Lock()
         self._closed = False
         self.executed = 0
+        for _ in range(threads):
+            self._spawn()
 
     # --- engine thread ---------------------------------------------------------------------
 
     def enqueue(self, msg: RunTask) -> None:
+        """Queue a task (engine thread)."""
         for key, blob in msg.blobs:
             self._blobs[key] = blob
-        self.queue.append(msg)
-        self.pump()
-
-    def pump(self) -> None:
-        while self.queue and self.running < self.threads and not self._closed:
-            self.running += 1
-            self._start(self.queue.popleft())
-
-    def task_ended(self, blocked: bool) -> None:
-        """A task returned (engine thread); ``blocked`` if it ended while counted as blocked."""
-        if not blocked:
-            self.running -= 1
-        self.executed += 1
-        self.pump()
-
-    def set_blocked(self, blocked: bool) -> None:
-        self.running += -1 if blocked else 1
-        if blocked:
-            self.pump()
+        self._tasks.put(msg)
 
     def close(self) -> None:
+        """Stop taking tasks; idle executor threads exit (running tasks finish on their own)."""
         self._closed = True
-        with self._idle_lock:
-            idle, self._idle = self._idle, 0
-        for _ in range(idle):
-            self._work.put(None)
+        with self._lock:
+            n = self._threads
+        for _ in range(n):
+            self._tasks.put(None)
 
     # --- executor threads ------------------------------------------------------------------
 
-    def _start(self, msg: RunTask) -> None:
-        with self._idle_lock:
-            spawn = self._idle == 0
-            if not spawn:
-                self._idle -= 1
-        if spawn:
-            threading.Thread(target=self._thread_main, args=(msg,), daemon=True,
-                             name=f"hoplite-task-{self.rank}").start()
-        else:
-            self._work.put(msg)
+    def _spawn(self) -> None:
+        with self._lock:
+            self._threads += 1
+        threading.Thread(target=self._thread_main, daemon=True, name=f"hoplite-task-{self.rank}").start()
 
-    def _thread_main(self, msg: RunTask | None) -> None:
-        while msg is not None:
-            self._execute(msg)
-            with self._idle_lock:
-                if self._closed:
-                    return
+    def _thread_main(self) -> None:
+        # An idle thread holds no slot (else a task leaving a nested get could wait for ever).
+        while True:
+            with self._lock:
                 self._idle += 1
-            msg = self._work.get()
+            msg = self._tasks.get()
+            with self._lock:
+                self._idle -= 1
+            if msg is None or self._closed:
+                return
+            with self._slots:
+                self._execute(msg)
+
+    def block(self) -> None:
+        """The calling executor thread waits on other tasks: give its slot to another thread,
+        starting one if no thread is idle (so queued tasks, e.g. its children, can run)."""
+        with self._lock:
+            spawn = self._idle == 0
+        if spawn:
+            self._spawn()
+        self._slots.release()
+
+    def unblock(self) -> None:
+        """The calling executor thread goes on: take a slot back (waits for one)."""
+        self._slots.acquire()
 
     def _execute(self, msg: RunTask) -> None:
         spec = msg.spec
@@ -138,10 +135,9 @@ class Worker:
             error = serialize_error(exc, self.rank)
             results = [(error, True)] * spec.num_returns
         finally:
-            blocked = _context.blocked
             _context.task_id = None
-        self._finished(spec, results, blocked)
-
+        self.executed += 1
+        self._finished(spec, results)
     def _run(self, spec: TaskSpec, deps: tuple[ObjectInfo, ...]) -> list:
         if spec.init_id is not None:
             self._initialize(spec.init_id)
