@@ -82,6 +82,29 @@ class CpuProbe:
         return [100.0 * (b - a) / wall for a, b in zip(before[1], after[1])]
 
 
+class Noise:
+    """CPU the rest of the machine used during a phase (other jobs disturb the figures)."""
+
+    def __init__(self, probe) -> None:
+        self.probe = probe
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        self.sys0 = psutil.cpu_times()
+        self.own0 = sum(self.probe.snapshot()[1]) if self.probe else 0.0
+
+    def stop(self) -> dict:
+        wall = time.monotonic() - self.t0
+        sys1 = psutil.cpu_times()
+        own = (sum(self.probe.snapshot()[1]) if self.probe else 0.0) - self.own0
+        busy = sum(getattr(sys1, f) - getattr(self.sys0, f)
+                   for f in ("user", "nice", "system", "irq", "softirq") if hasattr(sys1, f))
+        steal = getattr(sys1, "steal", 0.0) - getattr(self.sys0, "steal", 0.0)
+        return {"wall_s": round(wall, 2), "own_cores": round(own / wall, 2),
+                "other_cores": round(max(0.0, busy - own) / wall, 2) if self.probe else None,
+                "steal_cores": round(steal / wall, 2)}
+
+
 def thread_cpu() -> dict[str, float]:
     """CPU seconds of each thread of this process, by thread name (same names summed)."""
     names = {t.native_id: t.name for t in threading.enumerate()}
@@ -288,7 +311,8 @@ def print_table(rows: list[dict], meta: dict) -> None:
     w = max(len(r["metric"]) for r in rows) + 2
     print()
     print(f"hoplite_mpi vs mpi4py.futures: {meta['ranks']} ranks on {meta['cores']} cores "
-          f"({meta['cpu']}), {meta['mpi']}, --tasks {meta['tasks']} --chain {meta['chain']}")
+          f"({meta['cpu']}), {meta['mpi']}, hoplite_mpi {meta['hoplite_rev'] or meta['hoplite_mpi']}, "
+          f"--tasks {meta['tasks']} --chain {meta['chain']}")
     head = f"{'metric':<{w}}{'hoplite':>12}{'mpi4py.futures':>16}{'ratio':>9}"
     print(head)
     print("-" * len(head))
@@ -318,6 +342,14 @@ def print_details(h: dict, m: dict) -> None:
     print(f"  idle hoplite (self-report): {h['idle_self_report']}")
     if "idle" in m:
         print(f"  idle mpi4py.futures (psutil): {m['idle']}")
+    print("machine load during each phase, in cores (this job's ranks / other processes / steal): "
+          + "; ".join(f"{name} {d['own_cores']} / {d['other_cores']} / {d['steal_cores']}"
+                      for name, d in (("mpi4py.futures", m["machine_load"]),
+                                      ("hoplite", h["machine_load"]))))
+    other = max(d["other_cores"] or 0.0 for d in (m["machine_load"], h["machine_load"]))
+    if other > 0.1:
+        print(f"WARNING: other processes used up to {other:.2f} cores during the run: "
+              "the figures are disturbed, run again on a quiet machine")
 
 
 def machine_meta(comm, args) -> dict:
@@ -331,13 +363,21 @@ def machine_meta(comm, args) -> dict:
     except OSError:
         pass
     import mpi4py
+    import subprocess
+    rev = None
+    try:
+        src = os.path.dirname(os.path.dirname(os.path.abspath(hm.__file__)))
+        rev = subprocess.run(["git", "-C", src, "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "host": socket.gethostname(), "ranks": comm.Get_size(), "cores": os.cpu_count(),
             "cpu": cpu, "mpi": MPI.Get_library_version().strip().splitlines()[0].split(",")[0],
-            "mpi4py": mpi4py.__version__, "hoplite_mpi": hm.__version__,
+            "mpi4py": mpi4py.__version__, "hoplite_mpi": hm.__version__, "hoplite_rev": rev,
             "python": platform.python_version(), "ulfm": os.environ.get("OMPI_MCA_mpi_ft_enable", "off"),
             "tasks": args.tasks, "chain": args.chain, "idle_s": args.idle, "warmup": args.warmup,
-            "argv": sys.argv}
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "argv": sys.argv}
 
 
 def main() -> int:
@@ -363,17 +403,20 @@ def main() -> int:
     meta = machine_meta(comm, args) if rank == 0 else {}
 
     m = h = None
+    noise = Noise(probe)
     with MPICommExecutor(comm, root=0) as ex:
         if ex is not None:
-            t = time.perf_counter()
+            noise.start()
             m = mpi4py_phase(ex, args, probe)
-            print(f"mpi4py.futures phase: {time.perf_counter() - t:.1f} s", flush=True)
+            m["machine_load"] = noise.stop()
+            print(f"mpi4py.futures phase: {m['machine_load']['wall_s']:.1f} s", flush=True)
 
     with hm.Executor(comm=comm) as ex:
         if ex is not None:
-            t = time.perf_counter()
+            noise.start()
             h = hoplite_phase(ex, args, probe)
-            print(f"hoplite_mpi phase: {time.perf_counter() - t:.1f} s", flush=True)
+            h["machine_load"] = noise.stop()
+            print(f"hoplite_mpi phase: {h['machine_load']['wall_s']:.1f} s", flush=True)
 
     if rank != 0:
         return 0

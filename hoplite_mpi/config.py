@@ -6,6 +6,8 @@ Every field can be set as ``hoplite_mpi.init(field=value)`` or with the environm
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
 from typing import Any, Mapping
 
@@ -48,7 +50,10 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.inline_threshold, int) or self.inline_threshold < 0:
+        if logging.getLevelName(str(self.log_level).upper()) not in range(0, 100):
+            raise ValueError(f"log_level must be a logging level name, got {self.log_level!r}")
+        if (not isinstance(self.inline_threshold, int) or isinstance(self.inline_threshold, bool)
+                or self.inline_threshold < 0):
             raise ValueError(f"inline_threshold must be an int >= 0, got {self.inline_threshold!r}")
         for name in ("backoff_max", "shutdown_timeout"):
             if not float(getattr(self, name)) > 0:
@@ -78,8 +83,14 @@ class Config:
             if raw is None:
                 continue
             kind = type(field.default)
+            bad = ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}")
             try:
-                values[name] = kind(float(raw)) if kind is int else kind(raw)
+                value = kind(raw) if kind is str else float(raw)
             except ValueError:
-                raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+                raise bad from None
+            if kind is int:
+                if not math.isfinite(value) or not value.is_integer():
+                    raise bad
+                value = int(value)   # accepts 1e6, 1048576.0
+            values[name] = value
         return cls(**values)

@@ -30,6 +30,10 @@ from .serialization import frame_sizes, local_error, to_bytes
 Outbox = list
 
 
+def _deleted_error(object_id: int) -> tuple:
+    return to_bytes(local_error(ObjectDeletedError(format_id(object_id))))
+
+
 class TaskState:
     """Task states (plain strings: compared and hashed on the hot path)."""
 
@@ -103,12 +107,22 @@ class Scheduler:
         self.blobs: dict[bytes, bytes] = {}            # function / initializer id -> blob
         self.sent_blobs: dict[int, set] = {r: set() for r in self.workers}
         self.completed: list[ObjectInfo] = []
+        self._cascade: deque = deque()                 # object arrivals not yet applied
         self.stats = {"submitted": 0, "done": 0, "failed": 0}
 
     # --- events --------------------------------------------------------------------------
 
     def submit(self, spec: TaskSpec) -> Outbox:
-        """A new task.  Raises ValueError for a pinned/allowed rank that is not a worker."""
+        """A new task.
+
+        Raises:
+            ValueError: a pinned/allowed rank that is not a worker, or a function never sent.
+            Nothing is registered then.
+        """
+        if spec.rank is not None and spec.rank not in self.inflight:
+            raise ValueError(f"rank {spec.rank} is not a worker rank (workers: {self.workers})")
+        if spec.allowed is not None and (not spec.allowed or not set(spec.allowed) <= self.inflight.keys()):
+            raise ValueError(f"allowed ranks {spec.allowed} are not all worker ranks (workers: {self.workers})")
         for key, blob in ((spec.fn_id, spec.fn_blob), (spec.init_id, spec.init_blob)):
             if key is not None and blob is not None:
                 self.blobs[key] = blob
@@ -125,9 +139,11 @@ class Scheduler:
         for oid in spec.deps:
             info = self.objects.get(oid)
             if info is not None and info.error:
-                return out + self._fail(task, info.inline, propagate=True)
+                self._fail(task, info.inline, out)
+                return self._drain(out)
             if oid in self.deleted:
-                return out + self._fail(task, to_bytes(local_error(ObjectDeletedError(format_id(oid)))))
+                self._fail(task, _deleted_error(oid), out)
+                return self._drain(out)
             if info is None:
                 task.missing.add(oid)
                 self.dependents.setdefault(oid, []).append(spec.task_id)
@@ -140,49 +156,58 @@ class Scheduler:
 
     def object_known(self, info: ObjectInfo) -> Outbox:
         """An object now exists (a ``put``, a directory reply, a result); wake its dependents."""
-        if info.object_id in self.deleted:
-            return []
-        self.objects[info.object_id] = info
+        self._cascade.append(info)
         out: Outbox = []
-        for task_id in self.dependents.pop(info.object_id, ()):
-            task = self.tasks.get(task_id)
-            if task is None or task.state is not TaskState.WAITING:
+        return self._drain(out)
+
+    def _drain(self, out: Outbox) -> Outbox:
+        """Apply queued object arrivals; failures cascade through dependents iteratively (a chain
+        of any length fails without recursion).  Returns ``out`` plus the dispatches."""
+        cascade = self._cascade
+        while cascade:
+            info = cascade.popleft()
+            if info.object_id in self.deleted:
                 continue
-            if info.error:
-                out += self._fail(task, info.inline, propagate=True)
-                continue
-            task.missing.discard(info.object_id)
-            if not task.missing:
-                self._make_ready(task)
+            self.objects[info.object_id] = info
+            for task_id in self.dependents.pop(info.object_id, ()):
+                task = self.tasks.get(task_id)
+                if task is None or task.state is not TaskState.WAITING:
+                    continue
+                if info.error:
+                    self._fail(task, info.inline, out)
+                    continue
+                task.missing.discard(info.object_id)
+                if not task.missing:
+                    self._make_ready(task)
         return out + self.dispatch()
 
     def object_deleted(self, object_id: int) -> Outbox:
-        """The object was deleted; tasks waiting for it fail with ObjectDeletedError."""
+        """The object was deleted; tasks waiting for it fail with ObjectDeletedError (a ready task
+        that still holds it fails when it would be placed, see :meth:`_run`)."""
         self.deleted.add(object_id)
         self.objects.pop(object_id, None)
-        error = to_bytes(local_error(ObjectDeletedError(format_id(object_id))))
         out: Outbox = []
         for task_id in self.dependents.pop(object_id, ()):
             task = self.tasks.get(task_id)
             if task is not None and task.state is TaskState.WAITING:
-                out += self._fail(task, error)
-        return out
+                self._fail(task, _deleted_error(object_id), out)
+        return self._drain(out)
 
     def task_done(self, msg: TaskDone) -> Outbox:
         """A worker finished a task (successfully or with an error object as result)."""
-        task = self.tasks.pop(msg.task_id, None)
+        task = self.tasks.get(msg.task_id)
         if task is None:
             return []
         task.move(TaskState.DONE)
+        del self.tasks[msg.task_id]
         if not task.blocked:
             self.inflight[task.rank] -= 1
         self.stats["done"] += 1
-        out: Outbox = []
         for info in msg.results:
             self.producer.pop(info.object_id, None)
             self.completed.append(info)
-            out += self.object_known(info)
-        return out + self.dispatch()
+            self._cascade.append(info)
+        return self._drain([])
 
     def task_blocked(self, task_id: int, blocked: bool) -> Outbox:
         """A running task entered (``blocked``) or left a nested get/wait."""
@@ -204,21 +229,31 @@ class Scheduler:
             return False, []
         if task.state is TaskState.READY:
             self._queue(task.spec).remove(task_id)
-        return True, self._fail(task, to_bytes(local_error(CancelledError())), report=False)
+        out: Outbox = []
+        self._fail(task, to_bytes(local_error(CancelledError())), out, report=False)
+        return True, self._drain(out)
 
     # --- placement -----------------------------------------------------------------------
 
     def dispatch(self) -> Outbox:
         """Place ready tasks on workers with room; returns the RunTask messages."""
         out: Outbox = []
+        failed: Outbox = []
         for key, queue in self.ready.items():
             while queue:
                 task = self.tasks[queue[0]]
+                gone = next((oid for oid in task.spec.deps if oid not in self.objects), None)
+                if gone is not None:   # an input was deleted after the task became ready
+                    queue.popleft()
+                    self._fail(task, _deleted_error(gone), failed)
+                    continue
                 rank = self._place(task.spec)
                 if rank is None:
                     break
                 queue.popleft()
                 out.append((rank, self._run(task, rank)))
+        if failed:
+            out += self._drain(failed)
         return out
 
     def _place(self, spec: TaskSpec) -> Optional[int]:
@@ -260,26 +295,23 @@ class Scheduler:
 
     def _make_ready(self, task: _Task) -> None:
         spec = task.spec
-        if spec.rank is not None and spec.rank not in self.inflight:
-            raise ValueError(f"rank {spec.rank} is not a worker rank (workers: {self.workers})")
         task.move(TaskState.READY)
         self._queue(spec).append(spec.task_id)
 
-    def _fail(self, task: _Task, error: tuple, propagate: bool = False, report: bool = True) -> Outbox:
-        """Fail a task without running it: every result becomes an error object ``error``."""
+    def _fail(self, task: _Task, error: tuple, out: Outbox, report: bool = True) -> None:
+        """Fail a task without running it: every result becomes the error object ``error``
+        (its frames); the results are queued on the cascade, the DirAdds appended to ``out``."""
         task.move(TaskState.FAILED)
         self.tasks.pop(task.spec.task_id, None)
         self.stats["failed"] += 1
         sizes = frame_sizes(error)
-        out: Outbox = []
         for oid in task.spec.return_ids:
             self.producer.pop(oid, None)
             info = ObjectInfo(oid, sizes, (), tuple(error), True)
             if report:
                 self.completed.append(info)
             out += [(rank, DirAdd(info)) for rank in self.shard_ranks(oid)]
-            out += self.object_known(info)
-        return out
+            self._cascade.append(info)
 
     # --- introspection -------------------------------------------------------------------
 

@@ -94,7 +94,7 @@ def serialize_error(exc: BaseException, rank: int) -> Frames:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     exc_blob: bytes | None
     try:
-        exc_blob = cloudpickle.dumps(exc.with_traceback(None), protocol=PROTOCOL)
+        exc_blob = cloudpickle.dumps(exc, protocol=PROTOCOL)   # (tracebacks are not pickled)
         pickle.loads(exc_blob)  # must also be rebuildable (custom __init__ signatures may not be)
     except Exception:
         exc_blob = None

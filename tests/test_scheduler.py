@@ -283,9 +283,6 @@ def test_pinned_to_a_non_worker_rank_is_a_value_error():
         s.submit(first(10, rank=5))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: submit registers the task (tasks, producer, stats) before "
-                   "_make_ready raises ValueError for a non-worker rank, so a rejected task stays "
-                   "pending (WAITING) forever")
 def test_rejected_submit_leaves_no_task_behind():
     s = make(workers=(1, 2), cap=1)
     with pytest.raises(ValueError):
@@ -294,9 +291,6 @@ def test_rejected_submit_leaves_no_task_behind():
     assert s.stats["submitted"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the pinned-rank check is in _make_ready, so a task with a "
-                   "missing dependency is accepted by submit and the ValueError is raised later from "
-                   "object_known/task_done (after dependents were popped, so other waiters are lost)")
 def test_pinned_to_a_non_worker_rank_is_rejected_even_with_missing_deps():
     s = make(workers=(1, 2), cap=1)
     with pytest.raises(ValueError, match="not a worker"):
@@ -320,8 +314,6 @@ def test_allowed_ranks_restrict_placement():
     assert s.task_done(done(c, 3)) == [(3, run(d))]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: allowed ranks are never validated: submit with "
-                   "allowed=(5,) raises KeyError from _place (inflight[5]) instead of ValueError")
 def test_allowed_non_worker_rank_is_a_value_error():
     s = make(workers=(1, 2), cap=1)
     with pytest.raises(ValueError):
@@ -509,9 +501,6 @@ def test_illegal_moves_raise(old, new):
 
 # --- bugs -----------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: object_deleted only fails WAITING dependents; a READY task "
-                   "queued behind the cap keeps the deleted id and dispatch() raises KeyError in "
-                   "_run (self.objects[oid])")
 def test_deleting_the_input_of_a_queued_ready_task_fails_it():
     s = make(workers=(1,), cap=1)
     a = first(10)
@@ -525,8 +514,6 @@ def test_deleting_the_input_of_a_queued_ready_task_fails_it():
     assert failed(20, deleted_error(500)) in s.completed
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: failure propagation is recursive (_fail -> object_known -> "
-                   "_fail ...); an error at the head of a chain of ~500 waiting tasks raises RecursionError")
 def test_failure_of_a_long_chain_does_not_recurse():
     s = make(workers=(1,), cap=1)
     n = 1000

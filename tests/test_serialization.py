@@ -188,8 +188,6 @@ def test_error_payload_is_plain_pickle_readable_anywhere():
     assert payload.rank == 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: serialize_error calls exc.with_traceback(None), which strips "
-                   "the caller's exception of its __traceback__ as a side effect")
 def test_serialize_error_leaves_the_exception_unchanged():
     exc = _raised(RuntimeError("boom"))
     assert exc.__traceback__ is not None
