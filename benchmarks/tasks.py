@@ -2,7 +2,7 @@
 """Task benchmark: hoplite_mpi vs mpi4py.futures in one MPI job (issue 2).
 
     mpirun -n 4 --oversubscribe --allow-run-as-root python benchmarks/tasks.py \
-        [--tasks 20000] [--chain 1000] [--idle 2] [--json PATH]
+        [--tasks 20000] [--chain 1000] [--repeat 3] [--idle 2] [--json PATH]
 
 Run it with plain ``mpirun`` (not ``python -m hoplite_mpi``): the script starts both runtimes
 itself, one after the other, on ``MPI.COMM_WORLD``:
@@ -85,18 +85,22 @@ class CpuProbe:
 class Noise:
     """CPU the rest of the machine used during a phase (other jobs disturb the figures)."""
 
-    def __init__(self, probe) -> None:
+    def __init__(self, probe, launchers: list[int]) -> None:
         self.probe = probe
+        self.launchers = CpuProbe(launchers) if probe else None   # mpirun/prterun: not "other"
+
+    def _own(self) -> float:
+        return sum(self.probe.snapshot()[1]) + sum(self.launchers.snapshot()[1]) if self.probe else 0.0
 
     def start(self) -> None:
         self.t0 = time.monotonic()
         self.sys0 = psutil.cpu_times()
-        self.own0 = sum(self.probe.snapshot()[1]) if self.probe else 0.0
+        self.own0 = self._own()
 
     def stop(self) -> dict:
         wall = time.monotonic() - self.t0
         sys1 = psutil.cpu_times()
-        own = (sum(self.probe.snapshot()[1]) if self.probe else 0.0) - self.own0
+        own = self._own() - self.own0
         busy = sum(getattr(sys1, f) - getattr(self.sys0, f)
                    for f in ("user", "nice", "system", "irq", "softirq") if hasattr(sys1, f))
         steal = getattr(sys1, "steal", 0.0) - getattr(self.sys0, "steal", 0.0)
@@ -158,29 +162,70 @@ def idle_cpu(probe, seconds: float, settle: float = 0.5) -> dict:
 
 # --- phases ----------------------------------------------------------------------------------
 
+class Runs:
+    """Repeated measurements of named metrics: the median goes in the table, all runs in JSON."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list] = {}
+        self.details: dict[str, list] = {}
+
+    def add(self, key: str, measure) -> None:
+        detail: dict = {}
+        self.values.setdefault(key, []).append(measure(detail))
+        self.details.setdefault(key, []).append(detail)
+
+    def into(self, res: dict) -> None:
+        for key, vals in self.values.items():
+            med = statistics.median(vals)
+            res[key] = med
+            res[key + "_runs"] = [round(v, 4) for v in vals]
+            # the detail of the run closest to the median
+            i = min(range(len(vals)), key=lambda j: abs(vals[j] - med))
+            if self.details[key][i]:
+                res[key + "_detail"] = self.details[key][i]
+
+
+def chain_wait(submit, length: int, detail: dict) -> float:
+    """ms per task of a chain run the mpi4py.futures way: submit, wait, submit the next."""
+    t0 = time.perf_counter()
+    v = 0
+    for _ in range(length):
+        v = submit(inc, v).result()
+    dt = time.perf_counter() - t0
+    assert v == length, f"submit/result chain gave {v}, expected {length}"
+    return 1e3 * dt / length
+
+
+def chain_refs(rinc, length: int, detail: dict) -> float:
+    """ms per task of a chain of ObjectRefs, all submitted up front, then get the last."""
+    t0 = time.perf_counter()
+    r = rinc.remote(0)
+    for _ in range(length - 1):
+        r = rinc.remote(r)
+    t1 = time.perf_counter()
+    v = hm.get(r)
+    dt = time.perf_counter() - t0
+    assert v == length, f"ref chain gave {v}, expected {length}"
+    detail["submit_s"] = round(t1 - t0, 4)
+    detail["total_s"] = round(dt, 4)
+    return 1e3 * dt / length
+
+
 def mpi4py_phase(ex, args, probe) -> dict:
     res: dict = {}
     n, length = args.tasks, args.chain
     # warm-up
     futs = [ex.submit(noop, i) for i in range(args.warmup)]
     assert [f.result() for f in futs] == list(range(args.warmup))
-    v = 0
-    for _ in range(50):
-        v = ex.submit(inc, v).result()
-    assert v == 50
+    chain_wait(ex.submit, 50, {})
 
-    detail: dict = {}
-    res["throughput"] = timed_throughput(lambda: [ex.submit(noop, i) for i in range(n)],
-                                         lambda fs: [f.result() for f in fs], n, probe, detail)
-    res["throughput_detail"] = detail
-
-    t0 = time.perf_counter()
-    v = 0
-    for _ in range(length):
-        v = ex.submit(inc, v).result()
-    dt = time.perf_counter() - t0
-    assert v == length, f"chain gave {v}, expected {length}"
-    res["chain_ms"] = 1e3 * dt / length
+    runs = Runs()
+    for _ in range(args.repeat):
+        runs.add("throughput", lambda d: timed_throughput(
+            lambda: [ex.submit(noop, i) for i in range(n)],
+            lambda fs: [f.result() for f in fs], n, probe, d))
+        runs.add("chain_ms", lambda d: chain_wait(ex.submit, length, d))
+    runs.into(res)
 
     if probe:
         res["idle"] = idle_cpu(probe, args.idle)
@@ -196,54 +241,23 @@ def hoplite_phase(ex, args, probe) -> dict:
     assert [hm.get(r) for r in refs] == list(range(args.warmup))
     futs = [ex.submit(noop, i) for i in range(args.warmup)]
     assert [f.result() for f in futs] == list(range(args.warmup))
-    r = rinc.remote(0)
-    for _ in range(49):
-        r = rinc.remote(r)
-    assert hm.get(r) == 50
-    v = 0
-    for _ in range(50):
-        v = ex.submit(inc, v).result()
-    assert v == 50
-    del refs, futs, r
+    chain_refs(rinc, 50, {})
+    chain_wait(ex.submit, 50, {})
+    del refs, futs
 
-    detail: dict = {}
-    res["throughput_remote"] = timed_throughput(
-        lambda: [rnoop.remote(i) for i in range(n)],
-        lambda refs: [hm.get(r) for r in refs], n, probe, detail)
-    res["throughput_remote_detail"] = detail
-
-    detail = {}
-    res["throughput_remote_batch"] = timed_throughput(
-        lambda: [rnoop.remote(i) for i in range(n)], hm.get, n, probe, detail)
-    res["throughput_remote_batch_detail"] = detail
-
-    detail = {}
-    res["throughput_submit"] = timed_throughput(
-        lambda: [ex.submit(noop, i) for i in range(n)],
-        lambda fs: [f.result() for f in fs], n, probe, detail)
-    res["throughput_submit_detail"] = detail
-
-    # chain of refs, all submitted up front
-    t0 = time.perf_counter()
-    r = rinc.remote(0)
-    for _ in range(length - 1):
-        r = rinc.remote(r)
-    t1 = time.perf_counter()
-    v = hm.get(r)
-    dt = time.perf_counter() - t0
-    assert v == length, f"ref chain gave {v}, expected {length}"
-    res["chain_refs_ms"] = 1e3 * dt / length
-    res["chain_refs_submit_s"] = round(t1 - t0, 4)
-    res["chain_len"] = length
-
-    # chain the mpi4py.futures way: submit, wait, submit the next with the value
-    t0 = time.perf_counter()
-    v = 0
-    for _ in range(length):
-        v = ex.submit(inc, v).result()
-    dt = time.perf_counter() - t0
-    assert v == length, f"submit/result chain gave {v}, expected {length}"
-    res["chain_submit_ms"] = 1e3 * dt / length
+    runs = Runs()
+    for _ in range(args.repeat):
+        runs.add("throughput_remote", lambda d: timed_throughput(
+            lambda: [rnoop.remote(i) for i in range(n)],
+            lambda refs: [hm.get(r) for r in refs], n, probe, d))
+        runs.add("throughput_remote_batch", lambda d: timed_throughput(
+            lambda: [rnoop.remote(i) for i in range(n)], hm.get, n, probe, d))
+        runs.add("throughput_submit", lambda d: timed_throughput(
+            lambda: [ex.submit(noop, i) for i in range(n)],
+            lambda fs: [f.result() for f in fs], n, probe, d))
+        runs.add("chain_refs_ms", lambda d: chain_refs(rinc, length, d))
+        runs.add("chain_submit_ms", lambda d: chain_wait(ex.submit, length, d))
+    runs.into(res)
 
     # idle cost: psutil from rank 0, cross-checked by each worker about itself
     pinned = hm.remote(self_cpu)
@@ -312,7 +326,7 @@ def print_table(rows: list[dict], meta: dict) -> None:
     print()
     print(f"hoplite_mpi vs mpi4py.futures: {meta['ranks']} ranks on {meta['cores']} cores "
           f"({meta['cpu']}), {meta['mpi']}, hoplite_mpi {meta['hoplite_rev'] or meta['hoplite_mpi']}, "
-          f"--tasks {meta['tasks']} --chain {meta['chain']}")
+          f"--tasks {meta['tasks']} --chain {meta['chain']}, median of {meta['repeat']}")
     head = f"{'metric':<{w}}{'hoplite':>12}{'mpi4py.futures':>16}{'ratio':>9}"
     print(head)
     print("-" * len(head))
@@ -335,14 +349,18 @@ def print_details(h: dict, m: dict) -> None:
             threads[_group(k)] = round(threads.get(_group(k), 0.0) + v, 3)
         print(f"  {label:<27} submit {d['submit_s']:.2f}s + wait {d['wait_s']:.2f}s; "
               f"threads {threads}; cpu% {d.get('cpu_pct_per_rank', 'n/a')}")
-    print(f"  hoplite ref chain: {h['chain_refs_submit_s']:.2f}s of the "
-          f"{h['chain_refs_ms'] * h['chain_len'] / 1e3:.2f}s spent submitting")
+    d = h["chain_refs_ms_detail"]
+    print(f"  hoplite ref chain: {d['submit_s']:.2f}s of the {d['total_s']:.2f}s spent submitting")
+    print("  all runs (the table shows the median):")
+    for label, res in (("mpi4py.futures", m), ("hoplite", h)):
+        for key in sorted(k for k in res if k + "_runs" in res):
+            print(f"    {label} {key}: " + ", ".join(fmt(float(v)) for v in res[key + "_runs"]))
     if "idle" in h:
         print(f"  idle hoplite (psutil): {h['idle']}")
     print(f"  idle hoplite (self-report): {h['idle_self_report']}")
     if "idle" in m:
         print(f"  idle mpi4py.futures (psutil): {m['idle']}")
-    print("machine load during each phase, in cores (this job's ranks / other processes / steal): "
+    print("machine load during each phase, in cores (this job / other processes / steal): "
           + "; ".join(f"{name} {d['own_cores']} / {d['other_cores']} / {d['steal_cores']}"
                       for name, d in (("mpi4py.futures", m["machine_load"]),
                                       ("hoplite", h["machine_load"]))))
@@ -376,7 +394,7 @@ def machine_meta(comm, args) -> dict:
             "cpu": cpu, "mpi": MPI.Get_library_version().strip().splitlines()[0].split(",")[0],
             "mpi4py": mpi4py.__version__, "hoplite_mpi": hm.__version__, "hoplite_rev": rev,
             "python": platform.python_version(), "ulfm": os.environ.get("OMPI_MCA_mpi_ft_enable", "off"),
-            "tasks": args.tasks, "chain": args.chain, "idle_s": args.idle, "warmup": args.warmup,
+            "tasks": args.tasks, "chain": args.chain, "repeat": args.repeat, "idle_s": args.idle, "warmup": args.warmup,
             "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "argv": sys.argv}
 
 
@@ -386,6 +404,8 @@ def main() -> int:
     parser.add_argument("--chain", type=int, default=1000, help="length of the dependent chain")
     parser.add_argument("--idle", type=float, default=2.0, help="seconds of idle CPU measurement")
     parser.add_argument("--warmup", type=int, default=500, help="no-op warm-up tasks per API")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each throughput/chain measurement; the table shows the median")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
 
@@ -396,14 +416,15 @@ def main() -> int:
             print("tasks.py needs at least 2 ranks (rank 0 drives, the others run tasks)", file=sys.stderr)
         return 2
     # the pids of all ranks, for psutil on rank 0 (only when every rank is on this host)
-    where = comm.allgather((socket.gethostname(), os.getpid()))
+    where = comm.allgather((socket.gethostname(), os.getpid(), os.getppid()))
     probe = None
-    if rank == 0 and len({h for h, _ in where}) == 1:
-        probe = CpuProbe([pid for _, pid in where])
+    if rank == 0 and len({h for h, _, _ in where}) == 1:
+        probe = CpuProbe([pid for _, pid, _ in where])
+    launchers = sorted({ppid for _, _, ppid in where} - {1})
     meta = machine_meta(comm, args) if rank == 0 else {}
 
     m = h = None
-    noise = Noise(probe)
+    noise = Noise(probe, launchers)
     with MPICommExecutor(comm, root=0) as ex:
         if ex is not None:
             noise.start()

@@ -103,12 +103,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     run.add_argument("-n", "--np", type=int, default=os.cpu_count() or 1, help="number of ranks")
     run.add_argument("--no-ft", action="store_true", help="do not pass --with-ft ulfm (Open MPI)")
     run.add_argument("--mpirun-arg", action="append", default=[], help="extra argument for mpirun")
-    run.add_argument("program", nargs=argparse.REMAINDER, help="script.py [args] | -m module [args]")
+    run.add_argument("program", nargs="?", help="script.py [args] | -m module [args] | info")
     sub.add_parser("info", help="print the MPI library, thread level, ranks and ULFM availability")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    program: list[str] = []
+    if argv[:1] == ["run"]:
+        # everything from the first word that is not one of run's own options is the program
+        # (argparse would take the program's own "-m"/"-c" for options of ours)
+        i, takes_value = 1, {"-n", "--np", "--mpirun-arg"}
+        while i < len(argv) and argv[i].startswith("-") and argv[i] != "--":
+            if argv[i] in ("-m", "-c"):
+                break
+            i += 2 if argv[i] in takes_value else 1
+        if i < len(argv) and argv[i] == "--":
+            i += 1
+        argv, program = argv[:i], argv[i:]
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
-    program = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not program:
         parser.error("run needs a script (or -m module)")
     if args.np < 1:

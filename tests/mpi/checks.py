@@ -34,72 +34,16 @@ def workers():
     return list(range(1, n)) or [0]
 
 
-# --- the seeds' workload (Hoplite Go prototype) ----------------------------------------------
-
-def is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    if n % 2 == 0:
-        return n == 2
-    i = 3
-    while i * i <= n:
-        if n % i == 0:
-            return False
-        i += 2
-    return True
-
-
-@hm.remote
-def task1_primes(xs):
-    return [x for x in xs if is_prime(x)]
-
-
-@hm.remote
-def task2_multiply(a, b):
-    return [x * y for x, y in zip(a, b)]
-
-
-@hm.remote
-def task3_multiply_arrays(*arrays):
-    out = np.array(arrays[0], dtype=object)
-    for a in arrays[1:]:
-        n = min(len(out), len(a))
-        out = out[:n] * np.array(a[:n], dtype=object)
-    return [int(v) for v in out]
-
+# --- the seeds' workload (Hoplite Go prototype): hoplite_mpi.examples.seed_tasks ----------------
 
 @check
 def check_seed_workload():
-    rng = np.random.default_rng(7)
-    lists = [[int(v) for v in rng.integers(10**6, 10**6 + 20000, size=int(rng.integers(50, 300)))]
-             for _ in range(50)]
-    # Task 1 refs (half of the tasks)...
-    primes = [task1_primes.remote(xs) for xs in lists]
-    # ...and tasks depending on their futures, submitted before those exist (the other half)
-    dependents, expected = [], []
-    seq = [[x for x in xs if is_prime(x)] for xs in lists]
-    for i in range(25):
-        a, b = i, (i * 7 + 3) % 50
-        dependents.append(task2_multiply.remote(primes[a], primes[b]))
-        expected.append([x * y for x, y in zip(seq[a], seq[b])])
-    for i in range(25):
-        idx = [(i + k * 11) % 50 for k in range(3)]
-        dependents.append(task3_multiply_arrays.remote(*[primes[j] for j in idx]))
-        n = min(len(seq[j]) for j in idx)
-        expected.append([seq[idx[0]][t] * seq[idx[1]][t] * seq[idx[2]][t] for t in range(n)])
-    refs = primes + dependents
-    assert len(refs) == 100
-    values = hm.get(refs, timeout=T)          # fetched concurrently
-    assert values[:50] == seq
-    assert values[50:] == expected
-    hm.delete(refs)
-    for ref in refs:
-        try:
-            hm.get(ref, timeout=T)
-        except hm.ObjectDeletedError as exc:
-            assert exc.object_id == ref.hex()
-        else:
-            raise AssertionError(f"get of deleted {ref} did not raise")
+    from hoplite_mpi.examples import seed_tasks
+
+    # 50 Task-1 refs + 50 dependents submitted before their inputs exist; fetched concurrently,
+    # compared with the sequential run, then deleted: each get must raise ObjectDeletedError
+    out = seed_tasks.run(n_lists=50, seed=7, timeout=T)
+    assert out["tasks"] == 100
 
 
 # --- tasks and dependencies ------------------------------------------------------------------
