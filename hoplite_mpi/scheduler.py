@@ -261,17 +261,16 @@ class Scheduler:
         if spec.rank is not None:
             return spec.rank if self.inflight[spec.rank] < limit else None
         candidates = spec.allowed or self.workers
-        best, best_bytes = None, 0
+        local: dict[int, int] = {}   # rank -> bytes of this task's (chunked) inputs it holds
         for oid in spec.deps:
             info = self.objects.get(oid)
-            if info is None or info.inline is not None:
-                continue
-            for holder in info.holders:
-                if holder in self.inflight and holder in candidates and self.inflight[holder] < limit:
-                    if info.nbytes > best_bytes:  # most bytes of one input (cheap, good enough)
-                        best, best_bytes = holder, info.nbytes
-        if best is not None:
-            return best
+            if info is not None and info.inline is None:
+                for holder in info.holders:
+                    local[holder] = local.get(holder, 0) + info.nbytes
+        if local:
+            for holder in sorted(local, key=local.__getitem__, reverse=True):
+                if holder in candidates and self.inflight.get(holder, limit) < limit:
+                    return holder
         rank = min(candidates, key=self.inflight.__getitem__)
         return rank if self.inflight[rank] < limit else None
 

@@ -336,6 +336,16 @@ def test_locality_places_a_task_on_the_holder_of_its_largest_input():
     assert s.submit(t5) == [(2, run(t5, deps=(large, medium)))]  # next-largest holder with room
 
 
+def test_locality_sums_the_input_bytes_each_rank_holds():
+    s = make(workers=(1, 2, 3), cap=2)
+    a = big(500, rank=3, nbytes=1_000_000)
+    b, c = big(501, rank=2, nbytes=600_000), big(502, rank=2, nbytes=600_000)
+    for info in (a, b, c):
+        s.object_known(info)
+    t = first(10, 500, 501, 502)
+    assert s.submit(t) == [(2, run(t, deps=(a, b, c), blobs=FIRST))]  # 1.2 MB on rank 2 > 1 MB on 3
+
+
 def test_locality_respects_allowed_ranks():
     s = make(workers=(1, 2, 3), cap=2)
     large = big(500, rank=3, nbytes=1_000_000)

@@ -56,10 +56,11 @@ task2_multiply = hm.remote(multiply)
 task3_multiply_all = hm.remote(multiply_all)
 
 
-def make_lists(n_lists: int, seed: int) -> list[list[int]]:
-    """``n_lists`` lists of 50-300 integers around 10^11 (trial division then costs real time)."""
+def make_lists(n_lists: int, seed: int, magnitude: int = 10**11) -> list[list[int]]:
+    """``n_lists`` lists of 50-300 integers from ``magnitude`` on (around 10^11, trial division
+    costs real time)."""
     rng = np.random.default_rng(seed)
-    return [[int(v) for v in rng.integers(10**11, 10**11 + 10**6, size=int(rng.integers(50, 300)))]
+    return [[int(v) for v in rng.integers(magnitude, magnitude + 10**6, size=int(rng.integers(50, 300)))]
             for _ in range(n_lists)]
 
 
@@ -70,13 +71,13 @@ def plan(n_lists: int) -> list[tuple[str, tuple[int, ...]]]:
             + [("task3", tuple((i + k * 11) % n_lists for k in range(3))) for i in range(n_lists - half)])
 
 
-def run(n_lists: int = 50, seed: int = 7, timeout: float = 600.0) -> dict:
+def run(n_lists: int = 50, seed: int = 7, timeout: float = 600.0, magnitude: int = 10**11) -> dict:
     """Submit ``2 * n_lists`` tasks, check them, delete them.  Returns figures (seconds).
 
     Raises AssertionError if a result differs from the sequential computation or a deleted
     object is still readable.
     """
-    lists = make_lists(n_lists, seed)
+    lists = make_lists(n_lists, seed, magnitude)
     t0 = time.perf_counter()
     primes = [task1_primes.remote(xs) for xs in lists]
     dependents = [task2_multiply.remote(*(primes[i] for i in idx)) if kind == "task2"
@@ -106,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lists", type=int, default=50, help="number of Task 1 inputs (tasks = 2x)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--magnitude", type=float, default=1e11, help="size of the integers")
     args = parser.parse_args(argv)
     hm.init()
-    out = run(args.lists, args.seed)
+    out = run(args.lists, args.seed, magnitude=int(args.magnitude))
     print(f"seed_tasks: {out['tasks']} tasks on {hm.world_size()} ranks: results match the sequential "
           f"run; all objects deleted and unreadable")
     print(f"  parallel {out['parallel_s']:.3f} s   sequential {out['sequential_s']:.3f} s   "

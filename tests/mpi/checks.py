@@ -42,7 +42,7 @@ def check_seed_workload():
 
     # 50 Task-1 refs + 50 dependents submitted before their inputs exist; fetched concurrently,
     # compared with the sequential run, then deleted: each get must raise ObjectDeletedError
-    out = seed_tasks.run(n_lists=50, seed=7, timeout=T)
+    out = seed_tasks.run(n_lists=50, seed=7, timeout=T, magnitude=10**9)
     assert out["tasks"] == 100
 
 
