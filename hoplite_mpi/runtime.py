@@ -85,7 +85,7 @@ class Runtime:
         self._next_tag = 0
         self.sent_blobs: set = set()   # function ids already sent to the scheduler from here
         self._acks: set[int] = set()
-        self._shutdown_started = False
+        self._all_acked = threading.Event()
         self.stopped = threading.Event()
         self.closed = False
         self.stats = defaultdict(int)
@@ -106,7 +106,7 @@ class Runtime:
             P.Pull: self._on_pull,
             P.PullRefused: self._on_pull_refused,
             P.Shutdown: lambda src, m: self._on_shutdown(src),
-            P.ShutdownAck: lambda src, m: self._acks.add(src),
+            P.ShutdownAck: self._on_shutdown_ack,
         }
         self._engine = threading.Thread(target=self._loop, name=f"hoplite-engine-{self.rank}", daemon=True)
         self._notifier = threading.Thread(target=self._notify_loop, name="hoplite-notify", daemon=True)
@@ -518,17 +518,22 @@ class Runtime:
         if self.closed:
             return
         others = set(range(self.size)) - {self.rank}
+        if not others:
+            self._all_acked.set()
         self.call_soon(self._send_all, [(r, P.Shutdown()) for r in others])
-        deadline = time.monotonic() + self.config.shutdown_timeout
-        while not others <= self._acks and time.monotonic() < deadline and self._engine.is_alive():
-            time.sleep(0.002)
+        if self._engine.is_alive():
+            self._all_acked.wait(self.config.shutdown_timeout)
         if not others <= self._acks:
             log.warning("rank 0: ranks %s did not acknowledge shutdown", sorted(others - self._acks))
         self.stopped.set()
         self._close()
 
+    def _on_shutdown_ack(self, source: int, msg: P.ShutdownAck) -> None:
+        self._acks.add(source)
+        if len(self._acks) == self.size - 1:
+            self._all_acked.set()
+
     def _on_shutdown(self, source: int) -> None:
-        self._shutdown_started = True
         if self.worker is not None:
             self.worker.close()
         self.send(source, P.ShutdownAck(self.rank))
