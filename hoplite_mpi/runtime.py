@@ -35,7 +35,7 @@ from .errors import ObjectDeletedError, RuntimeShutdownError
 from .ids import IdGenerator, format_id, shard_of
 from .protocol import ObjectInfo
 from .scheduler import Scheduler
-from .serialization import frame_sizes, rebuild_error, to_bytes
+from .serialization import frame_sizes, rebuild_error, serialize_error, to_bytes
 from .store import DELETED as _DELETED
 from .store import ObjectStore, chunk_plan
 from .transport.base import PeerFailure
@@ -94,7 +94,7 @@ class Runtime:
         self._refs_lock = threading.Lock()
         self._notify: queue.SimpleQueue = queue.SimpleQueue()
         self._handlers = {
-            P.SubmitTask: lambda src, m: self._scheduled(self.scheduler.submit(m.spec)),
+            P.SubmitTask: lambda src, m: self._submit(m.spec),
             P.RunTask: lambda src, m: self.worker.enqueue(m),
             P.TaskDone: lambda src, m: self._scheduled(self.scheduler.task_done(m)),
             P.TaskBlocked: lambda src, m: self._scheduled(self.scheduler.task_blocked(m.task_id, m.blocked)),
@@ -157,7 +157,7 @@ class Runtime:
                         fn, args = self._calls.get_nowait()
                     except queue.Empty:
                         break
-                    fn(*args)
+                    self._guarded(fn, *args)
                     active = True
                 for source, batch in transport.receive():
                     active = True
@@ -191,7 +191,17 @@ class Runtime:
 
     def _handle(self, source: int, msg: Any) -> None:
         self.stats[type(msg).__name__] += 1
-        self._handlers[type(msg)](source, msg)
+        self._guarded(self._handlers[type(msg)], source, msg)
+
+    def _guarded(self, fn: Callable, *args: Any) -> None:
+        """Run one step of the engine; a bug or bad input in one message must not stop the
+        engine (every other task and transfer of this rank depends on it)."""
+        try:
+            fn(*args)
+        except Exception:
+            self.stats["engine_errors"] += 1
+            log.exception("rank %d: error while handling %s", self.rank,
+                          type(args[-1]).__name__ if args else getattr(fn, "__name__", fn))
 
     def send(self, dest: int, msg: Any) -> None:
         """Queue a message (engine thread); batches go out at the end of the loop iteration."""
@@ -459,10 +469,18 @@ class Runtime:
         self.call_soon(self._submit, spec)
 
     def _submit(self, spec: P.TaskSpec) -> None:
-        if self.scheduler is not None:
-            self._scheduled(self.scheduler.submit(spec))
-        else:
+        if self.scheduler is None:
             self.send(0, P.SubmitTask(spec))
+            return
+        try:
+            out = self.scheduler.submit(spec)
+        except ValueError as exc:   # refused (nothing registered): its results fail with exc
+            error = to_bytes(serialize_error(exc, self.rank))
+            infos = [ObjectInfo(oid, frame_sizes(error), (), error, True) for oid in spec.return_ids]
+            self._send_all([(r, P.DirAdd(i)) for i in infos for r in self.shard_ranks(i.object_id)])
+            self._notify.put(infos)
+            return
+        self._scheduled(out)
 
     def _task_finished(self, spec: P.TaskSpec, results: list) -> None:
         """Executor thread: a task ended; ``results`` = [(frames, is_error)] per return value."""
