@@ -20,8 +20,13 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] in ("-m", "-c") and len(argv) < 2:
         print(USAGE, file=sys.stderr)
         sys.exit(2)
+    import os
+
     import hoplite_mpi
 
+    if argv[0] not in ("-m", "-c"):
+        # on every rank, before init(): workers unpickle functions from modules next to the script
+        sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
     hoplite_mpi.init()  # non-driver ranks serve here and exit
     try:
         if argv[0] == "-m":
@@ -32,7 +37,6 @@ def main(argv: list[str] | None = None) -> None:
             exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
         else:
             sys.argv = argv
-            sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(argv[0])))
             runpy.run_path(argv[0], run_name="__main__")
     finally:
         hoplite_mpi.shutdown()

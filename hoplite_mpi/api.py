@@ -68,11 +68,12 @@ def init(comm: Any = None, **options: Any) -> None:
     on rank 0 only.  Idempotent: a second call returns at once.
 
     Args:
-        comm: an ``mpi4py.MPI.Comm``; the runtime works on a private duplicate.
+        comm: an ``mpi4py.MPI.Comm``; the runtime works on a private copy (``comm.Split``).
         **options: fields of :class:`~hoplite_mpi.config.Config` (also ``HOPLITE_MPI_*`` env vars).
 
     Raises:
-        TypeError / ValueError: an unknown option or a bad value (on every rank, before any MPI call).
+        TypeError / ValueError: an unknown option or a bad value (on every rank, before any
+            communication).
         RuntimeError: MPI was initialised with a thread level below SERIALIZED.
     """
     global _runtime
@@ -260,7 +261,8 @@ def get(refs: Union[ObjectRef, Sequence[ObjectRef]], timeout: Optional[float] = 
         timeout: seconds to wait in all; None waits for ever.
 
     Raises:
-        TimeoutError: not all values arrived in time (nothing is lost: call again).
+        concurrent.futures.TimeoutError: (the builtin ``TimeoutError`` from Python 3.11) not all
+            values arrived in time; nothing is lost, call again.
         the task's exception: with a ``RemoteTraceback`` (rank, host, traceback) as ``__cause__``.
         ObjectDeletedError: an object was freed with :func:`delete`.
         concurrent.futures.CancelledError: the task was cancelled.
@@ -277,8 +279,8 @@ def get(refs: Union[ObjectRef, Sequence[ObjectRef]], timeout: Optional[float] = 
             try:
                 cf.Future.result(ref, _remaining(deadline))  # readiness (or the task's error)
             except cf.TimeoutError:
-                raise TimeoutError(f"get() timed out after {timeout} s waiting for "
-                                   f"{format_id(ref.id)}") from None
+                raise cf.TimeoutError(f"get() timed out after {timeout} s waiting for "
+                                      f"{format_id(ref.id)}") from None
         # fetch every value not held locally, all at once
         pending = {}
         for ref in items:
@@ -293,8 +295,8 @@ def get(refs: Union[ObjectRef, Sequence[ObjectRef]], timeout: Optional[float] = 
                 try:
                     got = pending[ref.id].result(_remaining(deadline))
                 except cf.TimeoutError:
-                    raise TimeoutError(f"get() timed out after {timeout} s fetching "
-                                       f"{format_id(ref.id)}") from None
+                    raise cf.TimeoutError(f"get() timed out after {timeout} s fetching "
+                                          f"{format_id(ref.id)}") from None
             values.append(_value(ref.id, got))
     return values[0] if single else values
 
@@ -474,8 +476,10 @@ def remote(**options: Any) -> Callable[[Callable], RemoteFunction]: ...
 def remote(fn: Optional[Callable] = None, **options: Any) -> Any:
     """Make ``fn`` a remote function: ``@remote`` or ``@remote(num_returns=2, max_retries=3)``.
 
-    Options: ``num_returns`` (int >= 1), ``max_retries`` (int >= 0), ``rank`` (pin to a worker
-    rank), ``name``.  Raises TypeError/ValueError for unknown options or bad values.
+    Options: ``num_returns`` (int >= 1), ``max_retries`` (int >= 0: re-runs after the loss of the
+    worker rank running the task; takes effect with rank-loss tolerance, not yet implemented),
+    ``rank`` (pin to a worker rank), ``name``.  Raises TypeError/ValueError for unknown options or
+    bad values.
     """
     if fn is not None:
         if options:

@@ -77,7 +77,7 @@ def info() -> int:
     print(f"mpi4py:            {__import__('mpi4py').__version__}")
     print(f"thread level:      {levels.get(MPI.Query_thread(), MPI.Query_thread())}")
     print(f"ranks:             {comm.Get_size()}")
-    print(f"rank-loss tolerance (ULFM): {ft}")
+    print(f"ULFM (rank-loss detection): {ft}")
     return 0
 
 
@@ -93,7 +93,7 @@ def ulfm_status() -> str:
     enabled = os.environ.get("OMPI_MCA_mpi_ft_enable", "")
     if enabled.lower() in ("1", "true", "yes", "on"):
         return "on"
-    return "off (start the job with `hoplite-mpi run` or `mpirun --with-ft ulfm`)"
+    return "off in this job (start it with `hoplite-mpi run` without --no-ft, or `mpirun --with-ft ulfm`)"
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -13,8 +13,12 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+import logging
+
 from . import api
 from .errors import SerializationError
+
+log = logging.getLogger("hoplite_mpi")
 
 # Constructor keywords of MPIPoolExecutor that only matter for dynamic process spawning; accepted
 # (so code written for mpi4py runs unchanged) and ignored under static launch.
@@ -70,6 +74,9 @@ class Executor(cf.Executor):
         self._init_identity: Optional[tuple[bytes, bytes]] = None
         self._fn_ids: dict = {}
         if comm is None:
+            if api.is_initialized() and self._options:
+                log.warning("Executor(%s): the runtime is already running; its options stay as they are",
+                            ", ".join(f"{k}={v!r}" for k, v in self._options.items()))
             api.init(**self._options)   # serves and exits on non-driver ranks (static launch)
 
     # --- context manager (MPICommExecutor convention) ---------------------------------------

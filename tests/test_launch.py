@@ -66,7 +66,7 @@ def test_cli_run_and_info():
     assert proc.returncode == 0, proc.stderr
     assert "ranks:             3" in proc.stdout
     assert "MPI library:" in proc.stdout and "thread level:      MULTIPLE" in proc.stdout
-    assert "rank-loss tolerance (ULFM): on" in proc.stdout
+    assert "ULFM (rank-loss detection): on" in proc.stdout
 
 
 def test_mpirun_command_flags():
@@ -79,3 +79,14 @@ def test_mpirun_command_flags():
     assert "--oversubscribe" not in cmd and "--allow-run-as-root" not in cmd and "--with-ft" not in cmd
     cmd = mpirun_command(8, ["s.py"], mpirun="mpiexec", flavour="mpich", cores=2, uid=0)
     assert cmd[:3] == ["mpiexec", "-n", "8"] and "--oversubscribe" not in cmd and "--with-ft" not in cmd
+
+
+def test_module_launch_finds_modules_next_to_the_script_on_every_rank(tmp_path):
+    # the helper module is imported by reference on the workers, so its folder must be on their path
+    (tmp_path / "helper_mod.py").write_text("def triple(x):\n    return 3 * x\n")
+    (tmp_path / "main_script.py").write_text(
+        "import hoplite_mpi as hm\nimport helper_mod\n"
+        "print('RESULT', hm.get(hm.remote(helper_mod.triple).remote(14), timeout=120))\n")
+    proc = run_job(3, "-m", "hoplite_mpi", str(tmp_path / "main_script.py"), timeout=300, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RESULT 42" in proc.stdout
