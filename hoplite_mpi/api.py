@@ -142,6 +142,19 @@ class ObjectRef(cf.Future):
         super().__init__()
         self.id = object_id
         self._task_id = task_id
+        self._owner: Any = None      # the driver's runtime, for refs the driver created
+        self._escaped = False        # pickled into another object: never freed automatically
+
+    def __del__(self) -> None:
+        # Local reference counting on the driver (like Ray's owner-side counts): when the last
+        # ref to an object the driver created goes away and was never pickled into another
+        # object, the object is freed once no unfinished task uses it.
+        owner = self._owner
+        if owner is not None and not self._escaped:
+            try:
+                owner.release(self.id)
+            except Exception:   # interpreter or runtime shutting down
+                pass
 
     def __hash__(self) -> int:
         return hash(self.id)
@@ -155,6 +168,7 @@ class ObjectRef(cf.Future):
         return f"ObjectRef({format_id(self.id)}, {state})"
 
     def __reduce__(self):
+        self._escaped = True
         return (_rebuild_ref, (self.id,))
 
     def hex(self) -> str:
@@ -197,6 +211,8 @@ def _new_refs(rt: Any, first_id: int, n: int, task_id: Optional[int]) -> list[Ob
         ref = rt.register_ref(ObjectRef(oid, task_id))
         if rt.scheduler is None:      # not the driver: learn readiness from the directory
             rt.watch(oid)
+        else:
+            ref._owner = rt
         refs.append(ref)
     return refs
 
@@ -215,6 +231,8 @@ def put(value: Any) -> ObjectRef:
     frames = serialize(value, "the value given to put()", copy=True)
     oid = rt.put(frames)
     ref = rt.register_ref(ObjectRef(oid))
+    if rt.scheduler is not None:
+        ref._owner = rt
     ref._set_ready()
     return ref
 

@@ -227,6 +227,19 @@ class Runtime:
         if done:
             self.scheduler.completed = []
             self._notify.put(done)
+        if self.scheduler.freed:
+            freed, self.scheduler.freed = self.scheduler.freed, []
+            self.stats["auto_freed"] += len(freed)
+            self._delete(freed)
+
+    def release(self, object_id: int) -> None:
+        """Driver (any thread, also a GC finaliser): the last ref to the object was dropped."""
+        if not self.closed and self.scheduler is not None:
+            self.call_soon(self._release, object_id)
+
+    def _release(self, object_id: int) -> None:
+        self.scheduler.release(object_id)
+        self._scheduled([])
 
     # --- futures (ObjectRef) -------------------------------------------------------------------
 
@@ -259,19 +272,24 @@ class Runtime:
             if batch is None:
                 return
             for item in batch:
-                oid = item if isinstance(item, int) else item.object_id
-                ref = self._refs.get(oid)
-                if ref is None or ref.done():
-                    continue
-                try:
-                    if isinstance(item, int):
-                        ref._set_failed(ObjectDeletedError(format_id(oid)))
-                    elif item.error:
-                        ref._set_failed(rebuild_error(item.inline))
-                    else:
-                        ref._set_ready()
-                except Exception:  # a concurrent cancel() won the race: nothing to deliver
-                    log.debug("ref %s already completed", format_id(oid))
+                self._deliver(item)
+
+    def _deliver(self, item: Any) -> None:
+        # (a function of its own: no local variable may keep the last ref alive between batches,
+        # or the driver's reference counting would not see it dropped)
+        oid = item if isinstance(item, int) else item.object_id
+        ref = self._refs.get(oid)
+        if ref is None or ref.done():
+            return
+        try:
+            if isinstance(item, int):
+                ref._set_failed(ObjectDeletedError(format_id(oid)))
+            elif item.error:
+                ref._set_failed(rebuild_error(item.inline))
+            else:
+                ref._set_ready()
+        except Exception:  # a concurrent cancel() won the race: nothing to deliver
+            log.debug("ref %s already completed", format_id(oid))
 
     # --- objects ---------------------------------------------------------------------------
 

@@ -108,6 +108,9 @@ class Scheduler:
         self.sent_blobs: dict[int, set] = {r: set() for r in self.workers}
         self.completed: list[ObjectInfo] = []
         self._cascade: deque = deque()                 # object arrivals not yet applied
+        self.dep_count: dict[int, int] = {}            # object id -> unfinished tasks using it
+        self.released: set[int] = set()                # driver dropped its ref; free when unused
+        self.freed: list[int] = []                     # to free now (drained by the runtime)
         self.stats = {"submitted": 0, "done": 0, "failed": 0}
 
     # --- events --------------------------------------------------------------------------
@@ -133,6 +136,8 @@ class Scheduler:
         task = _Task(spec)
         self.tasks[spec.task_id] = task
         self.stats["submitted"] += 1
+        for oid in spec.deps:
+            self.dep_count[oid] = self.dep_count.get(oid, 0) + 1
         for oid in spec.return_ids:
             self.producer[oid] = spec.task_id
         out: Outbox = []
@@ -207,7 +212,33 @@ class Scheduler:
             self.producer.pop(info.object_id, None)
             self.completed.append(info)
             self._cascade.append(info)
+        self._finished(task)
         return self._drain([])
+
+    def release(self, object_id: int) -> None:
+        """The driver dropped its last ref to the object (it never escaped into another object):
+        free it once no unfinished task produces or uses it (appended to :attr:`freed`)."""
+        if self.dep_count.get(object_id) or object_id in self.producer:
+            self.released.add(object_id)
+        else:
+            self.freed.append(object_id)
+
+    def _finished(self, task: _Task) -> None:
+        """A task left the scheduler (done, failed, cancelled): its inputs may be freed now, and
+        results already released."""
+        for oid in task.spec.deps:
+            left = self.dep_count[oid] - 1
+            if left:
+                self.dep_count[oid] = left
+                continue
+            del self.dep_count[oid]
+            if oid in self.released:
+                self.released.discard(oid)
+                self.freed.append(oid)
+        for oid in task.spec.return_ids:
+            if oid in self.released and not self.dep_count.get(oid):
+                self.released.discard(oid)
+                self.freed.append(oid)
 
     def task_blocked(self, task_id: int, blocked: bool) -> Outbox:
         """A running task entered (``blocked``) or left a nested get/wait."""
@@ -311,6 +342,7 @@ class Scheduler:
                 self.completed.append(info)
             out += [(rank, DirAdd(info)) for rank in self.shard_ranks(oid)]
             self._cascade.append(info)
+        self._finished(task)
 
     # --- introspection -------------------------------------------------------------------
 

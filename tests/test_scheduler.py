@@ -538,3 +538,48 @@ def test_failure_of_a_long_chain_does_not_recurse():
     assert not recursed
     assert len(s.completed) == n
     assert s.pending() == 0
+
+
+# --- driver-side reference counting -----------------------------------------------------------
+
+def test_release_of_an_unused_object_frees_it_at_once():
+    s = make()
+    s.object_known(big(500, rank=1, nbytes=1_000_000))
+    s.release(500)
+    assert s.freed == [500] and not s.released
+
+
+def test_released_input_is_freed_when_its_last_consumer_finishes():
+    s = make(workers=(1,), cap=4)
+    s.object_known(big(500, rank=1, nbytes=1_000_000))
+    t1, t2 = first(10, 500), spec(20, 500)
+    s.submit(t1)
+    s.submit(t2)
+    s.release(500)
+    assert s.freed == [] and s.released == {500}
+    s.task_done(done(t1, 1, value(10, 1)))
+    assert s.freed == []                       # t2 still needs it
+    s.task_done(done(t2, 1, value(20, 1)))
+    assert s.freed == [500] and not s.dep_count
+
+
+def test_released_result_of_a_pending_task_is_freed_when_it_is_done():
+    s = make(workers=(1,), cap=4)
+    t = first(10)
+    s.submit(t)
+    s.release(10)
+    assert s.freed == []
+    s.task_done(done(t, 1, big(10, 1, 1_000_000)))
+    assert s.freed == [10]
+
+
+def test_failed_and_cancelled_tasks_release_their_inputs():
+    s = make(workers=(1,), cap=1)
+    s.object_known(big(500, rank=1, nbytes=1_000_000))
+    blocker, queued = first(10), spec(20, 500)
+    s.submit(blocker)
+    s.submit(queued)              # READY, held back by the cap
+    s.release(500)
+    assert s.freed == []
+    assert s.cancel(20)[0]
+    assert s.freed == [500]

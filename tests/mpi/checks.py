@@ -215,6 +215,51 @@ def check_delete_then_get_raises():
         raise AssertionError("task on deleted input ran")
 
 
+@hm.remote
+def store_bytes():
+    return hm.api._rt().store.bytes_used
+
+
+def _bytes_everywhere():
+    rt = hm.api._rt()
+    return [rt.store.bytes_used] + hm.get([store_bytes.options(rank=r).remote() for r in workers()
+                                           if r != 0], timeout=T)
+
+
+def _until(predicate, what, timeout=30.0):
+    """Wait (bounded) for a condition that other ranks reach asynchronously."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+@check
+def check_dropped_refs_are_freed_once_unused():
+    import gc
+
+    rt = hm.api._rt()
+    base = sum(_bytes_everywhere())
+    freed_before = rt.stats["auto_freed"]
+    # a chain of 8 MiB arrays: each intermediate ref is dropped while its consumer still runs
+    ref = make_big.remote(8 << 20, 1)
+    for _ in range(5):
+        ref = square.remote(ref)
+    kept = hm.put(np.ones(1 << 17))            # 1 MiB, still referenced: must survive
+    escaped = hm.put(np.ones(1 << 17))
+    box = hm.put({"inner": escaped})            # pickled into another object: never auto-freed
+    assert hm.get(ref, timeout=T).nbytes == 8 << 20
+    del ref, escaped
+    gc.collect()
+    _until(lambda: rt.stats["auto_freed"] - freed_before >= 6, "6 objects freed")
+    _until(lambda: sum(_bytes_everywhere()) <= base + (2 << 20) + 4096,
+           f"stores back near {base} bytes (+kept, +escaped): {_bytes_everywhere()} "
+           f"{rt.store.ids()} released={rt.scheduler.released} deps={rt.scheduler.dep_count}")
+    assert hm.get(kept, timeout=T).sum() == 1 << 17
+    assert hm.get(hm.get(box, timeout=T)["inner"], timeout=T).sum() == 1 << 17
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 class CustomError(Exception):
