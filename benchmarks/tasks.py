@@ -63,7 +63,7 @@ def self_cpu():
 # --- measurement helpers ---------------------------------------------------------------------
 
 class CpuProbe:
-    """CPU seconds of a set of processes (psutil), and of the threads of this process."""
+    """CPU seconds (user + system, all threads) of a set of processes, read with psutil."""
 
     def __init__(self, pids: list[int]) -> None:
         self.procs = [psutil.Process(pid) for pid in pids]
@@ -120,14 +120,14 @@ def thread_cpu() -> dict[str, float]:
 
 
 def thread_delta(before: dict, after: dict) -> dict[str, float]:
-    return {k: round(after.get(k, 0.0) - before.get(k, 0.0), 3)
-            for k in sorted(set(before) | set(after))
-            if abs(after.get(k, 0.0) - before.get(k, 0.0)) >= 0.0005}
+    """Per-thread CPU seconds between two snapshots (threads that ended in between are left out)."""
+    return {k: round(after[k] - before.get(k, 0.0), 3) for k in sorted(after)
+            if after[k] - before.get(k, 0.0) >= 0.0005}
 
 
 def _group(name: str) -> str:
-    # hoplite's task threads share one name per rank; collapse numbered pool threads
-    return name.split("-")[0] if name.startswith("Thread-") else name
+    # unnamed threads ("Thread-3 (_manager)": mpi4py.futures' manager) are summed as one
+    return "unnamed threads" if name.startswith("Thread-") else name
 
 
 def timed_throughput(submit_all, get_all, n: int, probe, detail: dict) -> float:
@@ -408,6 +408,11 @@ def main() -> int:
                         help="runs of each throughput/chain measurement; the table shows the median")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
+    for name in ("tasks", "chain", "repeat"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.idle <= 0 or args.warmup < 1:
+        parser.error("--idle must be > 0 and --warmup >= 1")
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()

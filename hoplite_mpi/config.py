@@ -29,7 +29,9 @@ class Config:
         worker_threads: tasks one worker rank executes at the same time (tasks blocked in a
             nested ``get``/``wait`` do not count).
         replication: number of ranks each directory shard lives on (rank-loss tolerance: later).
-        backoff_max: seconds; the longest sleep of an idle progress engine between polls.
+        backoff_max: seconds; the longest sleep of an idle progress engine between polls (each poll
+            costs ~75 us of CPU here: 5 ms keeps an idle rank near 1.5 % of a core; it bounds the
+            extra latency of the first message after an idle spell).
         shutdown_timeout: seconds the driver waits for workers to acknowledge shutdown.
         log_level: name of the ``logging`` level of the ``hoplite_mpi`` logger.
     """
@@ -40,7 +42,7 @@ class Config:
     tasks_per_worker: int = 16
     worker_threads: int = 1
     replication: int = 1
-    backoff_max: float = 0.002
+    backoff_max: float = 0.005
     shutdown_timeout: float = 30.0
     log_level: str = "WARNING"
 

@@ -11,11 +11,14 @@ Every handler returns a list of ``(destination rank, message)``; it never does I
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 from .protocol import DirAdd, DirDelete, DirLookup, DirReply, Free, ObjectInfo
 
 Outbox = list  # list[tuple[int, object]]
+
+FREED_MEMORY = 1 << 16   # automatically freed ids a shard remembers (see DirectoryShard.delete)
 
 
 def shard_map(num_ranks: int, replication: int = 1) -> list[tuple[int, ...]]:
@@ -41,7 +44,9 @@ class DirectoryShard:
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self._entries: dict[int, _Entry] = {}
-        self._deleted: set[int] = set()
+        self._deleted: set[int] = set()             # deleted by the user: answered for ever
+        self._freed: set[int] = set()               # freed automatically: remembered a while
+        self._freed_order: deque = deque()
 
     def __len__(self) -> int:
         return sum(1 for e in self._entries.values() if e.info is not None)
@@ -57,13 +62,13 @@ class DirectoryShard:
         if isinstance(msg, DirLookup):
             return self.lookup(msg.object_id, msg.requester)
         if isinstance(msg, DirDelete):
-            return self.delete(msg.object_id)
+            return self.delete(msg.object_id, msg.permanent)
         raise TypeError(f"not a directory message: {msg!r}")
 
     def add(self, info: ObjectInfo) -> Outbox:
         """A rank holds ``info.object_id`` (its ``holders``); answer every waiting lookup."""
         oid = info.object_id
-        if oid in self._deleted:  # deleted while the copy was being made: free the late copy
+        if oid in self._deleted or oid in self._freed:  # a copy registered after the delete: free it
             return [(holder, Free(oid)) for holder in info.holders]
         entry = self._entries.setdefault(oid, _Entry())
         if entry.info is None:
@@ -84,9 +89,20 @@ class DirectoryShard:
         entry.waiting.append(requester)
         return []
 
-    def delete(self, object_id: int) -> Outbox:
-        """Forget the object: holders free their copies, waiting lookups learn it was deleted."""
-        self._deleted.add(object_id)
+    def delete(self, object_id: int, permanent: bool = True) -> Outbox:
+        """Forget the object: holders free their copies, waiting lookups learn it was deleted.
+
+        ``permanent=False`` (automatic freeing): the id is kept only among the last
+        ``FREED_MEMORY`` freed ids, long enough to free a copy registered late, so the shard does
+        not grow with the number of tasks.
+        """
+        if permanent:
+            self._deleted.add(object_id)
+        elif object_id not in self._freed:
+            self._freed.add(object_id)
+            self._freed_order.append(object_id)
+            if len(self._freed_order) > FREED_MEMORY:
+                self._freed.discard(self._freed_order.popleft())
         entry = self._entries.pop(object_id, None)
         if entry is None:
             return []

@@ -167,9 +167,15 @@ class DirReply:
 
 @message
 class DirDelete:
-    """Any rank -> shard: forget the object everywhere; later lookups answer 'deleted'."""
+    """Any rank -> shard: forget the object everywhere.
+
+    ``permanent`` (``hm.delete``): later lookups answer 'deleted' for ever.  Not permanent (the
+    driver dropped its last ref, nobody can ask again): the shard only remembers the id for a while,
+    to free a copy whose registration arrives late.
+    """
 
     object_id: int
+    permanent: bool = True
 
 
 @message

@@ -230,7 +230,7 @@ class Runtime:
         if self.scheduler.freed:
             freed, self.scheduler.freed = self.scheduler.freed, []
             self.stats["auto_freed"] += len(freed)
-            self._delete(freed)
+            self._delete(freed, permanent=False)
 
     def release(self, object_id: int) -> None:
         """Driver (any thread, also a GC finaliser): the last ref to the object was dropped."""
@@ -463,20 +463,29 @@ class Runtime:
         self._deleted.update(object_ids)   # visible to this rank's readers at once
         self.call_soon(self._delete, list(object_ids))
 
-    def _delete(self, object_ids: list[int]) -> None:
+    def _delete(self, object_ids: list[int], permanent: bool = True) -> None:
+        """(engine) Free objects here and tell their shards (which tell the holders).
+
+        ``permanent``: ``hm.delete`` (tombstones answer later lookups); otherwise automatic
+        freeing of objects no ref points to any more (no tombstone kept)."""
         for oid in object_ids:
             self.store.delete(oid)
             self._known.pop(oid, None)
             if self.scheduler is not None:   # before any later submit is handled
-                self._scheduled(self.scheduler.object_deleted(oid))
+                if permanent:
+                    self._scheduled(self.scheduler.object_deleted(oid))
+                else:
+                    self.scheduler.forget(oid)
             for rank in set(self.shard_ranks(oid)) | ({0} if self.scheduler is None else set()):
-                self.send(rank, P.DirDelete(oid))
+                self.send(rank, P.DirDelete(oid, permanent))
 
     def _on_delete(self, source: int, msg: P.DirDelete) -> None:
-        self._deleted.add(msg.object_id)
         self._known.pop(msg.object_id, None)
         if self.rank in self.shard_ranks(msg.object_id):
-            self._send_all(self.directory.delete(msg.object_id))
+            self._send_all(self.directory.delete(msg.object_id, msg.permanent))
+        if not msg.permanent:
+            return
+        self._deleted.add(msg.object_id)
         if self.scheduler is not None:
             self._scheduled(self.scheduler.object_deleted(msg.object_id))
 

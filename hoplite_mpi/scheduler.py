@@ -198,6 +198,11 @@ class Scheduler:
                 self._fail(task, _deleted_error(object_id), out)
         return self._drain(out)
 
+    def forget(self, object_id: int) -> None:
+        """Drop an automatically freed object (no tombstone: no ref to it exists any more)."""
+        self.objects.pop(object_id, None)
+        self.looked_up.discard(object_id)
+
     def task_done(self, msg: TaskDone) -> Outbox:
         """A worker finished a task (successfully or with an error object as result)."""
         task = self.tasks.get(msg.task_id)

@@ -193,3 +193,19 @@ def test_shard_of_is_in_range_and_spreads_ids():
         shards = [shard_of(i, n) for i in ids]
         assert all(0 <= s < n for s in shards)
         assert set(shards) == set(range(n))  # every shard gets some of 404 ids
+
+
+def test_automatic_free_keeps_no_lasting_tombstone():
+    from hoplite_mpi import directory as d
+
+    shard = DirectoryShard(rank=0)
+    assert shard.delete(1, permanent=False) == []
+    # a copy registered after the free (it raced the free) is freed at once
+    assert shard.add(ObjectInfo(1, (10,), (3,))) == [(3, Free(1))]
+    for oid in range(2, d.FREED_MEMORY + 3):
+        shard.delete(oid, permanent=False)
+    assert 1 not in shard._freed and len(shard._freed) == d.FREED_MEMORY   # bounded
+    assert not shard._deleted
+    # a permanent delete is remembered for ever
+    shard.delete(10**9)
+    assert shard.lookup(10**9, requester=2) == [(2, DirReply(10**9, None))]
