@@ -194,6 +194,18 @@ def check_put_get_numpy_roundtrip():
 
 
 @check
+def check_large_arguments_by_value():
+    @hm.remote
+    def size_of(x, *, y=b""):
+        return len(x) + len(y)
+
+    # larger than the in-band threshold: stored as objects of their own, fetched by the worker
+    assert hm.get(size_of.remote(b"x" * (1 << 20), y=b"z" * 100000), timeout=T) == (1 << 20) + 100000
+    assert hm.get(size_of.remote(np.ones(1 << 18)), timeout=T) == 1 << 18
+    assert hm.get(size_of.remote("y" * 300000), timeout=T) == 300000
+
+
+@check
 def check_delete_then_get_raises():
     small, large = hm.put(1), hm.put(np.zeros(1 << 20))
     on_worker = make_big.remote(1 << 20, 3)
