@@ -3,8 +3,8 @@
 Rank 0 runs the user's program and a dynamic scheduler; the other ranks run tasks; every rank
 holds an object store and a shard of the object directory.  See README.md.
 """
-from .api import (ObjectRef, RemoteFunction, delete, get, init, is_initialized, put, rank, remote,
-                  shutdown, wait, world_size)
+from .api import (ObjectRef, RemoteFunction, allreduce, broadcast, delete, get, init, is_initialized,
+                  put, rank, reduce, reduced_inputs, remote, shutdown, wait, world_size)
 from .config import Config
 from .errors import (BrokenExecutor, HopliteError, NotInitializedError, ObjectDeletedError,
                      ObjectLostError, RemoteTraceback, RuntimeShutdownError, SerializationError,
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "init", "shutdown", "is_initialized", "rank", "world_size",
     "remote", "RemoteFunction", "get", "wait", "put", "delete", "ObjectRef", "Executor", "Config",
+    "broadcast", "reduce", "allreduce", "reduced_inputs",
     "HopliteError", "NotInitializedError", "ObjectDeletedError", "ObjectLostError", "RemoteTraceback",
     "RuntimeShutdownError", "SerializationError", "TaskError", "BrokenExecutor",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from .protocol import DirAdd, DirDelete, DirLookup, DirReply, Free, ObjectInfo
+from .protocol import DirAdd, DirDelete, DirLookup, DirPartial, DirPull, DirReply, Free, ObjectInfo
 
 Outbox = list  # list[tuple[int, object]]
 
@@ -36,6 +36,9 @@ def shard_map(num_ranks: int, replication: int = 1) -> list[tuple[int, ...]]:
 class _Entry:
     info: ObjectInfo | None = None
     waiting: list[int] = field(default_factory=list)  # ranks with a pending lookup
+    pulling: list[int] = field(default_factory=list)  # ranks with a pending DirPull
+    partial: dict = field(default_factory=dict)       # rank receiving/producing -> its sender (or None)
+    downstream: dict = field(default_factory=dict)    # rank -> receivers it currently feeds
 
 
 class DirectoryShard:
@@ -61,6 +64,10 @@ class DirectoryShard:
             return self.add(msg.info)
         if isinstance(msg, DirLookup):
             return self.lookup(msg.object_id, msg.requester)
+        if isinstance(msg, DirPull):
+            return self.pull(msg.object_id, msg.requester)
+        if isinstance(msg, DirPartial):
+            return self.partial(msg.info, msg.rank)
         if isinstance(msg, DirDelete):
             return self.delete(msg.object_id, msg.permanent)
         raise TypeError(f"not a directory message: {msg!r}")
@@ -76,8 +83,77 @@ class DirectoryShard:
         else:
             holders = entry.info.holders + tuple(h for h in info.holders if h not in entry.info.holders)
             entry.info = replace(entry.info, holders=holders)
+        for holder in info.holders:   # a receiver finished: its sender is free for another one
+            sender = entry.partial.pop(holder, None)
+            if sender is not None:
+                self._feeds(entry, sender, -1)
+        return self._answer(oid, entry)
+
+    def _answer(self, oid: int, entry: _Entry) -> Outbox:
         waiting, entry.waiting = entry.waiting, []
-        return [(rank, DirReply(oid, entry.info)) for rank in waiting]
+        out: Outbox = [(rank, DirReply(oid, entry.info)) for rank in waiting]
+        pulling, entry.pulling = entry.pulling, []
+        for rank in pulling:
+            out += self.pull(oid, rank)
+        return out
+
+    @staticmethod
+    def _feeds(entry: _Entry, rank: int, delta: int) -> None:
+        count = entry.downstream.get(rank, 0) + delta
+        if count > 0:
+            entry.downstream[rank] = count
+        else:
+            entry.downstream.pop(rank, None)
+
+    def partial(self, info: ObjectInfo, rank: int) -> Outbox:
+        """``rank`` is producing the object; it exists (partially) from now on."""
+        oid = info.object_id
+        if oid in self._deleted or oid in self._freed:
+            return [(rank, Free(oid))]
+        entry = self._entries.setdefault(oid, _Entry())
+        if entry.info is None:
+            entry.info = replace(info, holders=())
+        entry.partial.setdefault(rank, None)
+        return self._answer(oid, entry)
+
+    def _depth(self, entry: _Entry, rank: int) -> int:
+        depth, seen = 0, set()
+        while rank in entry.partial and rank not in seen:
+            seen.add(rank)
+            sender = entry.partial[rank]
+            if sender is None:
+                break
+            rank, depth = sender, depth + 1
+        return depth + (1 if rank in entry.partial else 0)
+
+    def pull(self, object_id: int, requester: int) -> Outbox:
+        """Choose a sender for ``requester`` once the object exists (Hoplite's receiver-driven
+        broadcast): among complete and partial copies that feed nobody yet (chain tails), the
+        one closest to a complete copy; complete copies first.  Inline objects need no sender."""
+        if object_id in self._deleted:
+            return [(requester, DirReply(object_id, None, True))]
+        entry = self._entries.setdefault(object_id, _Entry())
+        info = entry.info
+        if info is None:
+            entry.pulling.append(requester)
+            return []
+        if info.inline is not None:
+            return [(requester, DirReply(object_id, info, True))]
+        old = entry.partial.pop(requester, None)   # asked again (its sender failed): re-place it
+        if old is not None:
+            self._feeds(entry, old, -1)
+        candidates = [h for h in info.holders if h != requester] + \
+                     [r for r in entry.partial if r != requester]
+        if not candidates:
+            if requester in info.holders:
+                return [(requester, DirReply(object_id, replace(info, holders=(requester,)), True))]
+            entry.pulling.append(requester)   # only the requester itself had it: wait
+            return []
+        sender = min(candidates, key=lambda r: (entry.downstream.get(r, 0) > 0,
+                                                self._depth(entry, r), entry.downstream.get(r, 0)))
+        entry.partial[requester] = sender
+        self._feeds(entry, sender, +1)
+        return [(requester, DirReply(object_id, replace(info, holders=(sender,)), True))]
 
     def lookup(self, object_id: int, requester: int) -> Outbox:
         """Answer at once if the object is known (or deleted), else when it is added."""
@@ -107,8 +183,10 @@ class DirectoryShard:
         if entry is None:
             return []
         out: Outbox = [(rank, DirReply(object_id, None)) for rank in entry.waiting]
+        out += [(rank, DirReply(object_id, None, True)) for rank in entry.pulling]
         if entry.info is not None:
-            out += [(holder, Free(object_id)) for holder in entry.info.holders]
+            holders = set(entry.info.holders) | set(entry.partial)
+            out += [(holder, Free(object_id)) for holder in sorted(holders)]
         return out
 
     def remove_holder(self, object_id: int, rank: int) -> Outbox:

@@ -61,6 +61,7 @@ class ObjectInfo:
     holders: tuple[int, ...] = ()
     inline: Optional[tuple[bytes, ...]] = None
     error: bool = False
+    head: Optional[bytes] = None    # frame 0 of a chunked object when small (numpy: dtype/shape)
 
     @property
     def nbytes(self) -> int:
@@ -158,11 +159,32 @@ class DirLookup:
 
 
 @message
+class DirPull:
+    """Receiver -> shard: "I want a copy": once the object exists, pick a sender for ``requester``
+    (a complete or partial copy: the tail of the shortest chain, Hoplite §3.3), record the
+    requester as a partial holder fed by it, and reply with ``info.holders == (sender,)``."""
+
+    object_id: int
+    requester: int
+
+
+@message
+class DirPartial:
+    """Producer -> shard: ``rank`` is producing the object (a reduce output): it exists from now on
+    and can serve the prefix it has."""
+
+    info: ObjectInfo
+    rank: int
+
+
+@message
 class DirReply:
-    """Shard -> requester: ``info`` is None when the object was deleted."""
+    """Shard -> requester: ``info`` is None when the object was deleted.  ``pull``: the answer to
+    a DirPull (``info.holders`` is then the chosen sender)."""
 
     object_id: int
     info: Optional[ObjectInfo]
+    pull: bool = False
 
 
 @message
@@ -204,6 +226,67 @@ class PullRefused:
     tag: int
 
 
+@message
+class Fetch:
+    """Driver -> rank: make sure you hold a complete copy (broadcast), then answer Fetched."""
+
+    object_id: int
+    token: int
+
+
+@message
+class Fetched:
+    """Rank -> driver: the copy asked for by ``token`` is complete (``error``: why not)."""
+
+    token: int
+    rank: int
+    error: Optional[str] = None
+
+
+# --- reduce (Hoplite §3.4 tree-chain) --------------------------------------------------------
+
+@message
+class ReduceStep:
+    """Coordinator -> the rank of one slot of a reduce tree: produce ``out_id``.
+
+    ``out_id`` = op(own input, outputs of the children), computed chunk by chunk as the children's
+    chunks arrive, served to the parent as it grows.  ``input_info`` is None for the copy step of
+    the target rank (it only receives the single child's output).  ``children`` lists
+    ``(rank, object id)`` pairs to pull directly.  ``final``: ``out_id`` is the result object.
+    """
+
+    reduce_id: int
+    out_id: int
+    input_info: Optional[ObjectInfo]
+    children: tuple[tuple[int, int], ...]
+    op: bytes
+    final: bool = False
+    sizes: tuple[int, ...] = ()     # frame sizes of the output (= of every input)
+
+
+@message
+class ReduceStepDone:
+    """Rank -> coordinator: the step's output is complete (or failed with ``error`` frames)."""
+
+    reduce_id: int
+    out_id: int
+    rank: int
+    sizes: tuple[int, ...] = ()
+    error: Optional[tuple[bytes, ...]] = None
+
+
+@message
+class ReduceRequest:
+    """Worker -> rank 0: a task called reduce/allreduce; rank 0 coordinates it."""
+
+    reduce_id: int
+    inputs: tuple[int, ...]
+    op: bytes
+    num: int
+    target: int
+    allreduce: bool
+
+
 # --- lifecycle ------------------------------------------------------------------------------
 
 @message
@@ -219,4 +302,5 @@ class ShutdownAck:
 
 
 ALL_MESSAGES = (SubmitTask, RunTask, TaskDone, TaskBlocked, ObjectReady, DirAdd, DirLookup,
-                DirReply, DirDelete, Free, Pull, PullRefused, Shutdown, ShutdownAck)
+                DirPull, DirPartial, DirReply, DirDelete, Free, Pull, PullRefused, Fetch, Fetched,
+                ReduceStep, ReduceStepDone, ReduceRequest, Shutdown, ShutdownAck)

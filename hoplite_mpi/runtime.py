@@ -20,7 +20,6 @@ from __future__ import annotations
 import atexit
 import logging
 import queue
-import random
 import threading
 import time
 import weakref
@@ -36,8 +35,10 @@ from .ids import IdGenerator, format_id, shard_of
 from .protocol import ObjectInfo
 from .scheduler import Scheduler
 from .serialization import frame_sizes, rebuild_error, serialize_error, to_bytes
+from .collectives import ReduceCoordinator, chain_length
+from .plane import ObjectPlane
 from .store import DELETED as _DELETED
-from .store import ObjectStore, chunk_plan
+from .store import ObjectStore
 from .transport.base import PeerFailure
 from .worker import Worker, _context, current_task_id
 
@@ -49,7 +50,7 @@ log = logging.getLogger("hoplite_mpi")
 HOT_WINDOW = 0.005
 
 
-class Runtime:
+class Runtime(ObjectPlane):
     """The runtime of one rank over communicator ``comm`` (which it owns: pass a ``Dup``)."""
 
     def __init__(self, comm: Any, config: Config, transport: Any = None) -> None:
@@ -81,7 +82,13 @@ class Runtime:
         self._known: dict[int, ObjectInfo] = {}
         self._deleted: set[int] = set()
         self._lookups: dict[int, list[Callable]] = {}
-        self._fetching: dict[int, list[Callable]] = {}
+        self._fetching: dict[int, list[Callable]] = {}   # object id -> callbacks (DirPull sent)
+        self._deferred: dict[int, list] = {}               # object id -> Pulls to serve later
+        self._freed_here: set[int] = set()
+        self._broadcasts: dict[int, tuple] = {}
+        self._reduces: dict[int, ReduceCoordinator] = {}   # rank 0: reduces in progress
+        self._ready_waiters: dict[int, list[Callable]] = {}
+        self.reduced: dict[int, list[int]] = {}            # rank 0: result id -> inputs used
         self._next_tag = 0
         self.sent_blobs: set = set()   # function ids already sent to the scheduler from here
         self._acks: set[int] = set()
@@ -100,9 +107,17 @@ class Runtime:
             P.TaskBlocked: lambda src, m: self._scheduled(self.scheduler.task_blocked(m.task_id, m.blocked)),
             P.DirAdd: self._on_directory,
             P.DirLookup: self._on_directory,
+            P.DirPull: self._on_directory,
+            P.DirPartial: self._on_directory,
+            P.Fetch: self._on_fetch,
+            P.Fetched: self._on_fetched,
+            P.ReduceStep: self._on_reduce_step,
+            P.ReduceStepDone: self._on_reduce_step_done,
+            P.ReduceRequest: lambda src, m: self.start_reduce(m.reduce_id, list(m.inputs), m.op, m.num,
+                                                              m.target, m.reduce_id + 1, m.allreduce),
             P.DirDelete: self._on_delete,
             P.DirReply: self._on_dir_reply,
-            P.Free: lambda src, m: self.store.delete(m.object_id),
+            P.Free: self._on_free,
             P.Pull: self._on_pull,
             P.PullRefused: self._on_pull_refused,
             P.Shutdown: lambda src, m: self._on_shutdown(src),
@@ -227,6 +242,10 @@ class Runtime:
         if done:
             self.scheduler.completed = []
             self._notify.put(done)
+            if self._ready_waiters:
+                for info in done:
+                    for callback in self._ready_waiters.pop(info.object_id, ()):
+                        callback(info)
         if self.scheduler.freed:
             freed, self.scheduler.freed = self.scheduler.freed, []
             self.stats["auto_freed"] += len(freed)
@@ -291,146 +310,6 @@ class Runtime:
         except Exception:  # a concurrent cancel() won the race: nothing to deliver
             log.debug("ref %s already completed", format_id(oid))
 
-    # --- objects ---------------------------------------------------------------------------
-
-    def _info(self, object_id: int) -> Optional[ObjectInfo]:
-        info = self._known.get(object_id)
-        if info is None and self.scheduler is not None:
-            info = self.scheduler.objects.get(object_id)
-        return info
-
-    def local_frames(self, object_id: int) -> Any:
-        """Frames of the object if this rank has them complete or inline, ``_DELETED`` if it was
-        deleted, else None.  Safe from any thread (reads only)."""
-        if object_id in self._deleted:
-            return _DELETED
-        entry = self.store.get(object_id)
-        if entry is not None and entry.complete:
-            return entry.frames
-        info = self._info(object_id)
-        if info is not None and info.inline is not None:
-            return info
-        return None
-
-    def put(self, frames: list, object_id: int | None = None) -> int:
-        """Store a serialized value as a new object on this rank (any thread).  Returns its id."""
-        oid = self.ids.next() if object_id is None else object_id
-        sizes = frame_sizes(frames)
-        if sum(sizes) <= self.config.inline_threshold:
-            info = ObjectInfo(oid, sizes, (self.rank,), to_bytes(frames))
-            self._known[oid] = info
-        else:
-            info = ObjectInfo(oid, sizes, (self.rank,))
-            self.call_soon(self.store.put, oid, frames)
-        self.call_soon(self._published, info)
-        return oid
-
-    def _published(self, info: ObjectInfo) -> None:
-        for rank in self.shard_ranks(info.object_id):
-            self.send(rank, P.DirAdd(info))
-        if self.scheduler is not None:
-            self._scheduled(self.scheduler.object_known(info))
-
-    def fetch(self, object_id: int, callback: Callable[[Any], None]) -> None:
-        """(engine) Call ``callback(frames | info-with-inline | _DELETED)`` once this rank has the
-        object, looking it up and pulling it from a holder when needed."""
-        local = self.local_frames(object_id)
-        if local is not None:
-            callback(local)
-            return
-        info = self._info(object_id)
-        if info is not None:
-            self._fetch_from(info, callback)
-        else:
-            self._lookup(object_id, lambda info: self._fetch_from(info, callback) if info is not None
-                         else callback(_DELETED))
-
-    def fetch_info(self, info: ObjectInfo, timeout: float | None = None) -> list:
-        """Blocking (any thread but the engine): the frames of the object ``info`` describes."""
-        fut: Future = Future()
-        self.call_soon(self._fetch_from, info, fut.set_result)
-        got = fut.result(timeout)
-        if got is _DELETED:
-            raise ObjectDeletedError(format_id(info.object_id))
-        return got.inline if isinstance(got, ObjectInfo) else got
-
-    def _fetch_from(self, info: ObjectInfo, callback: Callable) -> None:
-        oid = info.object_id
-        if info.inline is not None:
-            callback(info)
-            return
-        local = self.local_frames(oid)
-        if local is not None:
-            callback(local)
-            return
-        waiting = self._fetching.get(oid)
-        if waiting is not None:
-            waiting.append(callback)
-            return
-        self._fetching[oid] = [callback]
-        holders = [h for h in info.holders if h != self.rank]
-        if not holders:
-            self._lookup(oid, lambda i: self._refetch(oid, i), fresh=True)
-            return
-        self._pull(oid, info.sizes, random.choice(holders))
-
-    def _pull(self, oid: int, sizes: tuple, holder: int) -> None:
-        entry = self.store.get(oid)
-        if entry is None:
-            entry = self.store.allocate(oid, sizes)
-            entry.on_complete.append(lambda e: self._fetched(oid))
-        self._next_tag += 1
-        tag = self._next_tag
-        chunks = [memoryview(entry.frames[f])[a:b] for f, a, b in chunk_plan(sizes, self.config.chunk_size)]
-        if not chunks:
-            self.store.advance(oid, 0)
-            return
-        self.stats["pulls"] += 1
-        self.transport.recv_stream(holder, tag, chunks, lambda n: self.store.advance(oid, n),
-                                   lambda failure: self._pull_failed(oid, failure))
-        self.send(holder, P.Pull(oid, tag))
-
-    def _fetched(self, oid: int) -> None:
-        entry = self.store.get(oid)
-        info = ObjectInfo(oid, entry.sizes, (self.rank,))
-        for rank in self.shard_ranks(oid):  # this rank now holds a copy (a future sender)
-            self.send(rank, P.DirAdd(info))
-        for callback in self._fetching.pop(oid, ()):
-            callback(entry.frames)
-
-    def _refetch(self, oid: int, info: Optional[ObjectInfo]) -> None:
-        callbacks = self._fetching.pop(oid, [])
-        if info is None or self.store.get(oid) is not None and not self.store.get(oid).complete:
-            self.store.delete(oid)
-        for callback in callbacks:
-            if info is None:
-                callback(_DELETED)
-            else:
-                self._fetch_from(info, callback)
-
-    def _pull_failed(self, oid: int, failure: PeerFailure) -> None:
-        log.warning("rank %d: pull of %s from rank %d failed: %s", self.rank, format_id(oid),
-                    failure.rank, failure.detail)
-        self.store.delete(oid)
-        self._lookup(oid, lambda i: self._refetch(oid, i), fresh=True)
-
-    def _on_pull(self, source: int, msg: P.Pull) -> None:
-        entry = self.store.get(msg.object_id)
-        if entry is None or not entry.complete:
-            self.send(source, P.PullRefused(msg.object_id, msg.tag))
-            return
-        chunks = [memoryview(entry.frames[f]).cast("B")[a:b]
-                  for f, a, b in chunk_plan(entry.sizes, self.config.chunk_size)]
-        self.transport.send_stream(source, msg.tag, chunks, lambda: None,
-                                   lambda failure: log.warning("rank %d: send to rank %d failed: %s",
-                                                               self.rank, failure.rank, failure.detail))
-
-    def _on_pull_refused(self, source: int, msg: P.PullRefused) -> None:
-        # The holder dropped its copy (deleted): cancel our receive and ask the directory anew.
-        self.transport.cancel_stream(source, msg.tag)
-        self.store.delete(msg.object_id)
-        self._lookup(msg.object_id, lambda i: self._refetch(msg.object_id, i), fresh=True)
-
     # --- directory -----------------------------------------------------------------------------
 
     def _on_directory(self, source: int, msg: Any) -> None:
@@ -445,7 +324,14 @@ class Runtime:
         self._lookups[object_id] = [callback]
         self.send(self.shard_ranks(object_id)[0], P.DirLookup(object_id, self.rank))
 
+    def _on_free(self, source: int, msg: P.Free) -> None:
+        self.store.delete(msg.object_id)
+        self._refuse_deferred(msg.object_id)
+
     def _on_dir_reply(self, source: int, msg: P.DirReply) -> None:
+        if msg.pull:
+            self._on_sender(msg.object_id, msg.info)
+            return
         if msg.info is not None and msg.info.inline is not None:
             self._known[msg.object_id] = msg.info
         elif msg.info is None:
@@ -470,6 +356,7 @@ class Runtime:
         freeing of objects no ref points to any more (no tombstone kept)."""
         for oid in object_ids:
             self.store.delete(oid)
+            self._refuse_deferred(oid)
             self._known.pop(oid, None)
             if self.scheduler is not None:   # before any later submit is handled
                 if permanent:
@@ -514,17 +401,19 @@ class Runtime:
         infos = []
         stored = []
         for oid, (frames, is_error) in zip(spec.return_ids, results):
-            sizes = frame_sizes(frames)
-            if is_error or sum(sizes) <= self.config.inline_threshold:
-                infos.append(ObjectInfo(oid, sizes, (self.rank,), to_bytes(frames), is_error))
-            else:
-                infos.append(ObjectInfo(oid, sizes, (self.rank,)))
+            if is_error:
+                infos.append(ObjectInfo(oid, frame_sizes(frames), (self.rank,), to_bytes(frames), True))
+                continue
+            info = self.describe(oid, frames, self.rank)
+            infos.append(info)
+            if info.inline is None:
                 stored.append((oid, frames))
         self.call_soon(self._report, spec, tuple(infos), stored)
 
     def _report(self, spec: P.TaskSpec, infos: tuple, stored: list) -> None:
         for oid, frames in stored:
             self.store.put(oid, frames)
+            self._serve_deferred(oid)
         for info in infos:
             for rank in self.shard_ranks(info.object_id):
                 self.send(rank, P.DirAdd(info))
@@ -550,6 +439,49 @@ class Runtime:
         if out:
             self.call_soon(self._scheduled, out)
         return cancelled
+
+    # --- reduce coordination (rank 0) ------------------------------------------------------
+
+    def start_reduce(self, reduce_id: int, inputs: list[int], op: bytes, num: int, target: int,
+                     result_id: int, allreduce: bool) -> None:
+        """(engine, rank 0) Coordinate a reduce: inputs are placed as they become ready."""
+        def k_of(nbytes: int) -> int:
+            return chain_length(nbytes, self.config.link_bandwidth, self.config.link_latency)
+        coord = ReduceCoordinator(reduce_id, inputs, op, num, target, result_id, self.ids.next, k_of,
+                                  allreduce, self.shard_ranks)
+        self._reduces[reduce_id] = coord
+        for oid in dict.fromkeys(inputs):
+            self._when_ready(oid, lambda info, c=coord: self._coordinated(c, c.input_ready(info)))
+
+    def _when_ready(self, oid: int, callback: Callable[[ObjectInfo], None]) -> None:
+        info = self._info(oid)
+        if info is None:
+            entry = self.store.get(oid)
+            if entry is not None and entry.complete:
+                info = self.describe(oid, entry.frames, self.rank)
+        if info is not None:
+            callback(info)
+        elif oid in self.scheduler.producer:
+            self._ready_waiters.setdefault(oid, []).append(callback)
+        else:
+            def looked_up(info: Optional[ObjectInfo]) -> None:
+                if info is None:
+                    error = to_bytes(serialize_error(ObjectDeletedError(format_id(oid)), self.rank))
+                    info = ObjectInfo(oid, frame_sizes(error), (), error, True)
+                callback(info)
+            self._lookup(oid, looked_up)
+
+    def _on_reduce_step_done(self, source: int, msg: P.ReduceStepDone) -> None:
+        coord = self._reduces.get(msg.reduce_id)
+        if coord is not None:
+            self._coordinated(coord, coord.step_done(msg))
+
+    def _coordinated(self, coord: ReduceCoordinator, out: list) -> None:
+        self._send_all(out)
+        if coord.done and self._reduces.pop(coord.reduce_id, None) is not None:
+            self.reduced[coord.result_id] = list(coord.used)
+            self._notify.put([coord.result])
+            self._scheduled(self.scheduler.object_known(coord.result))
 
     # --- shutdown --------------------------------------------------------------------------
 

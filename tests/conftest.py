@@ -1,6 +1,7 @@
 """Helpers for tests that launch real MPI jobs as subprocesses (each with a timeout)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,39 @@ def run_job(n: int, *program: str, timeout: float = 600, env: dict | None = None
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"MPI job did not finish within {timeout} s: {exc.cmd}\n"
                     f"stdout: {exc.stdout}\nstderr: {exc.stderr}")
+
+
+def check_results(script: str, n: int, tmp_path_factory, cache: dict, timeout: float = 900,
+                  *args: str) -> dict:
+    """Run a checks script (``tests/mpi/checks.py`` style) as ONE job on ``n`` ranks, once.
+
+    ``mpirun -n n python -m hoplite_mpi script --json OUT *args``; the result is kept in
+    ``cache`` under ``n``: ``{"checks": {name: record}, "returncode", "output"}``.  The script
+    rewrites OUT after each check, so the checks that finished are reported even when the job
+    is killed at ``timeout`` (returncode None).
+    """
+    if n not in cache:
+        stem = os.path.splitext(os.path.basename(script))[0]
+        out = tmp_path_factory.mktemp(f"{stem}-ranks{n}") / "results.json"
+        try:
+            proc = run_job(n, "-m", "hoplite_mpi", script, "--json", str(out), *args,
+                           timeout=timeout)
+            returncode, output = proc.returncode, proc.stdout[-4000:] + proc.stderr[-4000:]
+        except pytest.fail.Exception as exc:     # run_job's timeout
+            returncode, output = None, str(exc)[-8000:]
+        got = {}
+        if out.exists():
+            got = {r["check"]: r for r in json.loads(out.read_text())}
+        cache[n] = {"checks": got, "returncode": returncode, "output": output}
+    return cache[n]
+
+
+def assert_check_ok(results: dict, name: str) -> None:
+    """Fail with the check's own error, or with the job's output if the check did not run."""
+    rec = results["checks"].get(name)
+    assert rec is not None, (f"check {name} did not run (job rc={results['returncode']}):\n"
+                             f"{results['output']}")
+    assert rec["ok"], rec.get("error")
 
 
 @pytest.fixture(scope="session")

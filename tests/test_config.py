@@ -110,9 +110,16 @@ def test_positive_int_fields_reject_bad_keyword_values(field, value):
         Config.from_sources({field: value}, environ={})
 
 
-@pytest.mark.parametrize("field", ["chunk_size", "window", "tasks_per_worker", "worker_threads", "replication"])
+@pytest.mark.parametrize("field", ["window", "tasks_per_worker", "worker_threads", "replication"])
 def test_positive_int_fields_accept_one(field):
     assert getattr(Config(**{field: 1}), field) == 1
+
+
+@pytest.mark.parametrize("value", [1, 100, 1000])
+def test_chunk_size_must_hold_whole_array_elements(value):
+    with pytest.raises(ValueError, match="multiple of 64"):
+        Config(chunk_size=value)
+    assert Config(chunk_size=64).chunk_size == 64
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, "0"])

@@ -38,8 +38,12 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def send_stream(self, dest: int, tag: int, chunks: Sequence[memoryview],
-                    on_done: Callable[[], None], on_error: Callable[[PeerFailure], None]) -> None:
-        """Send ``chunks`` in order to ``dest`` with data tag ``tag``, a window at a time."""
+                    on_done: Callable[[], None], on_error: Callable[[PeerFailure], None],
+                    available: Callable[[], int] | None = None) -> None:
+        """Send ``chunks`` in order to ``dest`` with data tag ``tag``, a window at a time.
+
+        ``available()`` (if given) says how many leading chunks may be sent yet: a partial copy
+        forwards what it has received (Hoplite §3.3 pipelining)."""
 
     @abc.abstractmethod
     def recv_stream(self, source: int, tag: int, chunks: Sequence[memoryview],

@@ -22,10 +22,12 @@ from .base import PeerFailure, Transport
 
 
 class _Stream:
-    __slots__ = ("peer", "tag", "chunks", "next", "inflight", "on_chunk", "on_done", "on_error", "send")
+    __slots__ = ("peer", "tag", "chunks", "next", "inflight", "on_chunk", "on_done", "on_error", "send",
+                 "available")
 
-    def __init__(self, peer, tag, chunks, send, on_chunk, on_done, on_error):
+    def __init__(self, peer, tag, chunks, send, on_chunk, on_done, on_error, available=None):
         self.peer, self.tag, self.chunks, self.send = peer, tag, chunks, send
+        self.available = available
         self.next = 0
         self.inflight: deque = deque()
         self.on_chunk, self.on_done, self.on_error = on_chunk, on_done, on_error
@@ -65,8 +67,9 @@ class MPITransport(Transport):
         """The MPI tag of stream ``tag`` (wrapped below the MPI tag upper bound)."""
         return Tag.DATA_BASE + tag % (self.tag_ub - Tag.DATA_BASE)
 
-    def send_stream(self, dest, tag, chunks, on_done, on_error) -> None:
-        self._streams.append(_Stream(dest, self.data_tag(tag), chunks, True, None, on_done, on_error))
+    def send_stream(self, dest, tag, chunks, on_done, on_error, available=None) -> None:
+        self._streams.append(_Stream(dest, self.data_tag(tag), chunks, True, None, on_done, on_error,
+                                     available))
 
     def recv_stream(self, source, tag, chunks, on_chunk, on_error) -> None:
         self._streams.append(_Stream(source, self.data_tag(tag), chunks, False, on_chunk, None, on_error))
@@ -88,7 +91,8 @@ class MPITransport(Transport):
             progressed = True
             if s.on_chunk is not None:
                 s.on_chunk(nbytes)
-        while s.next < len(s.chunks) and len(s.inflight) < self.window:
+        limit = len(s.chunks) if s.available is None else min(len(s.chunks), s.available())
+        while s.next < limit and len(s.inflight) < self.window:
             buf = s.chunks[s.next]
             if s.send:
                 req = self.comm.Isend([buf, MPI.BYTE], s.peer, s.tag)

@@ -1,0 +1,248 @@
+"""Reduce planning and coordination: pure state machines (no MPI, no I/O).
+
+Tree-chain reduce (Hoplite §3.4): a binary tree of depth ``D`` on top of ``2**D`` chains.  For an
+object of ``S`` bytes, link bandwidth ``B`` (bytes/s) and per-message latency ``L`` (s), the chain
+length is ``k = round(S / (B * L))`` and::
+
+    D = min(ceil(log2((n + 1) / (k + 1))), floor(log2(n + 1)))
+
+so large objects give one chain (every hop streams chunk by chunk, bandwidth-optimal) and small ones
+a binary tree (latency-optimal).  Slots are filled in arrival order, deepest first, so every slot's
+children are known when the slot is filled and its step can start at once; the root slot is kept
+for an input already on the target rank when there is one (saving the final copy).  With
+``num < len(inputs)`` the first ``num`` inputs to become ready are reduced; later ones are ignored.
+
+Every method returns a list of ``(rank, message)`` to send.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from .errors import HopliteError
+from .ids import format_id
+from .protocol import DirAdd, Fetch, Free, ObjectInfo, ReduceStep, ReduceStepDone
+from .serialization import frame_sizes, local_error, to_bytes
+
+Outbox = list
+
+OPS = {"sum": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum}
+
+
+def resolve_op(op) -> np.ufunc:
+    """The numpy ufunc of ``op`` ("sum", "prod", "min", "max" or a binary ufunc).
+
+    Raises ValueError for an unknown name, TypeError for anything that is not a binary ufunc.
+    """
+    if isinstance(op, str):
+        try:
+            return OPS[op]
+        except KeyError:
+            raise ValueError(f"unknown reduce op {op!r}; use one of {sorted(OPS)} or a binary numpy ufunc") from None
+    if isinstance(op, np.ufunc):
+        if op.nin != 2 or op.nout != 1:
+            raise TypeError(f"reduce op {op.__name__} must be a binary ufunc (2 inputs, 1 output)")
+        return op
+    raise TypeError(f"reduce op must be a name or a numpy ufunc, got {op!r}")
+
+
+def chain_length(nbytes: int, bandwidth: float, latency: float) -> int:
+    """Hoplite's k = round(S / (B * L))."""
+    return int(round(nbytes / (bandwidth * latency)))
+
+
+def tree_depth(n: int, k: int) -> int:
+    """Hoplite's D = min(ceil(log2((n+1)/(k+1))), floor(log2(n+1))), at least 0."""
+    if n <= 1:
+        return 0
+    return max(0, min(math.ceil(math.log2((n + 1) / (k + 1))), int(math.floor(math.log2(n + 1)))))
+
+
+def tree_chain(n: int, depth: int) -> tuple[list[Optional[int]], list[int]]:
+    """Topology of ``n`` slots: ``parent[i]`` (None for the root, slot 0) and the fill order
+    (deepest slots first, the root last)."""
+    tree = (1 << depth) - 1
+    parent: list[Optional[int]] = []
+    level: list[int] = []
+    # tree slots in heap order: slot i (0-based) has parent (i - 1) // 2
+    for i in range(tree):
+        parent.append(None if i == 0 else (i - 1) // 2)
+        level.append(int(math.floor(math.log2(i + 1))))
+    chains = 1 << depth
+    rest = n - tree
+    lengths = [rest // chains + (1 if c < rest % chains else 0) for c in range(chains)]
+    for c, length in enumerate(lengths):
+        above = None if depth == 0 else (tree - (1 << (depth - 1))) + c // 2
+        for p in range(length):
+            parent.append(above)
+            level.append(depth + p)
+            above = len(parent) - 1
+    order = sorted(range(n), key=lambda i: (-level[i], i))
+    return parent, order
+
+
+@dataclass
+class _Slot:
+    index: int
+    parent: Optional[int]
+    children: list = field(default_factory=list)
+    info: Optional[ObjectInfo] = None   # the input placed here
+    rank: Optional[int] = None
+    out_id: Optional[int] = None
+    started: bool = False
+
+
+class ReduceCoordinator:
+    """One reduce on rank 0: places inputs in tree-chain slots as they become ready and tells
+    each slot's rank what to pull and combine.
+
+    Args:
+        reduce_id: unique id (also the fetch token of an allreduce's broadcast).
+        inputs: object ids of the input refs.
+        op: pickled ufunc (sent to the ranks).
+        num: how many inputs to reduce (the first ``num`` to be ready).
+        target: rank where the result lives.
+        result_id: object id of the result.
+        new_id: returns a fresh object id (intermediate outputs).
+        chain_k: Hoplite's chain length ``k`` for this object size (see :func:`chain_length`); it
+            is computed from the first ready input when None and ``size_to_k`` is given.
+        allreduce: also give the result to every rank that contributed an input.
+    """
+
+    def __init__(self, reduce_id: int, inputs: list[int], op: bytes, num: int, target: int,
+                 result_id: int, new_id: Callable[[], int], size_to_k: Callable[[int], int],
+                 allreduce: bool = False, shard_ranks: Callable[[int], tuple] = lambda oid: (0,)) -> None:
+        self.reduce_id = reduce_id
+        self.inputs = list(inputs)
+        self.op = op
+        self.num = num
+        self.target = target
+        self.result_id = result_id
+        self.new_id = new_id
+        self.size_to_k = size_to_k
+        self.allreduce = allreduce
+        self.shard_ranks = shard_ranks
+        self.slots: list[_Slot] = []
+        self.order: list[int] = []
+        self.used: list[int] = []          # input ids placed, in arrival order
+        self.head: Optional[bytes] = None
+        self.sizes: Optional[tuple] = None
+        self.copy_step: Optional[_Slot] = None
+        self.pending_fetch: set[int] = set()
+        self.result_done = False
+        self.done = False
+        self.result: Optional[ObjectInfo] = None   # set when done (error objects too)
+        self.intermediates: list[tuple[int, int]] = []
+
+    # --- events ------------------------------------------------------------------------------
+
+    def input_ready(self, info: ObjectInfo) -> Outbox:
+        """An input exists.  Inputs beyond the first ``num`` are ignored."""
+        if self.done or len(self.used) >= self.num or info.object_id in self.used:
+            return []
+        if info.error:
+            return self._fail_with(info.inline)
+        head = info.head if info.inline is None else info.inline[0]
+        if len(info.sizes) != 2 or head is None:
+            return self._fail(TypeError(
+                f"reduce input {format_id(info.object_id)} is not a C-contiguous numpy array"))
+        if self.head is None:
+            try:
+                arr = pickle.loads(head, buffers=[np.empty(info.sizes[1], np.uint8)])
+            except Exception as exc:
+                return self._fail(TypeError(f"reduce input {format_id(info.object_id)} is not a numpy array ({exc})"))
+            if not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.number)
+                                                       or arr.dtype == np.bool_):
+                kind = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
+                return self._fail(TypeError(f"reduce input {format_id(info.object_id)} has non-numeric type {kind}"))
+            self.head, self.sizes = head, info.sizes
+            n = self.num
+            parent, self.order = tree_chain(n, tree_depth(n, self.size_to_k(info.sizes[1])))
+            self.slots = [_Slot(i, p) for i, p in enumerate(parent)]
+            for slot in self.slots:
+                if slot.parent is not None:
+                    self.slots[slot.parent].children.append(slot.index)
+        elif head != self.head or info.sizes != self.sizes:
+            first = format_id(self.used[0])
+            return self._fail(ValueError(
+                f"reduce input {format_id(info.object_id)} differs in shape or dtype from input {first}"))
+        self.used.append(info.object_id)
+        rank = info.holders[0] if info.holders else self.target
+        slot = self._choose_slot(rank)
+        slot.info, slot.rank = info, rank
+        slot.out_id = self.result_id if (slot.parent is None and rank == self.target) else self.new_id()
+        out: Outbox = []
+        if self.allreduce and rank != self.target and rank not in self.pending_fetch:
+            self.pending_fetch.add(rank)
+            out.append((rank, Fetch(self.result_id, self.reduce_id)))
+        out += self._start_ready()
+        return out
+
+    def step_done(self, msg: ReduceStepDone) -> Outbox:
+        """A slot's output is complete; the result's completion finishes the reduce."""
+        if self.done:
+            return []
+        if msg.error is not None:
+            return self._fail_with(msg.error)
+        if msg.out_id != self.result_id:
+            return []
+        self.result_done = True
+        self.result = ObjectInfo(self.result_id, msg.sizes, (msg.rank,), head=self.head)
+        return self._maybe_finish()
+
+    def fetched(self, rank: int, error: Optional[str]) -> Outbox:
+        """(allreduce) ``rank`` holds the result."""
+        self.pending_fetch.discard(rank)
+        if error is not None and not self.done:
+            return self._fail(HopliteError(f"allreduce: rank {rank} could not get the result: {error}"))
+        return self._maybe_finish()
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _choose_slot(self, rank: int) -> _Slot:
+        free = [i for i in self.order if self.slots[i].info is None]
+        root = self.slots[self.order[-1]]
+        if rank == self.target and root.info is None:
+            return root
+        non_root = [i for i in free if i != root.index]
+        # keep the root for a later input on the target rank unless this is the last slot
+        return self.slots[non_root[0]] if non_root else root
+
+    def _start_ready(self) -> Outbox:
+        out: Outbox = []
+        for slot in self.slots:
+            if slot.started or slot.info is None:
+                continue
+            if any(self.slots[c].info is None for c in slot.children):
+                continue
+            slot.started = True
+            children = tuple((self.slots[c].rank, self.slots[c].out_id) for c in slot.children)
+            final = slot.out_id == self.result_id
+            out.append((slot.rank, ReduceStep(self.reduce_id, slot.out_id, slot.info, children,
+                                              self.op, final, self.sizes)))
+            if not final:
+                self.intermediates.append((slot.rank, slot.out_id))
+            if slot.parent is None and not final:   # the root's output is copied to the target
+                self.copy_step = _Slot(-1, None, rank=self.target, out_id=self.result_id, started=True)
+                out.append((self.target, ReduceStep(self.reduce_id, self.result_id, None,
+                                                    ((slot.rank, slot.out_id),), self.op, True, self.sizes)))
+        return out
+
+    def _maybe_finish(self) -> Outbox:
+        if not self.result_done or self.pending_fetch or self.done:
+            return []
+        self.done = True
+        return [(rank, Free(oid)) for rank, oid in self.intermediates]
+
+    def _fail(self, exc: BaseException) -> Outbox:
+        return self._fail_with(to_bytes(local_error(exc)))
+
+    def _fail_with(self, error: tuple) -> Outbox:
+        self.done = True
+        self.result = ObjectInfo(self.result_id, frame_sizes(error), (), tuple(error), True)
+        out: Outbox = [(r, DirAdd(self.result)) for r in self.shard_ranks(self.result_id)]
+        return out + [(rank, Free(oid)) for rank, oid in self.intermediates]

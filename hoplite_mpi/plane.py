@@ -1,0 +1,395 @@
+"""The object plane of a rank: fetching objects, serving copies (partial ones too), broadcast
+fetches and reduce steps.  A mixin of :class:`~hoplite_mpi.runtime.Runtime`; every method runs on
+the engine thread unless it says otherwise.
+
+Receiver-driven transfers (Hoplite §3.3): a rank that needs an object asks the object's directory
+shard for a sender (``DirPull``); the shard answers with the tail of the shortest chain of
+complete or partial copies and records the receiver as a new partial copy fed by that sender.  The
+receiver then ``Pull``s from the sender, which streams the prefix it has and forwards each chunk
+as it arrives.  So simultaneous receivers form a pipeline S -> R1 -> R2 -> ..., and finished
+receivers become senders for later ones.
+
+Reduce steps (Hoplite §3.4): a slot's rank allocates its output, pulls its children's outputs
+directly, and combines chunk ``i`` as soon as every child delivered chunk ``i``; its own parent
+pulls the output while it grows.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import pickle
+from concurrent.futures import Future
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from . import protocol as P
+from .errors import ObjectDeletedError
+from .ids import format_id
+from .protocol import ObjectInfo
+from .serialization import frame_sizes, local_error, serialize_error, to_bytes
+from .store import DELETED, chunk_plan
+from .transport.base import PeerFailure
+
+log = logging.getLogger("hoplite_mpi")
+
+HEAD_MAX = 4096   # frame 0 of a chunked object travels in its ObjectInfo up to this size
+
+
+class ObjectPlane:
+    """Mixin: needs ``store, transport, config, rank, send, shard_ranks, _known, _deleted,
+    _lookup, _fetching, _deferred, _broadcasts, stats`` from the runtime."""
+
+    # --- local state ---------------------------------------------------------------------------
+
+    def _info(self, object_id: int) -> Optional[ObjectInfo]:
+        info = self._known.get(object_id)
+        if info is None and self.scheduler is not None:
+            info = self.scheduler.objects.get(object_id)
+        return info
+
+    def local_frames(self, object_id: int) -> Any:
+        """Frames of the object if this rank has them complete or inline, ``DELETED`` if it was
+        deleted, else None.  Safe from any thread (reads only)."""
+        if object_id in self._deleted:
+            return DELETED
+        entry = self.store.get(object_id)
+        if entry is not None and entry.complete:
+            return entry.frames
+        info = self._info(object_id)
+        if info is not None and info.inline is not None:
+            return info
+        return None
+
+    def describe(self, object_id: int, frames: list, holder: int) -> ObjectInfo:
+        """ObjectInfo of a serialized value held by ``holder`` (inline when small)."""
+        sizes = frame_sizes(frames)
+        if sum(sizes) <= self.config.inline_threshold:
+            return ObjectInfo(object_id, sizes, (holder,), to_bytes(frames))
+        head = bytes(frames[0]) if sizes[0] <= HEAD_MAX else None
+        return ObjectInfo(object_id, sizes, (holder,), head=head)
+
+    def put(self, frames: list, object_id: int | None = None) -> int:
+        """Store a serialized value as a new object on this rank (any thread).  Returns its id."""
+        oid = self.ids.next() if object_id is None else object_id
+        info = self.describe(oid, frames, self.rank)
+        if info.inline is not None:
+            self._known[oid] = info
+        else:
+            self.call_soon(self.store.put, oid, frames)
+        self.call_soon(self._published, info)
+        return oid
+
+    def _published(self, info: ObjectInfo) -> None:
+        for rank in self.shard_ranks(info.object_id):
+            self.send(rank, P.DirAdd(info))
+        self._serve_deferred(info.object_id)
+        if self.scheduler is not None:
+            self._scheduled(self.scheduler.object_known(info))
+
+    # --- fetching ------------------------------------------------------------------------------
+
+    def fetch(self, object_id: int, callback: Callable[[Any], None]) -> None:
+        """Call ``callback(frames | info-with-inline | DELETED)`` once this rank holds the object."""
+        local = self.local_frames(object_id)
+        if local is not None:
+            callback(local)
+            return
+        info = self._info(object_id)
+        if info is not None:
+            self._fetch_from(info, callback)
+        else:
+            self._request(object_id, callback)
+
+    def fetch_info(self, info: ObjectInfo, timeout: float | None = None) -> list:
+        """Blocking (any thread but the engine): the frames of the object ``info`` describes."""
+        fut: Future = Future()
+        self.call_soon(self._fetch_from, info, fut.set_result)
+        got = fut.result(timeout)
+        if got is DELETED:
+            raise ObjectDeletedError(format_id(info.object_id))
+        return got.inline if isinstance(got, ObjectInfo) else got
+
+    def _fetch_from(self, info: ObjectInfo, callback: Callable) -> None:
+        if info.inline is not None:
+            callback(info)
+            return
+        self._request(info.object_id, callback)
+
+    def _request(self, oid: int, callback: Callable) -> None:
+        """Get a complete copy here: wait for one being received/produced, else ask the shard
+        for a sender (DirPull) and pull from it."""
+        local = self.local_frames(oid)
+        if local is not None:
+            callback(local)
+            return
+        entry = self.store.get(oid)
+        if entry is not None:      # being received or produced here: wait for it
+            entry.on_complete.append(lambda e: callback(e.frames))
+            return
+        waiting = self._fetching.get(oid)
+        if waiting is not None:
+            waiting.append(callback)
+            return
+        self._fetching[oid] = [callback]
+        self.send(self.shard_ranks(oid)[0], P.DirPull(oid, self.rank))
+
+    def _on_sender(self, oid: int, info: Optional[ObjectInfo]) -> None:
+        """The shard's answer to our DirPull: a sender (or the value, or 'deleted')."""
+        callbacks = self._fetching.get(oid)
+        if callbacks is None:
+            return
+        if info is None or info.inline is not None or self.local_frames(oid) is not None:
+            del self._fetching[oid]
+            got = DELETED if info is None else (self.local_frames(oid) or info)
+            for callback in callbacks:
+                callback(got)
+            return
+        sender = info.holders[0]
+        if sender == self.rank:          # only we had it (it was freed meanwhile): ask again later
+            self.send(self.shard_ranks(oid)[0], P.DirPull(oid, self.rank))
+            return
+        entry = self.store.get(oid)
+        if entry is None:
+            entry = self.store.allocate(oid, info.sizes)
+            entry.on_complete.append(lambda e: self._fetched(oid, info.head))
+        self._receive(oid, entry, sender, oid, self._pull_failed)
+        self._serve_deferred(oid)
+
+    def _receive(self, into: int, entry: Any, sender: int, source_id: int,
+                 on_error: Callable[[int, PeerFailure], None]) -> None:
+        """Pull ``source_id`` from ``sender`` into store entry ``into`` (from its progress on)."""
+        plan = chunk_plan(entry.sizes, self.config.chunk_size)
+        skip = bisect.bisect_right(_ends(plan), entry.progress)
+        chunks = [memoryview(entry.frames[f])[a:b] for f, a, b in plan[skip:]]
+        if not chunks:
+            self.store.advance(into, 0)
+            return
+        self._next_tag += 1
+        tag = self._next_tag
+        self.stats["pulls"] += 1
+        self.transport.recv_stream(sender, tag, chunks, lambda n: self.store.advance(into, n),
+                                   lambda failure: on_error(into, failure))
+        self.send(sender, P.Pull(source_id, tag, entry.progress))
+
+    def _fetched(self, oid: int, head: Optional[bytes]) -> None:
+        entry = self.store.get(oid)
+        if entry is None:
+            return
+        info = ObjectInfo(oid, entry.sizes, (self.rank,), head=head)
+        for rank in self.shard_ranks(oid):  # this rank now holds a copy (a sender for others)
+            self.send(rank, P.DirAdd(info))
+        for callback in self._fetching.pop(oid, ()):
+            callback(entry.frames)
+
+    def _pull_failed(self, oid: int, failure: PeerFailure) -> None:
+        log.warning("rank %d: pull of %s from rank %d failed: %s", self.rank, format_id(oid),
+                    failure.rank, failure.detail)
+        self.send(self.shard_ranks(oid)[0], P.DirPull(oid, self.rank))   # keep the bytes, resume
+
+    def _on_pull_refused(self, source: int, msg: P.PullRefused) -> None:
+        # The sender dropped its copy (deleted/freed): cancel our receive and ask the shard anew.
+        self.transport.cancel_stream(source, msg.tag)
+        entry = self.store.get(msg.object_id)
+        if entry is not None and not entry.complete:
+            self.store.delete(msg.object_id)
+        if msg.object_id in self._fetching:
+            self.send(self.shard_ranks(msg.object_id)[0], P.DirPull(msg.object_id, self.rank))
+
+    # --- serving ---------------------------------------------------------------------------
+
+    def _on_pull(self, source: int, msg: P.Pull) -> None:
+        oid = msg.object_id
+        entry = self.store.get(oid)
+        if entry is None:
+            if oid in self._deleted or oid in self._freed_here:
+                self.send(source, P.PullRefused(oid, msg.tag))
+            else:   # we were chosen as a sender before our own copy started: serve it then
+                self._deferred.setdefault(oid, []).append((source, msg))
+            return
+        plan = chunk_plan(entry.sizes, self.config.chunk_size)
+        ends = _ends(plan)
+        skip = bisect.bisect_right(ends, msg.offset)
+        chunks = [memoryview(entry.frames[f]).cast("B")[a:b] for f, a, b in plan[skip:]]
+        available = None
+        if not entry.complete:
+            def available(entry=entry, ends=ends, skip=skip):
+                return bisect.bisect_right(ends, entry.progress) - skip
+        self.stats["serves"] += 1
+        self.transport.send_stream(source, msg.tag, chunks, lambda: None,
+                                   lambda failure: log.warning("rank %d: send to rank %d failed: %s",
+                                                               self.rank, failure.rank, failure.detail),
+                                   available)
+
+    def _serve_deferred(self, oid: int) -> None:
+        for source, msg in self._deferred.pop(oid, ()):
+            self._on_pull(source, msg)
+
+    def _refuse_deferred(self, oid: int) -> None:
+        self._freed_here.add(oid)
+        if len(self._freed_here) > 1 << 16:
+            self._freed_here.clear()
+        for source, msg in self._deferred.pop(oid, ()):
+            self.send(source, P.PullRefused(oid, msg.tag))
+
+    # --- broadcast -------------------------------------------------------------------------
+
+    def start_broadcast(self, object_id: int, ranks: list[int], done: Callable[[dict], None]) -> None:
+        """Make every rank of ``ranks`` hold a complete copy; ``done({rank: error})`` after."""
+        token = self.ids.next()
+        self._broadcasts[token] = (set(ranks), {}, done)
+        for rank in ranks:
+            if rank == self.rank:
+                self._on_fetch(self.rank, P.Fetch(object_id, token))
+            else:
+                self.send(rank, P.Fetch(object_id, token))
+        if not ranks:
+            self._on_fetched(self.rank, P.Fetched(token, self.rank))
+
+    def _on_fetch(self, source: int, msg: P.Fetch) -> None:
+        def reply(got: Any) -> None:
+            error = "deleted" if got is DELETED else None
+            self.send(source, P.Fetched(msg.token, self.rank, error))
+        self.fetch(msg.object_id, reply)
+
+    def _on_fetched(self, source: int, msg: P.Fetched) -> None:
+        state = self._broadcasts.get(msg.token)
+        if state is None:
+            coordinator = self._reduces.get(msg.token)
+            if coordinator is not None:
+                self._coordinated(coordinator, coordinator.fetched(msg.rank, msg.error))
+            return
+        remaining, errors, done = state
+        remaining.discard(msg.rank)
+        if msg.error:
+            errors[msg.rank] = msg.error
+        if not remaining:
+            del self._broadcasts[msg.token]
+            done(errors)
+
+    # --- reduce steps (the node side) ------------------------------------------------------
+
+    def _on_reduce_step(self, source: int, msg: P.ReduceStep) -> None:
+        try:
+            _ReduceStep(self, source, msg).start()
+        except Exception as exc:
+            self.send(source, P.ReduceStepDone(msg.reduce_id, msg.out_id, self.rank,
+                                               error=to_bytes(serialize_error(exc, self.rank))))
+
+
+def _ends(plan: list) -> list[int]:
+    ends, total = [], 0
+    for _, a, b in plan:
+        total += b - a
+        ends.append(total)
+    return ends
+
+
+class _ReduceStep:
+    """One slot's work: out = op(input, child_1, ..., child_m), chunk by chunk."""
+
+    def __init__(self, rt: Any, coordinator: int, msg: P.ReduceStep) -> None:
+        self.rt, self.coordinator, self.msg = rt, coordinator, msg
+        self.op: np.ufunc = pickle.loads(msg.op)
+        self.sizes = tuple(msg.sizes)
+        self.plan = chunk_plan(self.sizes, rt.config.chunk_size)
+        self.got: list[int] = []
+        self.combined = 0
+        self.failed = False
+
+    def _input(self) -> tuple[bytes, np.ndarray]:
+        info = self.msg.input_info
+        frames = self.rt.local_frames(info.object_id)
+        if isinstance(frames, ObjectInfo):
+            frames = frames.inline
+        if frames is None or frames is DELETED:
+            if info.inline is None:
+                raise RuntimeError(f"reduce input {format_id(info.object_id)} is not on rank {self.rt.rank}")
+            frames = info.inline
+        return bytes(frames[0]), np.frombuffer(frames[1], dtype=np.uint8)
+
+    def start(self) -> None:
+        rt, msg = self.rt, self.msg
+        out = msg.out_id
+        if msg.input_info is not None and not msg.children:      # a leaf: its input as it is
+            head, data = self._input()
+            rt.store.put(out, [head, data])
+            self._done()
+            return
+        if msg.input_info is None:                               # the target's copy step
+            entry = rt.store.allocate(out, self.sizes)
+            entry.on_complete.append(lambda e: self._done())
+            self._announce()
+            (child_rank, child_id), = msg.children
+            rt._receive(out, entry, child_rank, child_id, self._child_failed)
+            rt._serve_deferred(out)
+            return
+        head, data = self._input()
+        self.input = data
+        self.dtype = pickle.loads(head, buffers=[np.empty(self.sizes[1], np.uint8)]).dtype
+        entry = rt.store.allocate(out, self.sizes)
+        entry.frames[0][:] = np.frombuffer(head, np.uint8)
+        entry.on_complete.append(lambda e: self._done())
+        self.out = entry.frames[1]
+        self._announce()
+        self.bufs = []
+        for i, (child_rank, child_id) in enumerate(msg.children):
+            bufs = [np.empty(size, np.uint8) for size in self.sizes]
+            self.bufs.append(bufs)
+            self.got.append(0)
+            chunks = [memoryview(bufs[f])[a:b] for f, a, b in self.plan]
+            rt._next_tag += 1
+            tag = rt._next_tag
+            rt.transport.recv_stream(child_rank, tag, chunks, lambda n, i=i: self._arrived(i),
+                                     lambda failure: self._child_failed(out, failure))
+            rt.send(child_rank, P.Pull(child_id, tag))
+        rt._serve_deferred(out)
+        if not self.plan:
+            rt.store.advance(out, 0)
+
+    def _announce(self) -> None:
+        if self.msg.final:   # others (an allreduce's broadcast) may chain on the growing result
+            info = ObjectInfo(self.msg.out_id, self.sizes, ())
+            for rank in self.rt.shard_ranks(self.msg.out_id):
+                self.rt.send(rank, P.DirPartial(info, self.rt.rank))
+
+    def _arrived(self, child: int) -> None:
+        self.got[child] += 1
+        ready = min(self.got)
+        itemsize = self.dtype.itemsize
+        while self.combined < ready and not self.failed:
+            f, a, b = self.plan[self.combined]
+            if f == 1:
+                x = self.input[a:b].view(self.dtype)
+                o = self.out[a:b].view(self.dtype)
+                first = self.bufs[0][1][a:b].view(self.dtype)
+                self.op(x, first, out=o)
+                for bufs in self.bufs[1:]:
+                    self.op(o, bufs[1][a:b].view(self.dtype), out=o)
+            self.combined += 1
+            self.rt.store.advance(self.msg.out_id, b - a)
+        del itemsize
+
+    def _child_failed(self, oid: int, failure: PeerFailure) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        error = to_bytes(local_error(RuntimeError(
+            f"reduce step on rank {self.rt.rank} lost its input from rank {failure.rank}: {failure.detail}")))
+        self.rt.send(self.coordinator, P.ReduceStepDone(self.msg.reduce_id, self.msg.out_id,
+                                                        self.rt.rank, error=error))
+
+    def _done(self) -> None:
+        rt, msg = self.rt, self.msg
+        if msg.final:
+            info = ObjectInfo(msg.out_id, self.sizes, (rt.rank,), head=_head_of(rt, msg.out_id))
+            for rank in rt.shard_ranks(msg.out_id):
+                rt.send(rank, P.DirAdd(info))
+        rt.send(self.coordinator, P.ReduceStepDone(msg.reduce_id, msg.out_id, rt.rank, self.sizes))
+
+
+def _head_of(rt: Any, oid: int) -> Optional[bytes]:
+    entry = rt.store.get(oid)
+    if entry is None or entry.sizes[0] > HEAD_MAX:
+        return None
+    return bytes(entry.frames[0])
