@@ -430,11 +430,15 @@ def hm_staggered(nbytes: int, args, workers, nranks: int, num=None) -> dict:
             start = time.time() + 0.15 + 2e-9 * nbytes
             pairs = [rmake.options(rank=w).remote(nelem, w, start + w * args.delta) for w in workers]
             refs = [r0] + [p[0] for p in pairs]
+            known = [t_put] + [None] * len(pairs)   # when rank 0 learns that input i exists
+            for i, p in enumerate(pairs, 1):
+                p[0].add_done_callback(lambda f, i=i: known.__setitem__(i, time.time()))
             red = hm.reduce(refs) if num is None else hm.reduce(refs, num=num)
             t_called = time.time()
             wait_done([red], timeout + nranks * args.delta, key)
             done = time.time()
             ready = [t_put] + hm.get([p[1] for p in pairs], timeout=timeout)
+            wait_done(refs, timeout, "inputs")
             late = [round(1e3 * (t - (start + w * args.delta)), 1) for w, t in enumerate(ready) if w]
             if it >= args.warmup:
                 order = sorted(ready)
@@ -442,8 +446,15 @@ def hm_staggered(nbytes: int, args, workers, nranks: int, num=None) -> dict:
                 from_start.append(done - start)
                 if num is not None:
                     after_kth.append(done - order[num - 1])
+                last = max(range(nranks), key=lambda j: ready[j])
+                lag = (known[last] - ready[last]) if known[last] else None
                 raw.append({"reduce_called_before_start_ms": round(1e3 * (start - t_called), 1),
-                            "workers_late_ms": late})
+                            "workers_late_ms": late,
+                            # the last input: from its task's return to its ref being done on rank 0
+                            # (result serialization + TaskDone + notification), then to the result
+                            "last_input_known_after_ms": None if lag is None else round(1e3 * lag, 1),
+                            "result_after_last_known_ms": None if lag is None else
+                            round(1e3 * (done - known[last]), 1)})
             if it == 0:
                 if num is None:
                     value = hm.get(red, timeout=timeout)
@@ -547,7 +558,7 @@ def build_rows(m: dict, h: dict, args, nranks: int) -> list[dict]:
 def print_table(rows: list[dict], meta: dict) -> None:
     print()
     print(f"collectives, hoplite_mpi vs MPI: {meta['ranks']} ranks on {meta['cores']} cores "
-          f"({meta['cpu']}), {meta['mpi']}, hoplite_mpi {meta['hoplite_rev'] or meta['hoplite_mpi']}, "
+          f"({meta['cpu']}), {meta['mpi']}, hoplite_mpi {meta['hoplite_rev'] or meta['hoplite_path']}, "
           f"float32, median (min/max) of {meta['iters']} runs (more below 64 MiB) after "
           f"{meta['warmup']} warm-up, "
           f"max over ranks; stagger delta {1e3 * meta['delta_s']:.0f} ms")
@@ -587,6 +598,13 @@ def print_details(m: dict, h: dict, rows: list[dict]) -> None:
             extra = f", reduced ranks {s['reduced_ranks_first_run']}" if "reduced_ranks_first_run" in s else ""
             if "after_kth" in s and s["after_kth"]:
                 extra += f", input #{s['num']} ready -> done {fmt_ms(s['after_kth'])} ms"
+            lags = [x["last_input_known_after_ms"] for x in s.get("runs", [])
+                    if x.get("last_input_known_after_ms") is not None]
+            rest = [x["result_after_last_known_ms"] for x in s.get("runs", [])
+                    if x.get("result_after_last_known_ms") is not None]
+            if lags and key == "staggered":
+                extra += (f"; last input ready -> its ref done on rank 0: median {statistics.median(lags):.1f} ms, "
+                          f"then -> result done: median {statistics.median(rest):.1f} ms")
             if lates:
                 print(f"  {size_label(nbytes)} hm {key}: hm.reduce returned >= {min(early):.0f} ms "
                       f"before the start; inputs late by up to {max(lates):.1f} ms{extra}")
@@ -673,7 +691,8 @@ def machine_meta(comm, args) -> dict:
             "host": socket.gethostname(), "ranks": comm.Get_size(), "cores": os.cpu_count(),
             "cpu": cpu, "mpi": MPI.Get_library_version().strip().splitlines()[0].split(",")[0],
             "mpi4py": mpi4py.__version__, "numpy": np.__version__, "hoplite_mpi": hm.__version__,
-            "hoplite_rev": rev, "python": platform.python_version(),
+            "hoplite_rev": rev, "hoplite_path": os.path.dirname(os.path.abspath(hm.__file__)),
+            "python": platform.python_version(),
             "ulfm": os.environ.get("OMPI_MCA_mpi_ft_enable", "off"),
             "sizes": args.sizes, "stagger_sizes": args.stagger_sizes, "iters": args.iters,
             "warmup": args.warmup, "delta_s": args.delta, "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),

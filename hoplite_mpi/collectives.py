@@ -26,7 +26,7 @@ import numpy as np
 from .errors import HopliteError
 from .ids import format_id
 from .protocol import DirAdd, Fetch, Free, ObjectInfo, ReduceStep, ReduceStepDone
-from .serialization import frame_sizes, local_error, to_bytes
+from .serialization import frame_sizes, local_error, serialize, to_bytes
 
 Outbox = list
 
@@ -149,27 +149,31 @@ class ReduceCoordinator:
         head = info.head if info.inline is None else info.inline[0]
         if len(info.sizes) != 2 or head is None:
             return self._fail(TypeError(
-                f"reduce input {format_id(info.object_id)} is not a C-contiguous numpy array"))
+                f"reduce input {format_id(info.object_id)} is not a numpy array with an out-of-band "
+                f"buffer (C- or Fortran-contiguous numeric array expected)"))
+        try:
+            arr = pickle.loads(head, buffers=[np.empty(info.sizes[1], np.uint8)])
+        except Exception as exc:
+            return self._fail(TypeError(f"reduce input {format_id(info.object_id)} is not a numpy array ({exc})"))
+        if not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+            kind = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
+            return self._fail(TypeError(f"reduce input {format_id(info.object_id)} has non-numeric type {kind}"))
         if self.head is None:
-            try:
-                arr = pickle.loads(head, buffers=[np.empty(info.sizes[1], np.uint8)])
-            except Exception as exc:
-                return self._fail(TypeError(f"reduce input {format_id(info.object_id)} is not a numpy array ({exc})"))
-            if not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.number)
-                                                       or arr.dtype == np.bool_):
-                kind = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
-                return self._fail(TypeError(f"reduce input {format_id(info.object_id)} has non-numeric type {kind}"))
-            self.head, self.sizes = head, info.sizes
+            self.shape, self.dtype = arr.shape, arr.dtype
+            # every slot works on C-order bytes with this canonical header
+            self.head = bytes(serialize(np.empty(arr.shape, arr.dtype))[0])
+            self.sizes = (len(self.head), info.sizes[1])
             n = self.num
             parent, self.order = tree_chain(n, tree_depth(n, self.size_to_k(info.sizes[1])))
             self.slots = [_Slot(i, p) for i, p in enumerate(parent)]
             for slot in self.slots:
                 if slot.parent is not None:
                     self.slots[slot.parent].children.append(slot.index)
-        elif head != self.head or info.sizes != self.sizes:
+        elif arr.shape != self.shape or arr.dtype != self.dtype:
             first = format_id(self.used[0])
             return self._fail(ValueError(
-                f"reduce input {format_id(info.object_id)} differs in shape or dtype from input {first}"))
+                f"reduce input {format_id(info.object_id)} has shape {arr.shape} and dtype {arr.dtype}, "
+                f"but input {first} has shape {self.shape} and dtype {self.dtype}"))
         self.used.append(info.object_id)
         rank = info.holders[0] if info.holders else self.target
         slot = self._choose_slot(rank)

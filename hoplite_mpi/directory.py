@@ -78,8 +78,8 @@ class DirectoryShard:
         if oid in self._deleted or oid in self._freed:  # a copy registered after the delete: free it
             return [(holder, Free(oid)) for holder in info.holders]
         entry = self._entries.setdefault(oid, _Entry())
-        if entry.info is None:
-            entry.info = info
+        if entry.info is None or (not entry.info.holders and entry.info.inline is None):
+            entry.info = info       # the first complete copy (a partial one announced less)
         else:
             holders = entry.info.holders + tuple(h for h in info.holders if h not in entry.info.holders)
             entry.info = replace(entry.info, holders=holders)
@@ -114,7 +114,11 @@ class DirectoryShard:
         if entry.info is None:
             entry.info = replace(info, holders=())
         entry.partial.setdefault(rank, None)
-        return self._answer(oid, entry)
+        pulling, entry.pulling = entry.pulling, []     # lookups wait for a complete copy
+        out: Outbox = []
+        for requester in pulling:
+            out += self.pull(oid, requester)
+        return out
 
     def _depth(self, entry: _Entry, rank: int) -> int:
         depth, seen = 0, set()
@@ -160,9 +164,10 @@ class DirectoryShard:
         if object_id in self._deleted:
             return [(requester, DirReply(object_id, None))]
         entry = self._entries.setdefault(object_id, _Entry())
-        if entry.info is not None:
-            return [(requester, DirReply(object_id, entry.info))]
-        entry.waiting.append(requester)
+        info = entry.info
+        if info is not None and (info.holders or info.inline is not None):
+            return [(requester, DirReply(object_id, info))]
+        entry.waiting.append(requester)   # not yet, or only being produced: wait for a copy
         return []
 
     def delete(self, object_id: int, permanent: bool = True) -> Outbox:

@@ -27,7 +27,7 @@ from . import protocol as P
 from .errors import ObjectDeletedError
 from .ids import format_id
 from .protocol import ObjectInfo
-from .serialization import frame_sizes, local_error, serialize_error, to_bytes
+from .serialization import deserialize, frame_sizes, local_error, serialize, serialize_error, to_bytes
 from .store import DELETED, chunk_plan
 from .transport.base import PeerFailure
 
@@ -298,6 +298,8 @@ class _ReduceStep:
         self.failed = False
 
     def _input(self) -> tuple[bytes, np.ndarray]:
+        """(C-order header, raw C-order bytes) of this slot's input; a Fortran-ordered or other
+        non-C-contiguous input is copied into C order (every slot works on C-order bytes)."""
         info = self.msg.input_info
         frames = self.rt.local_frames(info.object_id)
         if isinstance(frames, ObjectInfo):
@@ -306,7 +308,13 @@ class _ReduceStep:
             if info.inline is None:
                 raise RuntimeError(f"reduce input {format_id(info.object_id)} is not on rank {self.rt.rank}")
             frames = info.inline
-        return bytes(frames[0]), np.frombuffer(frames[1], dtype=np.uint8)
+        arr = deserialize(frames)
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        head = serialize(np.empty(arr.shape, arr.dtype))[0]
+        if len(head) != self.sizes[0]:
+            raise RuntimeError("reduce: unexpected header size")
+        return bytes(head), arr.reshape(-1).view(np.uint8)
 
     def start(self) -> None:
         rt, msg = self.rt, self.msg
@@ -314,6 +322,7 @@ class _ReduceStep:
         if msg.input_info is not None and not msg.children:      # a leaf: its input as it is
             head, data = self._input()
             rt.store.put(out, [head, data])
+            rt._serve_deferred(out)
             self._done()
             return
         if msg.input_info is None:                               # the target's copy step

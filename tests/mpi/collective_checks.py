@@ -461,7 +461,9 @@ def check_reduce_subset_num():
     placement = [ranks[i % len(ranks)] for i in range(6)]
     delays = [0.6, 0.0, 0.6, 0.0, 0.6, 0.0]        # the fast ones are likely the first 3
     chosen = _subset(placement, 3, delays)
-    print(f"  num=3 reduced inputs {chosen} (fast ones: [1, 3, 5])", flush=True)
+    fast = [i for i, (r, d) in enumerate(zip(placement, delays))
+            if d == 0 or (r == 0 and 0 not in workers())]    # rank 0's inputs are puts
+    print(f"  num=3 reduced inputs {chosen} (ready at once: {fast})", flush=True)
     _subset(placement, 1, delays, op="max", dtype="float64")
     _subset(placement, 2, delays, shape=(50,))     # inline inputs
 
