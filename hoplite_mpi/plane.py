@@ -343,7 +343,7 @@ class _ReduceStep:
         self._announce()
         self.bufs = []
         for i, (child_rank, child_id) in enumerate(msg.children):
-            bufs = [np.empty(size, np.uint8) for size in self.sizes]
+            bufs = [rt.store.buffer(size) for size in self.sizes]
             self.bufs.append(bufs)
             self.got.append(0)
             chunks = [memoryview(bufs[f])[a:b] for f, a, b in self.plan]
@@ -390,6 +390,9 @@ class _ReduceStep:
 
     def _done(self) -> None:
         rt, msg = self.rt, self.msg
+        for bufs in getattr(self, "bufs", ()):   # scratch space of the children's outputs
+            rt.store.give_back(bufs)
+        self.input = self.out = None
         if msg.final:
             info = ObjectInfo(msg.out_id, self.sizes, (rt.rank,), head=_head_of(rt, msg.out_id))
             for rank in rt.shard_ranks(msg.out_id):

@@ -159,3 +159,27 @@ def test_receiving_by_chunk_plan_rebuilds_the_value(chunk):
     out = deserialize(entry.frames)
     np.testing.assert_array_equal(out["a"], value["a"])
     assert out["b"].size == 0 and out["c"] == "text"
+
+
+def test_freed_receive_buffers_are_reused_only_when_nobody_else_holds_them():
+    import numpy as np
+
+    store = ObjectStore()
+    size = ObjectStore.MIN_POOLED
+    first = store.allocate(1, (16, size))
+    store.advance(1, first.nbytes)
+    store.delete(1)
+    del first
+    # a buffer still visible to someone (a value handed out, a transfer in flight) is not reused
+    second = store.allocate(2, (16, size))
+    view = np.frombuffer(memoryview(second.frames[1]).toreadonly(), np.uint8)
+    store.delete(2)
+    third = store.allocate(3, (16, size))
+    assert not np.shares_memory(third.frames[1], view)
+    # a buffer nobody holds is reused for an object of the same size
+    buf = third.frames[1]
+    addr = buf.__array_interface__["data"][0]
+    del buf
+    store.delete(3)
+    fourth = store.allocate(4, (16, size))
+    assert fourth.frames[1].__array_interface__["data"][0] == addr
