@@ -143,6 +143,8 @@ class DirectoryShard:
             return []
         if info.inline is not None:
             return [(requester, DirReply(object_id, info, True))]
+        if requester in info.holders:              # it has a complete copy already
+            return [(requester, DirReply(object_id, replace(info, holders=(requester,)), True))]
         old = entry.partial.pop(requester, None)   # asked again (its sender failed): re-place it
         if old is not None:
             self._feeds(entry, old, -1)

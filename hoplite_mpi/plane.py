@@ -138,7 +138,10 @@ class ObjectPlane:
         """The shard's answer to our DirPull: a sender (or the value, or 'deleted')."""
         callbacks = self._fetching.get(oid)
         if callbacks is None:
-            return
+            # the answer to a DirPull the driver sent for us (broadcast) came before its Fetch
+            if info is None or self.local_frames(oid) is not None or self.store.get(oid) is not None:
+                return
+            callbacks = self._fetching[oid] = []
         if info is None or info.inline is not None or self.local_frames(oid) is not None:
             del self._fetching[oid]
             got = DELETED if info is None else (self.local_frames(oid) or info)
@@ -238,11 +241,16 @@ class ObjectPlane:
         """Make every rank of ``ranks`` hold a complete copy; ``done({rank: error})`` after."""
         token = self.ids.next()
         self._broadcasts[token] = (set(ranks), {}, done)
+        shard = self.shard_ranks(object_id)[0]
         for rank in ranks:
             if rank == self.rank:
                 self._on_fetch(self.rank, P.Fetch(object_id, token))
             else:
-                self.send(rank, P.Fetch(object_id, token))
+                # The DirPull goes out from here together with the Fetch: the shard and the
+                # target wake up at the same time instead of one after the other (an idle rank
+                # polls only every backoff_max seconds).
+                self.send(shard, P.DirPull(object_id, rank))
+                self.send(rank, P.Fetch(object_id, token, pulled=True))
         if not ranks:
             self._on_fetched(self.rank, P.Fetched(token, self.rank))
 
@@ -250,7 +258,12 @@ class ObjectPlane:
         def reply(got: Any) -> None:
             error = "deleted" if got is DELETED else None
             self.send(source, P.Fetched(msg.token, self.rank, error))
-        self.fetch(msg.object_id, reply)
+        oid = msg.object_id
+        if msg.pulled and self.local_frames(oid) is None and self.store.get(oid) is None:
+            # our DirPull was sent by the driver: wait for the shard's answer (it may be here)
+            self._fetching.setdefault(oid, []).append(reply)
+            return
+        self.fetch(oid, reply)
 
     def _on_fetched(self, source: int, msg: P.Fetched) -> None:
         state = self._broadcasts.get(msg.token)

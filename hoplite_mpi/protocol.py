@@ -232,6 +232,7 @@ class Fetch:
 
     object_id: int
     token: int
+    pulled: bool = False   # the driver already sent the DirPull for this rank (saves a hop)
 
 
 @message
