@@ -658,12 +658,12 @@ def plot(path: str, rows: list[dict], meta: dict) -> None:
         ax.set_title(op)
         ax.set_xlabel("message size (float32 array)")
         sizes = sorted({r["size"] for r in rows if r["op"] == op})
-        ax.set_xticks(sizes, [size_label(s) for s in sizes])
+        ax.set_xticks(sizes, [size_label(s) for s in sizes], rotation=45, ha="right")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     axes[0].set_ylabel("latency, ms (median, min/max bars)")
     fig.suptitle(f"hoplite_mpi vs {meta['mpi']}: {meta['ranks']} ranks on {meta['cores']} cores, "
-                 f"hoplite_mpi {meta['hoplite_rev']}, {meta['date'][:10]}")
+                 f"hoplite_mpi {meta['hoplite_rev'] or meta['hoplite_path']}, {meta['date'][:10]}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -683,8 +683,12 @@ def machine_meta(comm, args) -> dict:
     rev = None
     try:
         src = os.path.dirname(os.path.dirname(os.path.abspath(hm.__file__)))
-        rev = subprocess.run(["git", "-C", src, "describe", "--always", "--dirty"], capture_output=True,
+        rev = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10).stdout.strip() or None
+        # "-dirty" only when the package itself differs from the commit (not the benchmarks)
+        if rev and subprocess.run(["git", "-C", src, "status", "--porcelain", "--", "hoplite_mpi"],
+                                  capture_output=True, text=True, timeout=10).stdout.strip():
+            rev += "-dirty"
     except (OSError, subprocess.SubprocessError):
         pass
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

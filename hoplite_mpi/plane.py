@@ -136,9 +136,14 @@ class ObjectPlane:
 
     def _on_sender(self, oid: int, info: Optional[ObjectInfo]) -> None:
         """The shard's answer to our DirPull: a sender (or the value, or 'deleted')."""
+        # keep what the answer tells even if nobody here waits yet: a DirPull the driver sent for
+        # us (broadcast) can be answered before its Fetch arrives
+        if info is None:
+            self._deleted.add(oid)
+        elif info.inline is not None:
+            self._known[oid] = info
         callbacks = self._fetching.get(oid)
         if callbacks is None:
-            # the answer to a DirPull the driver sent for us (broadcast) came before its Fetch
             if info is None or self.local_frames(oid) is not None or self.store.get(oid) is not None:
                 return
             callbacks = self._fetching[oid] = []

@@ -604,6 +604,16 @@ def check_broadcast_while_computing():
 
 
 @check
+def check_broadcast_small_repeated():
+    # the shard's inline answer can reach a target before the driver's Fetch (it once hung)
+    base = np.ones(256, np.float32)
+    for i in range(200):
+        ref = hm.put(base * i)
+        hm.broadcast(ref, timeout=T)
+        hm.delete([ref])
+
+
+@check
 def check_broadcast_small_inline():
     _broadcast(workers()[0], None, ((1000,), "float64", 113, "any", "C"))
     _broadcast(workers()[-1], workers()[:1], ((3,), "int64", 127, "any", "C"), delay=0.3)
