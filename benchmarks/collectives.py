@@ -48,14 +48,10 @@ flagged.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
-import datetime
 import json
 import os
-import platform
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -68,7 +64,7 @@ from mpi4py import MPI
 
 import hoplite_mpi as hm
 
-from tasks import CpuProbe, Noise   # the sibling benchmark (this script's folder is on sys.path)
+from tasks import CpuProbe, Noise, base_meta   # the sibling benchmark (this script's folder is on sys.path)
 
 OPS = ("reduce", "broadcast", "allreduce")
 PATTERN = np.arange(1021, dtype=np.float32)   # prime length: chunk boundaries never line up
@@ -670,37 +666,10 @@ def plot(path: str, rows: list[dict], meta: dict) -> None:
 
 
 def machine_meta(comm, args) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import mpi4py
-    rev = None
-    try:
-        src = os.path.dirname(os.path.dirname(os.path.abspath(hm.__file__)))
-        rev = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip() or None
-        # "-dirty" only when the package itself differs from the commit (not the benchmarks)
-        if rev and subprocess.run(["git", "-C", src, "status", "--porcelain", "--", "hoplite_mpi"],
-                                  capture_output=True, text=True, timeout=10).stdout.strip():
-            rev += "-dirty"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "host": socket.gethostname(), "ranks": comm.Get_size(), "cores": os.cpu_count(),
-            "cpu": cpu, "mpi": MPI.Get_library_version().strip().splitlines()[0].split(",")[0],
-            "mpi4py": mpi4py.__version__, "numpy": np.__version__, "hoplite_mpi": hm.__version__,
-            "hoplite_rev": rev, "hoplite_path": os.path.dirname(os.path.abspath(hm.__file__)),
-            "python": platform.python_version(),
-            "ulfm": os.environ.get("OMPI_MCA_mpi_ft_enable", "off"),
+    return {**base_meta(comm), "numpy": np.__version__,
             "sizes": args.sizes, "stagger_sizes": args.stagger_sizes, "iters": args.iters,
-            "warmup": args.warmup, "delta_s": args.delta, "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "argv": sys.argv}
+            "warmup": args.warmup, "delta_s": args.delta,
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
 
 
 def main() -> int:

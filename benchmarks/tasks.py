@@ -370,7 +370,10 @@ def print_details(h: dict, m: dict) -> None:
               "the figures are disturbed, run again on a quiet machine")
 
 
-def machine_meta(comm, args) -> dict:
+def base_meta(comm) -> dict:
+    """Machine and software of a benchmark run (shared with collectives.py)."""
+    import mpi4py
+    import subprocess
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -380,22 +383,29 @@ def machine_meta(comm, args) -> dict:
                     break
     except OSError:
         pass
-    import mpi4py
-    import subprocess
     rev = None
     try:
         src = os.path.dirname(os.path.dirname(os.path.abspath(hm.__file__)))
-        rev = subprocess.run(["git", "-C", src, "describe", "--always", "--dirty"], capture_output=True,
+        rev = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10).stdout.strip() or None
+        # "-dirty" only when the package itself differs from the commit (not the benchmarks)
+        if rev and subprocess.run(["git", "-C", src, "status", "--porcelain", "--", "hoplite_mpi"],
+                                  capture_output=True, text=True, timeout=10).stdout.strip():
+            rev += "-dirty"
     except (OSError, subprocess.SubprocessError):
         pass
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "host": socket.gethostname(), "ranks": comm.Get_size(), "cores": os.cpu_count(),
             "cpu": cpu, "mpi": MPI.Get_library_version().strip().splitlines()[0].split(",")[0],
             "mpi4py": mpi4py.__version__, "hoplite_mpi": hm.__version__, "hoplite_rev": rev,
+            "hoplite_path": os.path.dirname(os.path.abspath(hm.__file__)),
             "python": platform.python_version(), "ulfm": os.environ.get("OMPI_MCA_mpi_ft_enable", "off"),
-            "tasks": args.tasks, "chain": args.chain, "repeat": args.repeat, "idle_s": args.idle, "warmup": args.warmup,
             "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "argv": sys.argv}
+
+
+def machine_meta(comm, args) -> dict:
+    return {**base_meta(comm), "tasks": args.tasks, "chain": args.chain, "repeat": args.repeat,
+            "idle_s": args.idle, "warmup": args.warmup}
 
 
 def main() -> int:

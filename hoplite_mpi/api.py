@@ -14,7 +14,7 @@ import pickle
 import sys
 import threading
 import time
-from typing import Any, Callable, Generic, Iterable, Optional, Sequence, TypeVar, Union, overload
+from typing import Any, Callable, Iterable, Optional, Sequence, Union, overload
 
 from .config import Config
 from .errors import NotInitializedError, ObjectDeletedError, SerializationError
@@ -365,7 +365,8 @@ def wait(refs: Sequence[ObjectRef], num_returns: int = 1, timeout: Optional[floa
 _TASK_OPTIONS = ("num_returns", "max_retries", "rank", "name")
 
 
-def _check_options(options: dict, worker_ranks: Optional[Sequence[int]] = None) -> None:
+def _check_options(options: dict) -> None:
+    """Types and ranges of task options (the pinned rank is checked against the runtime at submit)."""
     unknown = set(options) - set(_TASK_OPTIONS)
     if unknown:
         raise TypeError(f"unknown task option(s) {sorted(unknown)}; known: {list(_TASK_OPTIONS)}")
@@ -379,8 +380,6 @@ def _check_options(options: dict, worker_ranks: Optional[Sequence[int]] = None) 
     if rank_ is not None:
         if not isinstance(rank_, int) or isinstance(rank_, bool):
             raise TypeError(f"rank must be an int, got {rank_!r}")
-        if worker_ranks is not None and rank_ not in worker_ranks:
-            raise ValueError(f"rank={rank_} is not a worker rank (worker ranks: {list(worker_ranks)})")
 
 
 def _fn_identity(fn: Callable, what: str) -> tuple[bytes, bytes]:

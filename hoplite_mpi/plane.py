@@ -132,6 +132,10 @@ class ObjectPlane:
             waiting.append(callback)
             return
         self._fetching[oid] = [callback]
+        self._ask_sender(oid)
+
+    def _ask_sender(self, oid: int) -> None:
+        """Ask the object's shard for a sender for this rank (answered by :meth:`_on_sender`)."""
         self.send(self.shard_ranks(oid)[0], P.DirPull(oid, self.rank))
 
     def _on_sender(self, oid: int, info: Optional[ObjectInfo]) -> None:
@@ -155,7 +159,7 @@ class ObjectPlane:
             return
         sender = info.holders[0]
         if sender == self.rank:          # only we had it (it was freed meanwhile): ask again later
-            self.send(self.shard_ranks(oid)[0], P.DirPull(oid, self.rank))
+            self._ask_sender(oid)
             return
         entry = self.store.get(oid)
         if entry is None:
@@ -193,7 +197,7 @@ class ObjectPlane:
     def _pull_failed(self, oid: int, failure: PeerFailure) -> None:
         log.warning("rank %d: pull of %s from rank %d failed: %s", self.rank, format_id(oid),
                     failure.rank, failure.detail)
-        self.send(self.shard_ranks(oid)[0], P.DirPull(oid, self.rank))   # keep the bytes, resume
+        self._ask_sender(oid)   # keep the bytes, resume from another sender
 
     def _on_pull_refused(self, source: int, msg: P.PullRefused) -> None:
         # The sender dropped its copy (deleted/freed): cancel our receive and ask the shard anew.
@@ -202,7 +206,7 @@ class ObjectPlane:
         if entry is not None and not entry.complete:
             self.store.delete(msg.object_id)
         if msg.object_id in self._fetching:
-            self.send(self.shard_ranks(msg.object_id)[0], P.DirPull(msg.object_id, self.rank))
+            self._ask_sender(msg.object_id)
 
     # --- serving ---------------------------------------------------------------------------
 
@@ -383,7 +387,6 @@ class _ReduceStep:
     def _arrived(self, child: int) -> None:
         self.got[child] += 1
         ready = min(self.got)
-        itemsize = self.dtype.itemsize
         while self.combined < ready and not self.failed:
             f, a, b = self.plan[self.combined]
             if f == 1:
@@ -395,7 +398,6 @@ class _ReduceStep:
                     self.op(o, bufs[1][a:b].view(self.dtype), out=o)
             self.combined += 1
             self.rt.store.advance(self.msg.out_id, b - a)
-        del itemsize
 
     def _child_failed(self, oid: int, failure: PeerFailure) -> None:
         if self.failed:

@@ -134,13 +134,6 @@ class TaskBlocked:
     blocked: bool
 
 
-@message
-class ObjectReady:
-    """Scheduler -> owner of a ref: the object exists (or failed).  Used for put-from-worker too."""
-
-    info: ObjectInfo
-
-
 # --- directory ------------------------------------------------------------------------------
 
 @message
@@ -302,6 +295,6 @@ class ShutdownAck:
     rank: int
 
 
-ALL_MESSAGES = (SubmitTask, RunTask, TaskDone, TaskBlocked, ObjectReady, DirAdd, DirLookup,
+ALL_MESSAGES = (SubmitTask, RunTask, TaskDone, TaskBlocked, DirAdd, DirLookup,
                 DirPull, DirPartial, DirReply, DirDelete, Free, Pull, PullRefused, Fetch, Fetched,
                 ReduceStep, ReduceStepDone, ReduceRequest, Shutdown, ShutdownAck)

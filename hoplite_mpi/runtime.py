@@ -17,7 +17,6 @@ thread wakes a sleeping engine at once.
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import queue
 import threading
@@ -37,9 +36,7 @@ from .scheduler import Scheduler
 from .serialization import frame_sizes, rebuild_error, serialize_error, to_bytes
 from .collectives import ReduceCoordinator, chain_length
 from .plane import ObjectPlane
-from .store import DELETED as _DELETED
 from .store import ObjectStore
-from .transport.base import PeerFailure
 from .worker import Worker, _context, current_task_id
 
 log = logging.getLogger("hoplite_mpi")
@@ -315,7 +312,7 @@ class Runtime(ObjectPlane):
     def _on_directory(self, source: int, msg: Any) -> None:
         self._send_all(self.directory.handle(source, msg))
 
-    def _lookup(self, object_id: int, callback: Callable, fresh: bool = False) -> None:
+    def _lookup(self, object_id: int, callback: Callable) -> None:
         """Ask the object's shard for its info; ``callback(info | None)`` (None: deleted)."""
         waiting = self._lookups.get(object_id)
         if waiting is not None:

@@ -13,7 +13,6 @@ stream concerned; the job goes on.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Sequence
 
 from mpi4py import MPI
 
