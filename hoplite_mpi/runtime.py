@@ -12,8 +12,9 @@ it work with :meth:`Runtime.call_soon`.  One loop iteration::
 
 For ``HOT_WINDOW`` seconds after any activity (or while data streams are in flight) the engine polls
 by yielding the core; after that it backs off exponentially up to ``Config.backoff_max`` seconds
-between polls instead of spinning (the ranks are usually oversubscribed); a call from another
-thread wakes a sleeping engine at once.
+between polls instead of spinning (the ranks are usually oversubscribed).  A call from another
+thread, or a control message from a rank on the same host (its doorbell, :mod:`.transport.doorbell`),
+wakes a sleeping engine at once.
 """
 from __future__ import annotations
 
@@ -72,7 +73,6 @@ class Runtime(ObjectPlane):
                                  self._task_finished)
         # engine state (engine thread only)
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
         self._sleeping = False
         self._outbox: dict[int, list] = defaultdict(list)
         self._local: deque = deque()
@@ -136,7 +136,7 @@ class Runtime(ObjectPlane):
             raise RuntimeShutdownError("the hoplite_mpi runtime is shut down")
         self._calls.put((fn, args))
         if self._sleeping:
-            self._wake.set()
+            self.transport.wake()
 
     def call(self, fn: Callable, *args: Any, timeout: float | None = None) -> Any:
         """Run ``fn(*args)`` on the engine thread and wait for its return value."""
@@ -192,8 +192,8 @@ class Runtime(ObjectPlane):
                         continue
                     delay = min(tmax, delay * 2)
                     self._sleeping = True      # set before the last look at the queue: no lost wake-up
-                    if self._calls.empty() and self._wake.wait(delay):
-                        self._wake.clear()
+                    if self._calls.empty() and transport.wait(delay):
+                        last_active = time.monotonic()   # rung: the message may lag its doorbell
                     self._sleeping = False
         except BaseException:
             log.exception("rank %d: progress engine failed", self.rank)

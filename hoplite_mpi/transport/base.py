@@ -63,6 +63,16 @@ class Transport(abc.ABC):
     def busy(self) -> bool:
         """Whether data streams are in flight (the engine then polls without sleeping long)."""
 
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds, less if a message may have arrived or :meth:`wake`
+        was called; returns whether it was woken early.  Default: just sleep."""
+        import time
+        time.sleep(timeout)
+        return False
+
+    def wake(self) -> None:
+        """End a :meth:`wait` in progress (thread-safe)."""
+
     @abc.abstractmethod
     def close(self) -> None:
         """Cancel what is still in flight and release the communicator."""

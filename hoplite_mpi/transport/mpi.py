@@ -9,15 +9,22 @@
 The communicator's error handler is ``ERRORS_RETURN`` so that a failed peer raises
 ``MPI.Exception`` here (ULFM: ``MPI_ERR_PROC_FAILED``), which becomes :class:`PeerFailure` for the
 stream concerned; the job goes on.
+
+Waking: a rank with nothing to do sleeps in :meth:`MPITransport.wait`; every control batch sent to
+a rank on the same host also rings that rank's doorbell (:mod:`.doorbell`), so it polls at once
+instead of after its backoff delay.
 """
 from __future__ import annotations
 
+import socket
+import uuid
 from collections import deque
 
 from mpi4py import MPI
 
 from ..protocol import Tag
 from .base import PeerFailure, Transport
+from .doorbell import make_bell
 
 
 class _Stream:
@@ -36,6 +43,7 @@ class MPITransport(Transport):
     """Transport over an MPI communicator (which it owns: pass a ``Dup``)."""
 
     def __init__(self, comm: "MPI.Comm", window: int = 4) -> None:
+        """Collective over ``comm`` (it exchanges host names and a job key for the doorbells)."""
         self.comm = comm
         self.comm.Set_errhandler(MPI.ERRORS_RETURN)
         self.rank = comm.Get_rank()
@@ -45,11 +53,21 @@ class MPITransport(Transport):
         self._sends: list = []           # pending control isend requests
         self._streams: list[_Stream] = []
         self._status = MPI.Status()
+        key = comm.bcast(uuid.uuid4().hex[:16] if self.rank == 0 else None, root=0)
+        hosts = comm.allgather(socket.gethostname())
+        self.bell = make_bell(key, self.rank, [r for r, h in enumerate(hosts) if h == hosts[self.rank]])
 
     # --- control ----------------------------------------------------------------------------
 
     def send(self, dest: int, batch: list) -> None:
         self._sends.append(self.comm.isend(batch, dest, Tag.CONTROL))
+        self.bell.ring(dest)
+
+    def wait(self, timeout: float) -> bool:
+        return self.bell.wait(timeout)
+
+    def wake(self) -> None:
+        self.bell.wake()
 
     def receive(self) -> list[tuple[int, list]]:
         got = []
@@ -129,7 +147,9 @@ class MPITransport(Transport):
         return progressed
 
     def busy(self) -> bool:
-        return bool(self._streams)
+        # pending control sends count: a large pickled batch goes by rendezvous and needs this
+        # side to progress it
+        return bool(self._streams or self._sends)
 
     def close(self) -> None:
         for s in self._streams:
@@ -139,6 +159,7 @@ class MPITransport(Transport):
         for req in self._sends:
             _cancel(req)
         self._sends = []
+        self.bell.close()
 
 
 def _cancel(req) -> None:
