@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import socket
+import sys
 import traceback
 from typing import Any, Iterable, Sequence
 
@@ -43,6 +44,35 @@ def serialize(value: Any, what: str = "value", copy: bool = False) -> Frames:
         raw = buf.raw()
         frames.append(np.frombuffer(raw, dtype=np.uint8).copy() if copy else raw)
     return frames
+
+
+def _held(value: Any) -> int:
+    return sys.getrefcount(value)
+
+
+def _sole_count() -> int:
+    value = np.empty(1)       # held by this one variable, as the caller of sole_owner holds its value
+    return _held(value)
+
+
+_SOLE = _sole_count()   # getrefcount of a value one variable holds, seen inside a callee
+
+
+def sole_owner(value: Any, containers: int = 0) -> bool:
+    """Whether ``value`` is a numpy array whose memory nothing else can reach: held by the caller's
+    one variable (and ``containers`` containers, e.g. the tuple a task returned), owning its data
+    or a view of arrays referenced only by their views.  Then serializing it without a copy is
+    safe: nobody can mutate the stored bytes afterwards.  (A task's freshly computed result is the
+    common case; copying it cost 13-17 ms per 64 MiB here.)  Conservative: False when unsure."""
+    if type(value) is not np.ndarray or sys.getrefcount(value) > _SOLE + containers:
+        return False
+    base = value.base
+    while base is not None:
+        # a base array held by exactly one view (ours): refs = the view + `base` + getrefcount
+        if type(base) is not np.ndarray or sys.getrefcount(base) > 3:
+            return False
+        base = base.base
+    return True
 
 
 def deserialize(frames: Sequence[Any]) -> Any:

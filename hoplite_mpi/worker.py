@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 from typing import Any, Callable
 
 from .protocol import ObjectInfo, RunTask, TaskSpec
-from .serialization import deserialize, loads, rebuild_error, serialize, serialize_error
+from .serialization import deserialize, loads, rebuild_error, serialize, serialize_error, sole_owner
 
 log = logging.getLogger("hoplite_mpi")
 
@@ -154,12 +155,16 @@ class Worker:
             kwargs = {k: values[v.index] if type(v) is DepPlaceholder else v for k, v in kwargs.items()}
         result = fn(*args, **kwargs)
         name = spec.name or getattr(fn, "__name__", "task")
+        del args, kwargs, values     # the task's own references to its arguments
         if spec.num_returns == 1:
-            return [(serialize(result, f"return value of {name}", copy=True), False)]
+            return [(serialize(result, f"return value of {name}", copy=not sole_owner(result, 0)), False)]
         if not isinstance(result, (tuple, list)) or len(result) != spec.num_returns:
             raise ValueError(f"{name} was declared with num_returns={spec.num_returns} but returned "
                              f"{type(result).__name__} {'of length ' + str(len(result)) if hasattr(result, '__len__') else ''}".rstrip())
-        return [(serialize(r, f"return value {i} of {name}", copy=True), False) for i, r in enumerate(result)]
+        # elements may go uncopied only if nothing else holds the returned tuple/list itself
+        own = sys.getrefcount(result) <= 2   # `result` + getrefcount's argument
+        return [(serialize(r, f"return value {i} of {name}", copy=not (own and sole_owner(r, 1))), False)
+                for i, r in enumerate(result)]
 
     def _function(self, fn_id: bytes) -> Any:
         fn = self._functions.get(fn_id)

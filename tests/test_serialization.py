@@ -193,3 +193,34 @@ def test_serialize_error_leaves_the_exception_unchanged():
     assert exc.__traceback__ is not None
     serialize_error(exc, rank=1)
     assert exc.__traceback__ is not None
+
+
+# --- sole_owner: when a task result may be stored without a copy -------------------------------
+
+def test_sole_owner_of_a_fresh_array_and_of_a_view_of_a_temporary():
+    from hoplite_mpi.serialization import sole_owner
+    fresh = np.arange(10.0)
+    assert sole_owner(fresh)
+    view = np.arange(10.0).reshape(2, 5)     # its base is referenced only by the view
+    assert sole_owner(view)
+
+
+def test_sole_owner_is_false_when_anything_else_can_reach_the_memory():
+    from hoplite_mpi.serialization import sole_owner
+    arr = np.arange(10.0)
+    keep = [arr]
+    assert not sole_owner(arr)                # another reference
+    del keep
+    base = np.arange(10.0)
+    assert not sole_owner(base[2:])           # a view of an array someone holds
+    assert not sole_owner(np.frombuffer(bytearray(16), np.uint8))   # memory owned by a bytearray
+    assert not sole_owner([1, 2])             # not an array
+    assert not sole_owner(np.ma.masked_array([1.0]))                  # a subclass
+
+
+def test_sole_owner_counts_the_containers_the_caller_names():
+    from hoplite_mpi.serialization import sole_owner
+    pair = (np.arange(3.0), np.arange(4.0))
+    for element in pair:
+        assert sole_owner(element, 1)         # the tuple + the loop variable
+        assert not sole_owner(element, 0)

@@ -193,6 +193,54 @@ def check_put_get_numpy_roundtrip():
         assert hm.get(square.remote(hm.put(arr)), timeout=T).sum() == arr.size
 
 
+def _kept():
+    """Worker-side state shared by the two tasks below (functions from __main__ are pickled by
+    value with their globals, so a module-level dict would not be shared)."""
+    import builtins
+    return builtins.__dict__.setdefault("_hoplite_checks_kept", {})
+
+
+@hm.remote
+def make_and_keep(n, how):
+    _KEPT = _kept()
+    arr = np.full(n, 1.0)
+    if how == "global":
+        _KEPT["a"] = arr                 # the task keeps the array it returns
+    elif how == "view":
+        _KEPT["a"] = arr[: n // 2]       # ... or a view of it
+    elif how == "tuple":
+        out = (arr, np.full(n, 2.0))
+        _KEPT["a"] = out                 # ... or the tuple it returns
+        return out
+    return arr
+
+
+@hm.remote
+def mutate_kept():
+    kept = _kept().pop("a")
+    for a in kept if isinstance(kept, tuple) else (kept,):
+        a[:] = -7.0
+    return True
+
+
+@check
+def check_task_results_are_snapshots():
+    # A result is stored without a copy only when nothing else can reach its memory; a task that
+    # keeps (a view of) what it returned and changes it later must not change the stored result.
+    n = 1 << 18                                     # 2 MiB: stored out of band, chunked
+    w = workers()[0]
+    for how in ("fresh", "global", "view", "tuple"):
+        ref = make_and_keep.options(rank=w, num_returns=2 if how == "tuple" else 1).remote(n, how)
+        refs = ref if isinstance(ref, list) else [ref]
+        hm.wait(refs, num_returns=len(refs), timeout=T)
+        if how != "fresh":
+            assert hm.get(mutate_kept.options(rank=w).remote(), timeout=T)
+        sums = [float(v.sum()) for v in hm.get(refs, timeout=T)]
+        assert sums == [n * 1.0, n * 2.0][:len(refs)], (how, sums)
+        assert float(hm.get(square.options(rank=w).remote(refs[0]), timeout=T).sum()) == n, how
+        hm.delete(refs)
+
+
 @check
 def check_large_arguments_by_value():
     @hm.remote
