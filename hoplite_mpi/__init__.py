@@ -7,7 +7,7 @@ from .api import (ObjectRef, RemoteFunction, allreduce, broadcast, delete, get, 
                   put, rank, reduce, reduced_inputs, remote, shutdown, wait, world_size)
 from .config import Config
 from .errors import (BrokenExecutor, HopliteError, NotInitializedError, ObjectDeletedError,
-                     ObjectLostError, RemoteTraceback, RuntimeShutdownError, SerializationError,
+                     ObjectLostError, RankLostError, RemoteTraceback, RuntimeShutdownError, SerializationError,
                      TaskError)
 from .executor import Executor
 
@@ -17,6 +17,6 @@ __all__ = [
     "init", "shutdown", "is_initialized", "rank", "world_size",
     "remote", "RemoteFunction", "get", "wait", "put", "delete", "ObjectRef", "Executor", "Config",
     "broadcast", "reduce", "allreduce", "reduced_inputs",
-    "HopliteError", "NotInitializedError", "ObjectDeletedError", "ObjectLostError", "RemoteTraceback",
+    "HopliteError", "NotInitializedError", "ObjectDeletedError", "ObjectLostError", "RankLostError", "RemoteTraceback",
     "RuntimeShutdownError", "SerializationError", "TaskError", "BrokenExecutor",
 ]

@@ -14,6 +14,7 @@ __all__ = [
     "SerializationError",
     "ObjectDeletedError",
     "ObjectLostError",
+    "RankLostError",
     "RemoteTraceback",
     "TaskError",
     "RuntimeShutdownError",
@@ -67,6 +68,23 @@ class ObjectLostError(HopliteError):
     def __str__(self) -> str:
         where = f" (its last copy was on dead rank {self.rank})" if self.rank is not None else ""
         return f"object {self.object_id} is lost{where}"
+
+
+class RankLostError(HopliteError):
+    """A task could not be completed because the rank running it died: it was pinned to that rank
+    (``.options(rank=r)``), or it was lost ``max_retries + 1`` times, or no worker rank is left.
+
+    Attributes: ``task`` (its name and id), ``rank`` (the last dead rank it ran on or was pinned
+    to), ``attempts`` (how many times it was started).
+    """
+
+    def __init__(self, task: str, rank: int, attempts: int, why: str = "") -> None:
+        super().__init__(task, rank, attempts, why)
+        self.task, self.rank, self.attempts, self.why = task, rank, attempts, why
+
+    def __str__(self) -> str:
+        return (f"task {self.task} lost with rank {self.rank} after {self.attempts} attempt(s)"
+                + (f": {self.why}" if self.why else ""))
 
 
 class RemoteTraceback(Exception):

@@ -3,8 +3,9 @@
 Task life cycle (one gate per transition; an illegal one raises :class:`InvalidTransition`)::
 
     WAITING --inputs exist--> READY --placed--> RUNNING --TaskDone--> DONE
-       |                        |
+       |                        |    <--its rank died--+ (attempt <= max_retries)
        +--input failed/deleted--+--cancel--> FAILED (its results become error objects)
+                                     <--its rank died--  (pinned there, retries used up)
 
 Placement (dynamic, dependency-aware): a pinned task goes to its rank; otherwise the rank holding
 most bytes of the task's inputs if it has room, else the least loaded rank.  Each worker keeps up
@@ -22,7 +23,7 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional
 
-from .errors import ObjectDeletedError
+from .errors import ObjectDeletedError, RankLostError
 from .ids import format_id
 from .protocol import DirAdd, DirLookup, ObjectInfo, RunTask, TaskDone, TaskSpec
 from .serialization import frame_sizes, local_error, to_bytes
@@ -69,6 +70,7 @@ class _Task:
     missing: set = field(default_factory=set)
     rank: Optional[int] = None
     blocked: bool = False
+    attempts: int = 0
     history: list = field(default_factory=list)
 
     def move(self, new: TaskState) -> None:
@@ -111,7 +113,8 @@ class Scheduler:
         self.dep_count: dict[int, int] = {}            # object id -> unfinished tasks using it
         self.released: set[int] = set()                # driver dropped its ref; free when unused
         self.freed: list[int] = []                     # to free now (drained by the runtime)
-        self.stats = {"submitted": 0, "done": 0, "failed": 0}
+        self.lost_ranks: set[int] = set()
+        self.stats = {"submitted": 0, "done": 0, "failed": 0, "retried": 0}
 
     # --- events --------------------------------------------------------------------------
 
@@ -123,8 +126,10 @@ class Scheduler:
             Nothing is registered then.
         """
         if spec.rank is not None and spec.rank not in self.inflight:
-            raise ValueError(f"rank {spec.rank} is not a worker rank (workers: {self.workers})")
-        if spec.allowed is not None and (not spec.allowed or not set(spec.allowed) <= self.inflight.keys()):
+            dead = " (it died)" if spec.rank in self.lost_ranks else ""
+            raise ValueError(f"rank {spec.rank} is not a worker rank{dead} (workers: {self.workers})")
+        if spec.allowed is not None and (not spec.allowed or not set(spec.allowed) <= self.inflight.keys() | self.lost_ranks
+                                         or not set(spec.allowed) - self.lost_ranks):
             raise ValueError(f"allowed ranks {spec.allowed} are not all worker ranks (workers: {self.workers})")
         for key, blob in ((spec.fn_id, spec.fn_blob), (spec.init_id, spec.init_blob)):
             if key is not None and blob is not None:
@@ -203,11 +208,54 @@ class Scheduler:
         self.objects.pop(object_id, None)
         self.looked_up.discard(object_id)
 
+    def rank_lost(self, rank: int) -> Outbox:
+        """Worker ``rank`` died (ULFM).  It gets no more tasks; each task running there goes back
+        to the ready queue (counted in ``stats["retried"]``) unless it has been started
+        ``max_retries + 1`` times; a task pinned to ``rank`` (running or not), or left with no
+        allowed rank, fails with :class:`RankLostError`, and so do all unfinished tasks if no
+        worker is left.  Objects that were only on ``rank`` are the directory's business
+        (:meth:`object_lost`).  Idempotent."""
+        if rank not in self.inflight:
+            return []
+        self.lost_ranks.add(rank)
+        self.workers.remove(rank)
+        del self.inflight[rank]
+        self.sent_blobs.pop(rank, None)
+        out: Outbox = []
+        requeue = []
+        for task in list(self.tasks.values()):
+            spec = task.spec
+            pinned = spec.rank == rank or (spec.allowed is not None and not set(spec.allowed) - self.lost_ranks)
+            if task.state is TaskState.RUNNING and task.rank == rank:
+                if pinned or task.attempts > spec.max_retries or not self.workers:
+                    why = "pinned to it" if pinned else ("no worker rank left" if not self.workers
+                                                        else f"max_retries={spec.max_retries}")
+                    self._fail(task, self._lost_error(task, rank, why), out)
+                else:
+                    task.move(TaskState.READY)
+                    task.rank, task.blocked = None, False
+                    self.stats["retried"] += 1
+                    requeue.append(task)
+            elif task.state in (TaskState.WAITING, TaskState.READY) and (pinned or not self.workers):
+                if task.state is TaskState.READY:
+                    self._queue(spec).remove(spec.task_id)
+                why = "pinned to it" if pinned else "no worker rank left"
+                self._fail(task, self._lost_error(task, rank, why), out)
+        for task in reversed(requeue):          # lost work first: it was placed earliest
+            self._queue(task.spec).appendleft(task.spec.task_id)
+        self.ready.pop(("rank", rank), None)
+        return self._drain(out)
+
+    @staticmethod
+    def _lost_error(task: _Task, rank: int, why: str) -> tuple:
+        name = f"{task.spec.name or 'task'} {format_id(task.spec.task_id)}"
+        return to_bytes(local_error(RankLostError(name, rank, task.attempts, why)))
+
     def task_done(self, msg: TaskDone) -> Outbox:
         """A worker finished a task (successfully or with an error object as result)."""
         task = self.tasks.get(msg.task_id)
-        if task is None:
-            return []
+        if task is None or msg.rank in self.lost_ranks:   # (a dead rank's late report: its
+            return []                                    # results died with it; re-run anyway)
         task.move(TaskState.DONE)
         del self.tasks[msg.task_id]
         if not task.blocked:
@@ -296,7 +344,7 @@ class Scheduler:
         limit = self.tasks_per_worker
         if spec.rank is not None:
             return spec.rank if self.inflight[spec.rank] < limit else None
-        candidates = spec.allowed or self.workers
+        candidates = [r for r in spec.allowed if r in self.inflight] if spec.allowed else self.workers
         local: dict[int, int] = {}   # rank -> bytes of this task's (chunked) inputs it holds
         for oid in spec.deps:
             info = self.objects.get(oid)
@@ -313,6 +361,7 @@ class Scheduler:
     def _run(self, task: _Task, rank: int) -> RunTask:
         task.move(TaskState.RUNNING)
         task.rank = rank
+        task.attempts += 1
         self.inflight[rank] += 1
         spec = task.spec
         sent = self.sent_blobs[rank]

@@ -104,7 +104,7 @@ def test_tasks_per_worker_cap_holds_tasks_back_until_task_done():
     assert s.task_done(done(d, 1)) == []
     assert s.pending() == 0
     assert s.completed == [value(20, 1), value(10, 1), value(30, 1), value(40, 1)]
-    assert s.stats == {"submitted": 4, "done": 4, "failed": 0}
+    assert s.stats == {"submitted": 4, "done": 4, "failed": 0, "retried": 0}
 
 
 def test_duplicate_task_done_is_ignored():
@@ -212,7 +212,7 @@ def test_error_result_propagates_to_dependents_as_error_objects():
     assert type(exc) is ValueError and exc.args == ("boom",)
     assert isinstance(exc.__cause__, RemoteTraceback) and exc.__cause__.rank == 1
     assert s.pending() == 0
-    assert s.stats == {"submitted": 3, "done": 1, "failed": 2}
+    assert s.stats == {"submitted": 3, "done": 1, "failed": 2, "retried": 0}
 
 
 def test_task_submitted_on_a_failed_object_fails_at_once():
@@ -583,3 +583,93 @@ def test_failed_and_cancelled_tasks_release_their_inputs():
     assert s.freed == []
     assert s.cancel(20)[0]
     assert s.freed == [500]
+
+
+# --- rank loss (issue 5): retries, pinned tasks, late reports ------------------------------------
+
+def _lost(task_id, rank, attempts, why) -> str:
+    """The RankLostError message carried by a lost task's error object."""
+    from hoplite_mpi.errors import RankLostError
+    return str(RankLostError(f"t{task_id} {format_id(task_id)}", rank, attempts, why))
+
+
+def _error_text(s: Scheduler, oid) -> str:
+    info = next(i for i in reversed(s.completed) if i.object_id == oid)
+    assert info.error
+    return str(rebuild_error(info.inline))
+
+
+def test_a_running_task_of_a_dead_rank_is_re_run_elsewhere_first():
+    s = make(workers=(1, 2), cap=1)
+    a, b, c = first(10), spec(20), spec(30)
+    assert s.submit(a) == [(1, run(a, blobs=FIRST))]
+    assert s.submit(b) == [(2, run(b, blobs=FIRST))]
+    assert s.submit(c) == []                                  # both workers full
+    assert s.rank_lost(1) == []                               # rank 2 still busy with b
+    assert s.stats["retried"] == 1 and s.workers == [2]
+    assert s.task_done(done(b, 2)) == [(2, run(a))]          # the lost task goes before c
+    assert s.task_done(done(a, 2)) == [(2, run(c))]
+    assert s.task_done(done(c, 2)) == []
+    assert [i.object_id for i in s.completed] == [20, 10, 30] and s.pending() == 0
+
+
+def test_a_late_report_from_a_dead_rank_is_ignored():
+    s = make(workers=(1, 2))
+    a = first(10)
+    assert s.submit(a) == [(1, run(a, blobs=FIRST))]
+    assert s.rank_lost(1) == [(2, run(a, blobs=FIRST))]       # function blob sent to rank 2 too
+    assert s.task_done(done(a, 1)) == []                      # the dead rank's result is gone
+    assert s.completed == [] and s.pending() == 1
+    assert s.task_done(done(a, 2)) == []
+    assert s.completed == [value(10, 2)]
+
+
+def test_retries_are_bounded_by_max_retries():
+    s = make(workers=(1, 2, 3))
+    a = replace(first(10), max_retries=1)
+    assert s.submit(a) == [(1, run(a, blobs=FIRST))]
+    assert s.rank_lost(1) == [(2, run(a, blobs=FIRST))]       # attempt 2 of 2
+    out = s.rank_lost(2)                                      # lost again: fails
+    assert out == [(SHARD, DirAdd(s.completed[-1]))]
+    assert _error_text(s, 10) == _lost(10, 2, 2, "max_retries=1")
+    assert s.pending() == 0 and s.stats["retried"] == 1 and s.stats["failed"] == 1
+
+
+def test_tasks_pinned_to_a_dead_rank_fail_and_their_dependents_too():
+    s = make(workers=(1, 2), cap=1)
+    a, b, c = first(10, rank=1), spec(20, rank=1), spec(30, 20)
+    assert s.submit(a) == [(1, run(a, blobs=FIRST))]
+    assert s.submit(b) == []                                  # ready, waits for rank 1
+    assert s.submit(c) == []                                  # waits for b's result
+    s.rank_lost(1)
+    assert _error_text(s, 10) == _lost(10, 1, 1, "pinned to it")
+    assert _error_text(s, 20) == _lost(20, 1, 0, "pinned to it")
+    assert _error_text(s, 30) == _lost(20, 1, 0, "pinned to it")   # the dependent gets b's error
+    assert s.pending() == 0
+    with pytest.raises(ValueError, match=r"rank 1 is not a worker rank \(it died\)"):
+        s.submit(spec(40, rank=1))
+
+
+def test_allowed_ranks_shrink_and_fail_when_all_are_dead():
+    s = make(workers=(1, 2, 3), cap=1)
+    a = first(10, allowed=(1, 2))
+    assert s.submit(a) == [(1, run(a, blobs=FIRST))]
+    assert s.rank_lost(1) == [(2, run(a, blobs=FIRST))]
+    s.rank_lost(2)
+    assert _error_text(s, 10) == _lost(10, 2, 2, "pinned to it")
+    with pytest.raises(ValueError, match="allowed ranks"):
+        s.submit(spec(20, allowed=(1, 2)))
+    b = spec(30, allowed=(1, 3))                              # one of them still alive
+    assert s.submit(b) == [(3, run(b, blobs=FIRST))]
+
+
+def test_no_worker_left_fails_every_unfinished_task_and_rank_lost_is_idempotent():
+    s = make(workers=(1,))
+    a, b = first(10), spec(20, 500)                            # b waits for a lookup
+    s.submit(a)
+    s.submit(b)
+    s.rank_lost(1)
+    assert s.rank_lost(1) == []
+    assert _error_text(s, 10) == _lost(10, 1, 1, "no worker rank left")
+    assert _error_text(s, 20) == _lost(20, 1, 0, "no worker rank left")
+    assert s.pending() == 0
