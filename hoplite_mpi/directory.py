@@ -202,3 +202,30 @@ class DirectoryShard:
         if entry is not None and entry.info is not None and rank in entry.info.holders:
             entry.info = replace(entry.info, holders=tuple(h for h in entry.info.holders if h != rank))
         return []
+
+    def rank_lost(self, rank: int) -> tuple[Outbox, list[int]]:
+        """``rank`` died: it holds, receives and feeds nothing any more, and waits for nothing.
+
+        Returns ``(messages, lost)``: ``lost`` lists the objects whose last complete copy was on
+        ``rank`` (not inline values, which live in the entry itself); their entries stay, so pulls
+        and lookups keep waiting until a rebuilt copy is added (lineage) or the object is deleted.
+        Receivers fed by ``rank`` see their stream fail and ask again (:meth:`pull` re-places them).
+        """
+        lost = []
+        for oid, entry in self._entries.items():
+            entry.waiting = [r for r in entry.waiting if r != rank]
+            entry.pulling = [r for r in entry.pulling if r != rank]
+            sender = entry.partial.pop(rank, None)
+            if sender is not None:          # it was being fed: its sender feeds one fewer
+                self._feeds(entry, sender, -1)
+            entry.downstream.pop(rank, None)
+            for receiver, sender in list(entry.partial.items()):
+                if sender == rank:          # it will ask again; until then it feeds from nobody
+                    entry.partial[receiver] = None
+            info = entry.info
+            if info is not None and rank in info.holders:
+                holders = tuple(h for h in info.holders if h != rank)
+                entry.info = replace(info, holders=holders)
+                if not holders and info.inline is None:
+                    lost.append(oid)
+        return [], lost

@@ -209,3 +209,39 @@ def test_automatic_free_keeps_no_lasting_tombstone():
     # a permanent delete is remembered for ever
     shard.delete(10**9)
     assert shard.lookup(10**9, requester=2) == [(2, DirReply(10**9, None))]
+
+
+# --- rank loss (issue 5) -----------------------------------------------------------------------
+
+def test_rank_lost_drops_it_as_holder_and_reports_objects_left_without_a_copy(shard):
+    shard.add(info(holders=(1, 2)))                           # X: a copy survives on 2
+    shard.add(info(holders=(1,), oid=Y))                      # Y: its only copy was on 1
+    shard.add(info(holders=(1,), oid=Y + 1, sizes=(3,), inline=(b"abc",)))   # inline: kept here
+    assert shard.rank_lost(1) == ([], [Y])
+    assert shard.info(X).holders == (2,)
+    assert shard.info(Y).holders == ()
+    assert shard.info(Y + 1).inline == (b"abc",)
+    assert shard.rank_lost(1) == ([], [])                     # idempotent
+
+
+def test_after_rank_loss_pulls_wait_for_a_rebuilt_copy_and_are_answered_by_its_add(shard):
+    shard.add(info(holders=(1,)))
+    shard.rank_lost(1)
+    assert shard.lookup(X, 3) == []                           # no copy: both wait
+    assert shard.pull(X, 4) == []
+    rebuilt = info(holders=(2,))
+    assert shard.add(rebuilt) == [(3, DirReply(X, rebuilt)), (4, DirReply(X, rebuilt, True))]
+
+
+def test_a_dead_sender_is_not_chosen_again_and_its_receivers_are_re_placed(shard):
+    shard.add(info(holders=(1, 2)))
+    assert shard.pull(X, 3) == [(3, DirReply(X, info(holders=(1,)), True))]   # tail of chain at 1
+    assert shard.pull(X, 4) == [(4, DirReply(X, info(holders=(2,)), True))]
+    shard.rank_lost(1)
+    # receiver 3 lost its sender and asks again: it gets rank 2's chain tail (rank 4) or rank 2
+    (dest, reply), = shard.pull(X, 3)
+    assert dest == 3 and reply.info.holders[0] in (2, 4)
+    # the dead rank's own pending requests are forgotten
+    shard.add(info(holders=(5,), oid=Y))
+    assert shard.lookup(Y + 7, 1) == [] and shard.rank_lost(1) == ([], [])
+    assert shard.add(info(holders=(5,), oid=Y + 7)) == []
