@@ -83,17 +83,9 @@ def info() -> int:
 
 def ulfm_status() -> str:
     """'on', or 'off (<reason>)', for this process's MPI."""
-    from mpi4py import MPI
+    from .transport.mpi import ulfm_status as status
 
-    lib = MPI.Get_library_version()
-    if "Open MPI" not in lib:
-        return "off (only Open MPI's ULFM is supported; this MPI ends the job when a rank dies)"
-    if not hasattr(MPI.Comm, "Get_failed"):
-        return "off (mpi4py was built without the ULFM extensions)"
-    enabled = os.environ.get("OMPI_MCA_mpi_ft_enable", "")
-    if enabled.lower() in ("1", "true", "yes", "on"):
-        return "on"
-    return "off in this job (start it with `hoplite-mpi run` without --no-ft, or `mpirun --with-ft ulfm`)"
+    return status()
 
 
 def main(argv: Optional[list[str]] = None) -> int:

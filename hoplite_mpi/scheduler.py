@@ -3,7 +3,7 @@
 Task life cycle (one gate per transition; an illegal one raises :class:`InvalidTransition`)::
 
     WAITING --inputs exist--> READY --placed--> RUNNING --TaskDone--> DONE
-       |                        |    <--its rank died--+ (attempt <= max_retries)
+       |  <--input lost, rebuilt--|    <--its rank died--+ (attempt <= max_retries)
        +--input failed/deleted--+--cancel--> FAILED (its results become error objects)
                                      <--its rank died--  (pinned there, retries used up)
 
@@ -23,7 +23,7 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional
 
-from .errors import ObjectDeletedError, RankLostError
+from .errors import ObjectDeletedError, ObjectLostError, RankLostError
 from .ids import format_id
 from .protocol import DirAdd, DirLookup, ObjectInfo, RunTask, TaskDone, TaskSpec
 from .serialization import frame_sizes, local_error, to_bytes
@@ -47,7 +47,7 @@ class TaskState:
 
 _ALLOWED = {
     TaskState.WAITING: {TaskState.READY, TaskState.FAILED},
-    TaskState.READY: {TaskState.RUNNING, TaskState.FAILED},
+    TaskState.READY: {TaskState.RUNNING, TaskState.FAILED, TaskState.WAITING},
     TaskState.RUNNING: {TaskState.DONE, TaskState.FAILED, TaskState.READY},
     TaskState.DONE: set(),
     TaskState.FAILED: set(),
@@ -114,6 +114,7 @@ class Scheduler:
         self.released: set[int] = set()                # driver dropped its ref; free when unused
         self.freed: list[int] = []                     # to free now (drained by the runtime)
         self.lost_ranks: set[int] = set()
+        self.lineage: dict[int, TaskSpec] = {}          # live chunked result -> the task that made it
         self.stats = {"submitted": 0, "done": 0, "failed": 0, "retried": 0}
 
     # --- events --------------------------------------------------------------------------
@@ -196,6 +197,7 @@ class Scheduler:
         that still holds it fails when it would be placed, see :meth:`_run`)."""
         self.deleted.add(object_id)
         self.objects.pop(object_id, None)
+        self.lineage.pop(object_id, None)
         out: Outbox = []
         for task_id in self.dependents.pop(object_id, ()):
             task = self.tasks.get(task_id)
@@ -206,6 +208,7 @@ class Scheduler:
     def forget(self, object_id: int) -> None:
         """Drop an automatically freed object (no tombstone: no ref to it exists any more)."""
         self.objects.pop(object_id, None)
+        self.lineage.pop(object_id, None)
         self.looked_up.discard(object_id)
 
     def rank_lost(self, rank: int) -> Outbox:
@@ -265,8 +268,49 @@ class Scheduler:
             self.producer.pop(info.object_id, None)
             self.completed.append(info)
             self._cascade.append(info)
+            if info.inline is None and not info.error:   # (inline values live in the directory)
+                self.lineage[info.object_id] = task.spec
         self._finished(task)
         return self._drain([])
+
+    def object_lost(self, object_id: int, rank: int) -> Outbox:
+        """The directory found no complete copy of ``object_id`` left after ``rank`` died.
+
+        Lineage: the task that made it runs again (same return ids, counted as a retry; its lost
+        inputs are reported and rebuilt the same way, and a fetch of the object waits in the
+        directory until the new copy is added).  Without lineage (a ``put``, a reduce result) or
+        when an input of that task was freed since, the object becomes an error object carrying
+        :class:`ObjectLostError` (raised by ``get``).  Idempotent while the re-run is pending.
+        """
+        if object_id in self.producer or object_id in self.deleted:
+            return []
+        spec = self.lineage.get(object_id)
+        out: Outbox = []
+        gone = None if spec is None else next(
+            (d for d in spec.deps if d not in self.objects and d not in self.producer), None)
+        if spec is None or gone is not None or not self.workers:
+            self.lineage.pop(object_id, None)
+            error = to_bytes(local_error(ObjectLostError(format_id(object_id), rank)))
+            info = ObjectInfo(object_id, frame_sizes(error), (), tuple(error), True)
+            self.completed.append(info)
+            self._cascade.append(info)
+            out += [(r, DirAdd(info)) for r in self.shard_ranks(object_id)]
+            return self._drain(out)
+        task = _Task(spec)
+        self.tasks[spec.task_id] = task
+        self.stats["retried"] += 1
+        for oid in spec.return_ids:
+            self.lineage.pop(oid, None)
+            self.producer[oid] = spec.task_id
+            self.objects.pop(oid, None)
+        for oid in spec.deps:
+            self.dep_count[oid] = self.dep_count.get(oid, 0) + 1
+            if oid not in self.objects:
+                task.missing.add(oid)
+                self.dependents.setdefault(oid, []).append(spec.task_id)
+        if not task.missing:
+            self._make_ready(task)
+        return out + self.dispatch()
 
     def release(self, object_id: int) -> None:
         """The driver dropped its last ref to the object (it never escaped into another object):
@@ -327,8 +371,14 @@ class Scheduler:
             while queue:
                 task = self.tasks[queue[0]]
                 gone = next((oid for oid in task.spec.deps if oid not in self.objects), None)
-                if gone is not None:   # an input was deleted after the task became ready
+                if gone is not None:   # an input was deleted or lost after the task became ready
                     queue.popleft()
+                    if gone in self.producer:      # being rebuilt from lineage: wait for it
+                        task.move(TaskState.WAITING)
+                        task.missing = {d for d in task.spec.deps if d not in self.objects}
+                        for d in task.missing:
+                            self.dependents.setdefault(d, []).append(task.spec.task_id)
+                        continue
                     self._fail(task, _deleted_error(gone), failed)
                     continue
                 rank = self._place(task.spec)

@@ -673,3 +673,60 @@ def test_no_worker_left_fails_every_unfinished_task_and_rank_lost_is_idempotent(
     assert _error_text(s, 10) == _lost(10, 1, 1, "no worker rank left")
     assert _error_text(s, 20) == _lost(20, 1, 0, "no worker rank left")
     assert s.pending() == 0
+
+
+# --- lost objects and lineage (issue 5) ------------------------------------------------------------
+
+def test_a_lost_result_is_rebuilt_by_running_its_task_again():
+    s = make(workers=(1, 2))
+    a = first(10)
+    s.submit(a)
+    s.task_done(done(a, 1, big(10, 1, 1 << 20)))
+    b = spec(20, 10)
+    assert s.submit(b) == [(1, run(b, deps=[big(10, 1, 1 << 20)]))]      # locality: rank 1
+    # b is re-run on rank 2 at once (its fetch of 10 will wait in the directory) ...
+    assert s.rank_lost(1) == [(2, run(b, deps=[big(10, 1, 1 << 20)], blobs=FIRST))]
+    assert s.object_lost(10, 1) == [(2, run(a))]            # ... and a rebuilds 10
+    assert s.object_lost(10, 1) == []                        # already being rebuilt
+    assert s.stats["retried"] == 2
+    s.task_done(done(a, 2, big(10, 2, 1 << 20)))
+    assert s.completed[-1] == big(10, 2, 1 << 20)
+
+
+def test_a_ready_task_whose_input_is_being_rebuilt_waits_for_it():
+    s = make(workers=(1,), cap=1)
+    a = first(10)
+    s.submit(a)
+    s.task_done(done(a, 1, big(10, 1, 1 << 20)))
+    blocker, b = spec(30), spec(20, 10)
+    assert s.submit(blocker) == [(1, run(blocker))]
+    assert s.submit(b) == []                                 # READY, held by the cap
+    s.object_lost(10, 1)                                     # a is queued behind b
+    assert s.task_done(done(blocker, 1)) == [(1, run(a))]   # b went back to WAITING
+    assert s.task_done(done(a, 1, big(10, 1, 1 << 20))) == [(1, run(b, deps=[big(10, 1, 1 << 20)]))]
+
+
+def test_an_object_without_lineage_becomes_an_object_lost_error():
+    from hoplite_mpi.errors import ObjectLostError
+    s = make(workers=(1, 2))
+    s.object_known(big(500, 1, 1 << 20))                     # e.g. a put's object
+    b = first(20, 500)
+    s.submit(b)
+    out = s.object_lost(500, 1)
+    err = s.completed[-1]
+    assert err.object_id == 500 and err.error and (SHARD, DirAdd(err)) in out
+    exc = rebuild_error(err.inline)
+    assert isinstance(exc, ObjectLostError) and exc.rank == 1 and "dead rank 1" in str(exc)
+
+
+def test_a_result_whose_task_input_was_freed_cannot_be_rebuilt():
+    from hoplite_mpi.errors import ObjectLostError
+    s = make(workers=(1, 2))
+    s.object_known(big(500, 1, 1 << 20))
+    a = first(10, 500)
+    s.submit(a)
+    s.task_done(done(a, 2, big(10, 2, 1 << 20)))
+    s.forget(500)                                            # the input was freed since
+    s.object_lost(10, 2)
+    assert isinstance(rebuild_error(s.completed[-1].inline), ObjectLostError)
+    assert 10 not in s.lineage

@@ -8,7 +8,10 @@
 
 The communicator's error handler is ``ERRORS_RETURN`` so that a failed peer raises
 ``MPI.Exception`` here (ULFM: ``MPI_ERR_PROC_FAILED``), which becomes :class:`PeerFailure` for the
-stream concerned; the job goes on.
+stream concerned; the job goes on.  Dead ranks are learned from ``Comm.Get_failed`` (a local call,
+~0.3 us, which ULFM updates while MPI is progressed: 10-50 ms after a SIGKILL here) and reported by
+:meth:`MPITransport.failures`; an ``ANY_SOURCE`` probe that reports a failure is acknowledged
+(``Ack_failed``) and repeated; control sends to a dead rank are dropped.
 
 Waking: a rank with nothing to do sleeps in :meth:`MPITransport.wait`; every control batch sent to
 a rank on the same host also rings that rank's doorbell (:mod:`.doorbell`), so it polls at once
@@ -16,6 +19,7 @@ instead of after its backoff delay.
 """
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from collections import deque
@@ -56,11 +60,20 @@ class MPITransport(Transport):
         key = comm.bcast(uuid.uuid4().hex[:16] if self.rank == 0 else None, root=0)
         hosts = comm.allgather(socket.gethostname())
         self.bell = make_bell(key, self.rank, [r for r, h in enumerate(hosts) if h == hosts[self.rank]])
+        self.failed: set[int] = set()     # dead ranks reported by failures()
+        self._nfailed = 0
+        self._group = comm.Get_group()
+        self.ft = _has_ulfm(comm)
 
     # --- control ----------------------------------------------------------------------------
 
     def send(self, dest: int, batch: list) -> None:
-        self._sends.append(self.comm.isend(batch, dest, Tag.CONTROL))
+        if dest in self.failed:
+            return
+        try:
+            self._sends.append(self.comm.isend(batch, dest, Tag.CONTROL))
+        except MPI.Exception:     # the peer died (reported by failures())
+            return
         self.bell.ring(dest)
 
     def wait(self, timeout: float) -> bool:
@@ -73,10 +86,45 @@ class MPITransport(Transport):
         got = []
         status = self._status
         while True:
-            msg = self.comm.improbe(MPI.ANY_SOURCE, Tag.CONTROL, status)
+            try:
+                msg = self.comm.improbe(MPI.ANY_SOURCE, Tag.CONTROL, status)
+            except MPI.Exception as exc:
+                if not self._acknowledge(exc):
+                    raise
+                continue
             if msg is None:
                 return got
-            got.append((status.Get_source(), msg.recv()))
+            source = status.Get_source()
+            try:
+                got.append((source, msg.recv()))
+            except MPI.Exception as exc:   # the sender died before its message was complete
+                if not self._acknowledge(exc):
+                    raise
+
+    def _acknowledge(self, exc: "MPI.Exception") -> bool:
+        """A pending ANY_SOURCE operation noticed a dead rank: acknowledge it so that the next
+        probe works again.  Returns False if ``exc`` is not a process failure."""
+        if not self.ft or exc.Get_error_class() not in _FAILURE_CLASSES:
+            return False
+        self.comm.Ack_failed()
+        return True
+
+    def failures(self) -> list[int]:
+        """Ranks found dead since the last call (ULFM; always empty without it)."""
+        if not self.ft:
+            return []
+        group = self.comm.Get_failed()
+        try:
+            n = group.Get_size()
+            if n == self._nfailed:
+                return []
+            ranks = MPI.Group.Translate_ranks(group, list(range(n)), self._group)
+        finally:
+            group.Free()
+        self._nfailed = n
+        new = sorted(set(ranks) - self.failed)
+        self.failed.update(new)
+        return new
 
     # --- streams ----------------------------------------------------------------------------
 
@@ -127,7 +175,7 @@ class MPITransport(Transport):
         progressed = False
         if self._sends:
             before = len(self._sends)
-            self._sends = [r for r in self._sends if not r.Test()]
+            self._sends = [r for r in self._sends if not _done(r)]
             progressed = len(self._sends) != before
         if self._streams:
             keep = []
@@ -160,6 +208,43 @@ class MPITransport(Transport):
             _cancel(req)
         self._sends = []
         self.bell.close()
+        self._group.Free()
+
+
+_FAILURE_CLASSES = frozenset(c for c in (getattr(MPI, "ERR_PROC_FAILED", None),
+                                         getattr(MPI, "ERR_PROC_FAILED_PENDING", None),
+                                         getattr(MPI, "ERR_REVOKED", None)) if c is not None)
+
+
+def ulfm_status() -> str:
+    """'on', or 'off (<reason>)': whether this job survives the loss of a rank (ULFM)."""
+    lib = MPI.Get_library_version()
+    if "Open MPI" not in lib:
+        return "off (only Open MPI's ULFM is supported; this MPI ends the job when a rank dies)"
+    if not hasattr(MPI.Comm, "Get_failed") or not _FAILURE_CLASSES:
+        return "off (mpi4py was built without the ULFM extensions)"
+    enabled = os.environ.get("OMPI_MCA_mpi_ft_enable", "")
+    if enabled.lower() in ("1", "true", "yes", "on"):
+        return "on"
+    return "off in this job (start it with `hoplite-mpi run` without --no-ft, or `mpirun --with-ft ulfm`)"
+
+
+def _has_ulfm(comm: "MPI.Comm") -> bool:
+    if ulfm_status() != "on":
+        return False
+    try:
+        comm.Get_failed().Free()
+    except (NotImplementedError, AttributeError, MPI.Exception):
+        return False
+    return True
+
+
+def _done(req) -> bool:
+    """Test a control send; one to a rank that died counts as done (dropped)."""
+    try:
+        return req.Test()
+    except MPI.Exception:
+        return True
 
 
 def _cancel(req) -> None:
