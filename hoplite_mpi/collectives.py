@@ -205,6 +205,20 @@ class ReduceCoordinator:
             return self._fail(HopliteError(f"allreduce: rank {rank} could not get the result: {error}"))
         return self._maybe_finish()
 
+    def rank_lost(self, rank: int) -> Outbox:
+        """``rank`` died.  A reduce with a placed input, a step or the target there fails with
+        :class:`HopliteError` naming the rank (its inputs stay usable for a new reduce); an
+        allreduce no longer waits for ``rank`` to receive the result."""
+        if self.done:
+            return []
+        self.pending_fetch.discard(rank)
+        steps = [s for s in self.slots if s.rank == rank] + \
+            ([self.copy_step] if self.copy_step is not None and self.copy_step.rank == rank else [])
+        if steps or (rank == self.target and not self.result_done):
+            return self._fail(HopliteError(
+                f"reduce {format_id(self.result_id)}: rank {rank} died while taking part"))
+        return self._maybe_finish()
+
     # --- internals ---------------------------------------------------------------------------
 
     def _choose_slot(self, rank: int) -> _Slot:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from . import faults
 from . import protocol as P
 from .errors import ObjectDeletedError
 from .ids import format_id
@@ -180,9 +181,13 @@ class ObjectPlane:
         self._next_tag += 1
         tag = self._next_tag
         self.stats["pulls"] += 1
-        self.transport.recv_stream(sender, tag, chunks, lambda n: self.store.advance(into, n),
+        self.transport.recv_stream(sender, tag, chunks, lambda n: self._chunk_in(into, n),
                                    lambda failure: on_error(into, failure))
         self.send(sender, P.Pull(source_id, tag, entry.progress))
+
+    def _chunk_in(self, into: int, nbytes: int) -> None:
+        faults.reached("chunk")
+        self.store.advance(into, nbytes)
 
     def _fetched(self, oid: int, head: Optional[bytes]) -> None:
         entry = self.store.get(oid)
@@ -211,6 +216,7 @@ class ObjectPlane:
     # --- serving ---------------------------------------------------------------------------
 
     def _on_pull(self, source: int, msg: P.Pull) -> None:
+        faults.reached("serve")
         oid = msg.object_id
         entry = self.store.get(oid)
         if entry is None:
@@ -292,6 +298,7 @@ class ObjectPlane:
     # --- reduce steps (the node side) ------------------------------------------------------
 
     def _on_reduce_step(self, source: int, msg: P.ReduceStep) -> None:
+        faults.reached("reduce")
         try:
             _ReduceStep(self, source, msg).start()
         except Exception as exc:

@@ -284,6 +284,14 @@ class ReduceRequest:
 # --- lifecycle ------------------------------------------------------------------------------
 
 @message
+class ObjectLost:
+    """Directory shard -> scheduler: no complete copy of the object is left (``rank`` died)."""
+
+    object_id: int
+    rank: int
+
+
+@message
 class Shutdown:
     """Driver -> every rank: stop after acknowledging."""
 

@@ -19,6 +19,7 @@ wakes a sleeping engine at once.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -27,6 +28,7 @@ from collections import defaultdict, deque
 from concurrent.futures import Future
 from typing import Any, Callable, Optional
 
+from . import faults
 from . import protocol as P
 from .config import Config
 from .directory import DirectoryShard, shard_map
@@ -60,6 +62,8 @@ class Runtime(ObjectPlane):
         self.rank = self.transport.rank
         self.size = self.transport.size
         self.ids = IdGenerator(self.rank)
+        faults.arm(self.rank)
+        self.dead: set[int] = set()                        # ranks lost (ULFM)
         self.store = ObjectStore()
         self.shards = shard_map(self.size, min(config.replication, self.size))
         self.directory = DirectoryShard(self.rank)
@@ -117,6 +121,7 @@ class Runtime(ObjectPlane):
             P.Free: self._on_free,
             P.Pull: self._on_pull,
             P.PullRefused: self._on_pull_refused,
+            P.ObjectLost: lambda src, m: self._scheduled(self.scheduler.object_lost(m.object_id, m.rank)),
             P.Shutdown: lambda src, m: self._on_shutdown(src),
             P.ShutdownAck: self._on_shutdown_ack,
         }
@@ -151,7 +156,16 @@ class Runtime(ObjectPlane):
         return fut.result(timeout)
 
     def shard_ranks(self, object_id: int) -> tuple[int, ...]:
-        return self.shards[shard_of(object_id, len(self.shards))]
+        """Live ranks of the object's directory shard; when all its replicas died, the next live
+        rank after them takes the shard over (rebuilt by :meth:`_rank_lost`)."""
+        ranks = self.shards[shard_of(object_id, len(self.shards))]
+        if not self.dead:
+            return ranks
+        live = tuple(r for r in ranks if r not in self.dead)
+        if live:
+            return live
+        return (next(r % self.size for r in range(ranks[-1] + 1, ranks[-1] + self.size)
+                     if r % self.size not in self.dead),)
 
     # --- engine loop ---------------------------------------------------------------------------
 
@@ -175,6 +189,9 @@ class Runtime(ObjectPlane):
                     active = True
                     for msg in batch:
                         self._handle(source, msg)
+                for rank in transport.failures():
+                    active = True
+                    self._guarded(self._rank_lost, rank)
                 while self._local:
                     active = True
                     self._handle(self.rank, self._local.popleft())
@@ -310,6 +327,8 @@ class Runtime(ObjectPlane):
     # --- directory -----------------------------------------------------------------------------
 
     def _on_directory(self, source: int, msg: Any) -> None:
+        if type(msg) is P.DirAdd:
+            faults.reached("dir")
         self._send_all(self.directory.handle(source, msg))
 
     def _lookup(self, object_id: int, callback: Callable) -> None:
@@ -480,6 +499,75 @@ class Runtime(ObjectPlane):
             self._notify.put([coord.result])
             self._scheduled(self.scheduler.object_known(coord.result))
 
+    # --- rank loss (ULFM) ------------------------------------------------------------------
+
+    def _rank_lost(self, rank: int) -> None:
+        """(engine) ``rank`` died.  Every live rank runs this when its transport reports it."""
+        if rank in self.dead or rank == self.rank:
+            return
+        if rank == 0:
+            log.error("rank %d: rank 0 (the driver) died; exiting", self.rank)
+            logging.shutdown()
+            os._exit(1)
+        log.warning("rank %d: rank %d died; going on without it", self.rank, rank)
+        self.stats["ranks_lost"] += 1
+        moved = [s for s, ranks in enumerate(self.shards) if not set(ranks) - self.dead - {rank}]
+        self.dead.add(rank)
+        # this rank's own shard entries: forget the dead rank, report objects left without a copy
+        out, lost = self.directory.rank_lost(rank)
+        self._send_all(out)
+        for oid in lost:
+            self.send(0, P.ObjectLost(oid, rank))
+        # shards whose every replica is dead moved to a live rank: re-register what we hold there
+        if moved:
+            self._rebuild_shards(set(moved), rank)
+        for oid, pulls in list(self._deferred.items()):
+            self._deferred[oid] = [(src, m) for src, m in pulls if src != rank]
+        if self.scheduler is not None:
+            self._scheduled(self.scheduler.rank_lost(rank))
+            for coord in list(self._reduces.values()):
+                self._coordinated(coord, coord.rank_lost(rank))
+            for token, (remaining, errors, done) in list(self._broadcasts.items()):
+                if rank in remaining:
+                    self._on_fetched(rank, P.Fetched(token, rank))   # a dead target needs nothing
+            self._check_acks()
+
+    def _rebuild_shards(self, moved: set[int], dead: int) -> None:
+        """Shards ``moved`` lost all their replicas: tell their new ranks what this rank knows
+        (its complete copies; on rank 0 also small values, errors and deletions) and repeat the
+        requests that were waiting there."""
+        n = len(self.shards)
+        for oid in self.store.ids():
+            entry = self.store.get(oid)
+            if shard_of(oid, n) in moved and entry.complete and oid not in self._deleted:
+                info = self.describe(oid, entry.frames, self.rank)
+                for r in self.shard_ranks(oid):
+                    self.send(r, P.DirAdd(info))
+        for oid in list(self._lookups):
+            if shard_of(oid, n) in moved:
+                self.send(self.shard_ranks(oid)[0], P.DirLookup(oid, self.rank))
+        for oid in list(self._fetching):
+            if shard_of(oid, n) in moved and self.store.get(oid) is None:
+                self._ask_sender(oid)
+        sched = self.scheduler
+        if sched is None:
+            return
+        for oid, info in list(sched.objects.items()):
+            if shard_of(oid, n) not in moved:
+                continue
+            if info.inline is not None:
+                for r in self.shard_ranks(oid):
+                    self.send(r, P.DirAdd(info))
+            elif set(info.holders) <= self.dead and oid in sched.lineage:
+                self._scheduled(sched.object_lost(oid, dead))   # its copy and its shard died
+        for oid in sched.deleted:
+            if shard_of(oid, n) in moved:
+                for r in self.shard_ranks(oid):
+                    self.send(r, P.DirDelete(oid, True))
+        for oid in sched.looked_up:
+            if shard_of(oid, n) in moved and oid not in sched.objects:
+                self.send(self.shard_ranks(oid)[0], P.DirLookup(oid, self.rank))
+
     # --- shutdown --------------------------------------------------------------------------
 
     def serve(self) -> None:
@@ -491,12 +579,13 @@ class Runtime(ObjectPlane):
         """Driver: stop every rank (waits up to ``Config.shutdown_timeout`` for their acks)."""
         if self.closed:
             return
-        others = set(range(self.size)) - {self.rank}
+        others = set(range(self.size)) - {self.rank} - self.dead
         if not others:
             self._all_acked.set()
         self.call_soon(self._send_all, [(r, P.Shutdown()) for r in others])
         if self._engine.is_alive():
             self._all_acked.wait(self.config.shutdown_timeout)
+        others -= self.dead
         if not others <= self._acks:
             log.warning("rank 0: ranks %s did not acknowledge shutdown", sorted(others - self._acks))
         self.stopped.set()
@@ -504,7 +593,10 @@ class Runtime(ObjectPlane):
 
     def _on_shutdown_ack(self, source: int, msg: P.ShutdownAck) -> None:
         self._acks.add(source)
-        if len(self._acks) == self.size - 1:
+        self._check_acks()
+
+    def _check_acks(self) -> None:
+        if len(self._acks | self.dead) >= self.size - 1:
             self._all_acked.set()
 
     def _on_shutdown(self, source: int) -> None:

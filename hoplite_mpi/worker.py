@@ -18,6 +18,7 @@ import sys
 import threading
 from typing import Any, Callable
 
+from . import faults
 from .protocol import ObjectInfo, RunTask, TaskSpec
 from .serialization import deserialize, loads, rebuild_error, serialize, serialize_error, sole_owner
 
@@ -127,6 +128,7 @@ class Worker:
         self._slots.acquire()
 
     def _execute(self, msg: RunTask) -> None:
+        faults.reached("task")
         spec = msg.spec
         _context.task_id = spec.task_id
         _context.blocked = False
