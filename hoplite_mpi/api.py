@@ -362,7 +362,7 @@ def wait(refs: Sequence[ObjectRef], num_returns: int = 1, timeout: Optional[floa
 
 # --- tasks -----------------------------------------------------------------------------------
 
-_TASK_OPTIONS = ("num_returns", "max_retries", "rank", "name")
+_TASK_OPTIONS = ("num_returns", "max_retries", "rank", "name", "inline_threshold")
 
 
 def _check_options(options: dict) -> None:
@@ -380,6 +380,9 @@ def _check_options(options: dict) -> None:
     if rank_ is not None:
         if not isinstance(rank_, int) or isinstance(rank_, bool):
             raise TypeError(f"rank must be an int, got {rank_!r}")
+    t = options.get("inline_threshold")
+    if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 0):
+        raise ValueError(f"inline_threshold must be an int >= 0 (bytes), got {t!r}")
 
 
 def _fn_identity(fn: Callable, what: str) -> tuple[bytes, bytes]:
@@ -452,7 +455,11 @@ class RemoteFunction:
                         f"{self.__name__}.remote(...)")
 
     def options(self, **options: Any) -> "RemoteFunction":
-        """A copy with other task options: ``num_returns``, ``max_retries``, ``rank``, ``name``."""
+        """A copy with other task options: ``num_returns``, ``max_retries``, ``rank``, ``name``,
+        ``inline_threshold`` (bytes; results up to this size travel in-band through the
+        scheduler on rank 0 to the tasks that use them, larger ones stay in the worker's store
+        and move worker-to-worker; ``0`` keeps every result off rank 0, e.g. a shuffle's
+        intermediate data; default ``Config.inline_threshold``)."""
         _check_options(options)
         other = RemoteFunction(self._fn, {**self._options, **options})
         other._identity = self._identity
@@ -488,6 +495,7 @@ def submit_task(rt: Any, identity: tuple[bytes, bytes], name: str, args: tuple, 
         fn_blob=None if fn_id in sent else fn_blob, args_blob=args_blob, deps=deps,
         owner=rt.rank, name=options.get("name", name), rank=options.get("rank"), allowed=allowed,
         max_retries=options.get("max_retries", 3),
+        inline_threshold=options.get("inline_threshold"),
         init_id=init[0] if init else None,
         init_blob=init[1] if init and init[0] not in sent else None)
     sent.add(fn_id)

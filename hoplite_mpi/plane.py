@@ -62,10 +62,13 @@ class ObjectPlane:
             return info
         return None
 
-    def describe(self, object_id: int, frames: list, holder: int) -> ObjectInfo:
-        """ObjectInfo of a serialized value held by ``holder`` (inline when small)."""
+    def describe(self, object_id: int, frames: list, holder: int,
+                 inline_threshold: Optional[int] = None) -> ObjectInfo:
+        """ObjectInfo of a serialized value held by ``holder`` (inline when at most
+        ``inline_threshold`` bytes, default ``Config.inline_threshold``)."""
         sizes = frame_sizes(frames)
-        if sum(sizes) <= self.config.inline_threshold:
+        limit = self.config.inline_threshold if inline_threshold is None else inline_threshold
+        if sum(sizes) <= limit:
             return ObjectInfo(object_id, sizes, (holder,), to_bytes(frames))
         head = bytes(frames[0]) if sizes[0] <= HEAD_MAX else None
         return ObjectInfo(object_id, sizes, (holder,), head=head)

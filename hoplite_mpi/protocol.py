@@ -90,6 +90,7 @@ class TaskSpec:
     max_retries: int = 3
     init_id: Optional[bytes] = None
     init_blob: Optional[bytes] = None
+    inline_threshold: Optional[int] = None    # results <= this many bytes go in-band (None: config)
 
     @property
     def return_ids(self) -> tuple[int, ...]:

@@ -420,7 +420,7 @@ class Runtime(ObjectPlane):
             if is_error:
                 infos.append(ObjectInfo(oid, frame_sizes(frames), (self.rank,), to_bytes(frames), True))
                 continue
-            info = self.describe(oid, frames, self.rank)
+            info = self.describe(oid, frames, self.rank, spec.inline_threshold)
             infos.append(info)
             if info.inline is None:
                 stored.append((oid, frames))
