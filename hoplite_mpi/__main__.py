@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
         # on every rank, before init(): workers unpickle functions from modules next to the script
         sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
     hoplite_mpi.init()  # non-driver ranks serve here and exit
+    status = 0
     try:
         if argv[0] == "-m":
             sys.argv = [argv[1]] + argv[2:]
@@ -38,8 +39,22 @@ def main(argv: list[str] | None = None) -> None:
         else:
             sys.argv = argv
             runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        status = 1
+        raise
     finally:
         hoplite_mpi.shutdown()
+        from hoplite_mpi import api
+        if api._ranks_died:       # a rank died: exit without MPI_Finalize (see api._exit_now)
+            if status == 1 and sys.exc_info()[0] is not None:
+                import traceback
+                traceback.print_exc()
+            api._exit_now(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

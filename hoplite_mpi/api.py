@@ -10,6 +10,7 @@ import atexit
 import concurrent.futures as cf
 import hashlib
 import logging
+import os
 import pickle
 import sys
 import threading
@@ -84,11 +85,37 @@ def init(comm: Any = None, **options: Any) -> None:
         rt = _start(comm, 0, options)
         _runtime = rt
     if rt.rank == 0:
+        atexit.register(_finalize_after_rank_loss)   # (runs after shutdown: atexit is LIFO)
         atexit.register(shutdown)
         return
     rt.serve()
     _runtime = None
+    if rt.dead:
+        _exit_now(0)
     sys.exit(0)
+
+
+_ranks_died = False   # the driver saw a rank die (set by shutdown)
+
+
+def _exit_now(status: int) -> None:
+    """Leave without MPI_Finalize.  After a rank loss every survivor does so: Open MPI's finalize
+    fence with a dead rank sometimes never completes under ULFM (1 run in ~20 here), and a rank
+    that finalizes while others do not waits for them for ever."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(status)
+
+
+def _finalize_after_rank_loss() -> None:
+    """(atexit, driver) After a rank loss, exit without MPI_Finalize: status 1 if the program
+    ended with an uncaught exception, else 0 (an explicit ``sys.exit(n)`` cannot be seen from an
+    atexit handler; ``python -m hoplite_mpi`` passes the script's status on itself)."""
+    if _ranks_died:
+        _exit_now(1 if getattr(sys, "last_value", None) is not None else 0)
 
 
 def shutdown() -> None:
@@ -103,6 +130,8 @@ def shutdown() -> None:
             return
         _runtime = None
     rt.shutdown()
+    global _ranks_died
+    _ranks_died = _ranks_died or bool(rt.dead)
 
 
 def is_initialized() -> bool:

@@ -184,13 +184,18 @@ class ObjectPlane:
         self._next_tag += 1
         tag = self._next_tag
         self.stats["pulls"] += 1
-        self.transport.recv_stream(sender, tag, chunks, lambda n: self._chunk_in(into, n),
-                                   lambda failure: on_error(into, failure))
+        self._receiving[into] = sender
+
+        def failed(failure: PeerFailure) -> None:
+            self._receiving.pop(into, None)
+            on_error(into, failure)
+        self.transport.recv_stream(sender, tag, chunks, lambda n: self._chunk_in(into, n), failed)
         self.send(sender, P.Pull(source_id, tag, entry.progress))
 
     def _chunk_in(self, into: int, nbytes: int) -> None:
         faults.reached("chunk")
-        self.store.advance(into, nbytes)
+        if self.store.advance(into, nbytes):
+            self._receiving.pop(into, None)
 
     def _fetched(self, oid: int, head: Optional[bytes]) -> None:
         entry = self.store.get(oid)
@@ -256,7 +261,9 @@ class ObjectPlane:
     # --- broadcast -------------------------------------------------------------------------
 
     def start_broadcast(self, object_id: int, ranks: list[int], done: Callable[[dict], None]) -> None:
-        """Make every rank of ``ranks`` hold a complete copy; ``done({rank: error})`` after."""
+        """Make every rank of ``ranks`` hold a complete copy; ``done({rank: error})`` after.
+        Dead ranks are skipped (and a target that dies meanwhile is no longer waited for)."""
+        ranks = [r for r in ranks if r not in self.dead]
         token = self.ids.next()
         self._broadcasts[token] = (set(ranks), {}, done)
         shard = self.shard_ranks(object_id)[0]

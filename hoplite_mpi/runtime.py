@@ -85,6 +85,7 @@ class Runtime(ObjectPlane):
         self._lookups: dict[int, list[Callable]] = {}
         self._fetching: dict[int, list[Callable]] = {}   # object id -> callbacks (DirPull sent)
         self._deferred: dict[int, list] = {}               # object id -> Pulls to serve later
+        self._receiving: dict[int, int] = {}               # object id -> rank streaming it here
         self._freed_here: set[int] = set()
         self._broadcasts: dict[int, tuple] = {}
         self._reduces: dict[int, ReduceCoordinator] = {}   # rank 0: reduces in progress
@@ -547,7 +548,9 @@ class Runtime(ObjectPlane):
             if shard_of(oid, n) in moved:
                 self.send(self.shard_ranks(oid)[0], P.DirLookup(oid, self.rank))
         for oid in list(self._fetching):
-            if shard_of(oid, n) in moved and self.store.get(oid) is None:
+            # a DirPull may have gone to the dead shard (e.g. after a stream from it failed before
+            # the failure was known here): ask the new shard, unless a live sender streams to us
+            if shard_of(oid, n) in moved and oid not in self._receiving:
                 self._ask_sender(oid)
         sched = self.scheduler
         if sched is None:

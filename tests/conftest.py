@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -23,15 +24,22 @@ def mpirun_cmd(n: int, *program: str, ft: bool = False) -> list[str]:
 
 
 def run_job(n: int, *program: str, timeout: float = 600, env: dict | None = None,
-            cwd: str | None = None) -> subprocess.CompletedProcess:
-    """Run ``mpirun -n n <python> program...``; kill it (and fail) after ``timeout`` seconds."""
+            cwd: str | None = None, ft: bool = False) -> subprocess.CompletedProcess:
+    """Run ``mpirun -n n <python> program...`` (``ft``: with ULFM); kill it (and fail) after
+    ``timeout`` seconds."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    cmd = mpirun_cmd(n, *program, ft=ft)
+    # own session: on timeout the whole job (mpirun, its daemon, every rank) is killed
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env, cwd=cwd or ROOT, start_new_session=True)
     try:
-        return subprocess.run(mpirun_cmd(n, *program), capture_output=True, text=True,
-                              timeout=timeout, env=full_env, cwd=cwd or ROOT)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"MPI job did not finish within {timeout} s: {exc.cmd}\n"
-                    f"stdout: {exc.stdout}\nstderr: {exc.stderr}")
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"MPI job did not finish within {timeout} s: {cmd}\n"
+                    f"stdout: {out[-4000:]}\nstderr: {err[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def check_results(script: str, n: int, tmp_path_factory, cache: dict, timeout: float = 900,

@@ -1,0 +1,101 @@
+"""Fault injection (issue 5): real ``mpirun --with-ft ulfm`` jobs in which one rank SIGKILLs
+itself at a chosen point (``HOPLITE_MPI_KILL=RANK:POINT:N``, hoplite_mpi/faults.py).
+
+Each job runs tests/mpi/fault_workload.py (a 200-task chain, worker-to-worker arrays, a 16 MiB
+broadcast) and must produce exactly the failure-free results, within a time bound, with the dead
+rank reported.  Skipped when this MPI has no ULFM.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+import psutil
+import pytest
+
+from conftest import run_job
+
+WORKLOAD = os.path.join(os.path.dirname(__file__), "mpi", "fault_workload.py")
+BOUND = 150          # seconds: a job that does not end by then is a failure (killed)
+EXPECTED = {"chain": 200,
+            "sums": [0.0, 262144.0, 524288.0, 786432.0, 1048576.0, 1310720.0],
+            "firsts": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
+            "broadcast_ok": True}
+
+
+def _no_ulfm() -> str:
+    """Why this MPI cannot survive a rank's death ("" if it can: Open MPI with ULFM)."""
+    from mpi4py import MPI
+    if "Open MPI" not in MPI.Get_library_version():
+        return "rank-loss tolerance needs Open MPI's ULFM; this is " + MPI.Get_library_version()[:40]
+    if not hasattr(MPI.Comm, "Get_failed"):
+        return "mpi4py was built without the ULFM extensions"
+    return ""
+
+
+pytestmark = pytest.mark.skipif(bool(_no_ulfm()), reason=_no_ulfm() or "-")
+
+
+def run_workload(tmp_path, kill: str | None, n: int = 4) -> tuple[dict | None, object, float]:
+    out = tmp_path / f"result-{(kill or 'none').replace(':', '_')}.json"
+    env = {"HOPLITE_MPI_KILL": kill} if kill else {}
+    t0 = time.monotonic()
+    proc = run_job(n, "-m", "hoplite_mpi", WORKLOAD, "--json", str(out), timeout=BOUND, env=env, ft=True)
+    seconds = time.monotonic() - t0
+    got = json.loads(out.read_text()) if out.exists() else None
+    return got, proc, seconds
+
+
+def assert_correct(got, proc, kill):
+    assert proc.returncode == 0, f"{kill}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert got is not None, f"{kill}: no result\n{proc.stderr[-3000:]}"
+    assert {k: got[k] for k in EXPECTED} == EXPECTED, (kill, got, proc.stderr[-3000:])
+
+
+def test_failure_free_run(tmp_path):
+    got, proc, _ = run_workload(tmp_path, None)
+    assert_correct(got, proc, None)
+    assert got["dead"] == [] and got["retried"] == 0 and got["ranks_lost"] == 0
+
+
+@pytest.mark.parametrize("kill", [
+    "1:task:50",     # in the middle of the 200-task chain (the chain runs on rank 1)
+    "2:task:3",      # while running one of the array tasks
+    "3:serve:1",     # while sending an array to another rank (its only copy: lineage rebuilds it)
+    "2:serve:2",     # while relaying the broadcast or serving an array
+    "1:chunk:2",     # while receiving (a fetch or the broadcast)
+    "3:dir:4",       # while its directory shard registers objects (the shard moves to rank 0)
+])
+def test_a_killed_worker_does_not_change_the_results(tmp_path, kill):
+    got, proc, seconds = run_workload(tmp_path, kill)
+    assert_correct(got, proc, kill)
+    dead = int(kill.split(":")[0])
+    assert got["dead"] == [dead] and got["ranks_lost"] == 1, got
+    assert got["retried"] >= 1, got      # the lost task or object was re-run, and counted
+    assert f"rank {dead}: fault injection: SIGKILL" in proc.stderr.replace("[hoplite_mpi rank ", "rank ").replace("] ", ": ")
+
+
+def test_randomised_kills_of_a_worker(tmp_path):
+    rng = random.Random(int(os.environ.get("HOPLITE_FAULT_SEED", "5")))
+    runs = int(os.environ.get("HOPLITE_FAULT_RUNS", "8"))
+    for i in range(runs):
+        kill = f"{rng.randint(1, 3)}:{rng.choice(['task', 'serve', 'chunk', 'dir'])}:{rng.randint(1, 8)}"
+        got, proc, _ = run_workload(tmp_path, kill)
+        assert_correct(got, proc, kill)
+        assert got["dead"] in ([], [int(kill.split(":")[0])]), (kill, got)   # [] = point not reached
+
+
+def test_the_driver_dying_ends_every_rank_quickly(tmp_path):
+    marker = f"fault-driver-{os.getpid()}-{time.monotonic_ns()}"
+    t0 = time.monotonic()
+    proc = run_job(4, "-m", "hoplite_mpi", WORKLOAD, "--json", str(tmp_path / marker), timeout=60,
+                   env={"HOPLITE_MPI_KILL": "0:chunk:2"}, ft=True)
+    seconds = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert "rank 0 (the driver) died; exiting" in proc.stderr, proc.stderr[-3000:]
+    assert seconds < 45, seconds
+    ranks = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or ())]
+    _, alive = psutil.wait_procs(ranks, timeout=10)     # ranks still exiting when mpirun returned
+    assert not alive, f"orphan processes: {alive}"
