@@ -59,7 +59,11 @@ def _start(comm: Any, root: int, options: dict) -> Any:
     # rank `root` of comm becomes rank 0 (the driver) of the runtime's communicator
     own = comm.Split(0, (comm.Get_rank() - root) % comm.Get_size())
     _setup_logging(config, own.Get_rank())
-    return Runtime(own, config).start()
+    rt = Runtime(own, config)
+    if rt.rank == 0 and rt.size > 1 and not getattr(rt.transport, "ft", False):
+        from .transport.mpi import ulfm_status
+        log.warning("rank-loss tolerance: %s", ulfm_status())
+    return rt.start()
 
 
 def init(comm: Any = None, **options: Any) -> None:
