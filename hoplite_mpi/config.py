@@ -28,7 +28,10 @@ class Config:
             so fine-grained tasks do not wait for a round trip to rank 0.
         worker_threads: tasks one worker rank executes at the same time (tasks blocked in a
             nested ``get``/``wait`` do not count).
-        replication: number of ranks each directory shard lives on (rank-loss tolerance: later).
+        replication: copies of every chunked object (the extra ``r - 1`` made in the background
+            by receiver-driven pulls as soon as it exists, on the ranks after its maker) and
+            ranks each directory shard lives on; losing any ``r - 1`` ranks loses no object
+            whose copies were complete and no directory entry (default 1: lineage only).
         link_bandwidth: bytes/s of one rank-to-rank link, ``B`` in Hoplite's reduce cost model.
         link_latency: seconds per message, ``L`` in that model; chain length ``k = S / (B * L)``
             (see ``collectives``).  Defaults: measured order of magnitude on one host with the

@@ -280,6 +280,8 @@ class ObjectPlane:
             self._on_fetched(self.rank, P.Fetched(token, self.rank))
 
     def _on_fetch(self, source: int, msg: P.Fetch) -> None:
+        if msg.token < 0:
+            faults.reached("replica")
         def reply(got: Any) -> None:
             error = "deleted" if got is DELETED else None
             self.send(source, P.Fetched(msg.token, self.rank, error))
@@ -291,6 +293,8 @@ class ObjectPlane:
         self.fetch(oid, reply)
 
     def _on_fetched(self, source: int, msg: P.Fetched) -> None:
+        if msg.token < 0:      # a background replica is complete (it registered itself)
+            return
         state = self._broadcasts.get(msg.token)
         if state is None:
             coordinator = self._reduces.get(msg.token)

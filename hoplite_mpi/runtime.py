@@ -49,6 +49,8 @@ log = logging.getLogger("hoplite_mpi")
 # took ~7 s with plain exponential backoff and ~1 s with this window; idle cost is unaffected.
 HOT_WINDOW = 0.005
 
+REPLICA_TOKEN = -1   # Fetch token of a background replica copy (its Fetched is ignored)
+
 
 class Runtime(ObjectPlane):
     """The runtime of one rank over communicator ``comm`` (which it owns: pass a ``Dup``)."""
@@ -86,6 +88,7 @@ class Runtime(ObjectPlane):
         self._fetching: dict[int, list[Callable]] = {}   # object id -> callbacks (DirPull sent)
         self._deferred: dict[int, list] = {}               # object id -> Pulls to serve later
         self._receiving: dict[int, int] = {}               # object id -> rank streaming it here
+        self._replicated: set[int] = set()                 # (primary shard) replicas requested
         self._freed_here: set[int] = set()
         self._broadcasts: dict[int, tuple] = {}
         self._reduces: dict[int, ReduceCoordinator] = {}   # rank 0: reduces in progress
@@ -330,7 +333,29 @@ class Runtime(ObjectPlane):
     def _on_directory(self, source: int, msg: Any) -> None:
         if type(msg) is P.DirAdd:
             faults.reached("dir")
+            self._send_all(self.directory.handle(source, msg))
+            if self.config.replication > 1 and self.shard_ranks(msg.info.object_id)[0] == self.rank:
+                self._replicate(msg.info.object_id)
+            return
         self._send_all(self.directory.handle(source, msg))
+
+    def _replicate(self, oid: int) -> None:
+        """(primary shard) Give a new chunked object ``Config.replication - 1`` more copies, on the
+        live ranks after its first holder: each is sent a Fetch and pulls the object like a
+        broadcast target (relayed, in the background), then registers as a holder."""
+        info = self.directory.info(oid)
+        if (info is None or info.inline is not None or info.error or not info.holders
+                or oid in self._replicated):
+            return
+        self._replicated.add(oid)
+        if len(self._replicated) > 1 << 16:
+            self._replicated.clear()     # (a bound: a re-add after this only adds spare copies)
+        first = info.holders[0]
+        others = [(first + k) % self.size for k in range(1, self.size)]
+        need = self.config.replication - len(info.holders)
+        for rank in [r for r in others if r not in info.holders and r not in self.dead][:max(0, need)]:
+            self.stats["replicas"] += 1
+            self.send(rank, P.Fetch(oid, REPLICA_TOKEN))
 
     def _lookup(self, object_id: int, callback: Callable) -> None:
         """Ask the object's shard for its info; ``callback(info | None)`` (None: deleted)."""
@@ -385,6 +410,7 @@ class Runtime(ObjectPlane):
 
     def _on_delete(self, source: int, msg: P.DirDelete) -> None:
         self._known.pop(msg.object_id, None)
+        self._replicated.discard(msg.object_id)
         if self.rank in self.shard_ranks(msg.object_id):
             self._send_all(self.directory.delete(msg.object_id, msg.permanent))
         if not msg.permanent:
@@ -512,16 +538,20 @@ class Runtime(ObjectPlane):
             os._exit(1)
         log.warning("rank %d: rank %d died; going on without it", self.rank, rank)
         self.stats["ranks_lost"] += 1
+        n = len(self.shards)
+        primary = [self._shard_primary(s) for s in range(n)]
         moved = [s for s, ranks in enumerate(self.shards) if not set(ranks) - self.dead - {rank}]
         self.dead.add(rank)
+        changed = {s for s in range(n) if primary[s] == rank}   # its requests must go elsewhere
         # this rank's own shard entries: forget the dead rank, report objects left without a copy
         out, lost = self.directory.rank_lost(rank)
         self._send_all(out)
         for oid in lost:
             self.send(0, P.ObjectLost(oid, rank))
-        # shards whose every replica is dead moved to a live rank: re-register what we hold there
-        if moved:
-            self._rebuild_shards(set(moved), rank)
+        # shards whose every replica is dead moved to a live rank: re-register what we hold there;
+        # requests waiting at a dead primary go to the next replica or the successor
+        if changed:
+            self._rebuild_shards(set(moved), changed, rank)
         for oid, pulls in list(self._deferred.items()):
             self._deferred[oid] = [(src, m) for src, m in pulls if src != rank]
         if self.scheduler is not None:
@@ -533,10 +563,14 @@ class Runtime(ObjectPlane):
                     self._on_fetched(rank, P.Fetched(token, rank))   # a dead target needs nothing
             self._check_acks()
 
-    def _rebuild_shards(self, moved: set[int], dead: int) -> None:
+    def _shard_primary(self, shard: int) -> int:
+        """The rank that answers requests for ``shard`` now (-1 if all its ranks are dead)."""
+        return next((r for r in self.shards[shard] if r not in self.dead), -1)
+
+    def _rebuild_shards(self, moved: set[int], changed: set[int], dead: int) -> None:
         """Shards ``moved`` lost all their replicas: tell their new ranks what this rank knows
-        (its complete copies; on rank 0 also small values, errors and deletions) and repeat the
-        requests that were waiting there."""
+        (its complete copies; on rank 0 also small values, errors and deletions).  Requests that
+        were waiting at the dead primary of a shard in ``changed`` are sent again."""
         n = len(self.shards)
         for oid in self.store.ids():
             entry = self.store.get(oid)
@@ -545,12 +579,12 @@ class Runtime(ObjectPlane):
                 for r in self.shard_ranks(oid):
                     self.send(r, P.DirAdd(info))
         for oid in list(self._lookups):
-            if shard_of(oid, n) in moved:
+            if shard_of(oid, n) in changed:
                 self.send(self.shard_ranks(oid)[0], P.DirLookup(oid, self.rank))
         for oid in list(self._fetching):
             # a DirPull may have gone to the dead shard (e.g. after a stream from it failed before
             # the failure was known here): ask the new shard, unless a live sender streams to us
-            if shard_of(oid, n) in moved and oid not in self._receiving:
+            if shard_of(oid, n) in changed and oid not in self._receiving:
                 self._ask_sender(oid)
         sched = self.scheduler
         if sched is None:
@@ -568,7 +602,7 @@ class Runtime(ObjectPlane):
                 for r in self.shard_ranks(oid):
                     self.send(r, P.DirDelete(oid, True))
         for oid in sched.looked_up:
-            if shard_of(oid, n) in moved and oid not in sched.objects:
+            if shard_of(oid, n) in changed and oid not in sched.objects:
                 self.send(self.shard_ranks(oid)[0], P.DirLookup(oid, self.rank))
 
     # --- shutdown --------------------------------------------------------------------------

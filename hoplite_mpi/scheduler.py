@@ -115,7 +115,7 @@ class Scheduler:
         self.freed: list[int] = []                     # to free now (drained by the runtime)
         self.lost_ranks: set[int] = set()
         self.lineage: dict[int, TaskSpec] = {}          # live chunked result -> the task that made it
-        self.stats = {"submitted": 0, "done": 0, "failed": 0, "retried": 0}
+        self.stats = {"submitted": 0, "done": 0, "failed": 0, "retried": 0, "rebuilt": 0}
 
     # --- events --------------------------------------------------------------------------
 
@@ -278,8 +278,9 @@ class Scheduler:
 
         Lineage: the task that made it runs again (same return ids, counted as a retry; its lost
         inputs are reported and rebuilt the same way, and a fetch of the object waits in the
-        directory until the new copy is added).  Without lineage (a ``put``, a reduce result) or
-        when an input of that task was freed since, the object becomes an error object carrying
+        directory until the new copy is added).  Without lineage (a ``put``, a reduce result),
+        when an input of that task was freed since, or when the task was pinned to a rank that is
+        dead now, the object becomes an error object carrying
         :class:`ObjectLostError` (raised by ``get``).  Idempotent while the re-run is pending.
         """
         if object_id in self.producer or object_id in self.deleted:
@@ -288,7 +289,10 @@ class Scheduler:
         out: Outbox = []
         gone = None if spec is None else next(
             (d for d in spec.deps if d not in self.objects and d not in self.producer), None)
-        if spec is None or gone is not None or not self.workers:
+        pinned_dead = spec is not None and (
+            (spec.rank is not None and spec.rank not in self.inflight)
+            or (spec.allowed is not None and not set(spec.allowed) - self.lost_ranks))
+        if spec is None or gone is not None or pinned_dead or not self.workers:
             self.lineage.pop(object_id, None)
             error = to_bytes(local_error(ObjectLostError(format_id(object_id), rank)))
             info = ObjectInfo(object_id, frame_sizes(error), (), tuple(error), True)
@@ -299,6 +303,7 @@ class Scheduler:
         task = _Task(spec)
         self.tasks[spec.task_id] = task
         self.stats["retried"] += 1
+        self.stats["rebuilt"] += 1
         for oid in spec.return_ids:
             self.lineage.pop(oid, None)
             self.producer[oid] = spec.task_id

@@ -38,11 +38,13 @@ def _no_ulfm() -> str:
 pytestmark = pytest.mark.skipif(bool(_no_ulfm()), reason=_no_ulfm() or "-")
 
 
-def run_workload(tmp_path, kill: str | None, n: int = 4) -> tuple[dict | None, object, float]:
-    out = tmp_path / f"result-{(kill or 'none').replace(':', '_')}.json"
-    env = {"HOPLITE_MPI_KILL": kill} if kill else {}
+def run_workload(tmp_path, kill: str | None, n: int = 4, *args: str,
+                 env: dict | None = None) -> tuple[dict | None, object, float]:
+    out = tmp_path / f"result-{(kill or 'none').replace(':', '_')}-{'_'.join(args)}.json"
+    env = dict(env or {}, **({"HOPLITE_MPI_KILL": kill} if kill else {}))
     t0 = time.monotonic()
-    proc = run_job(n, "-m", "hoplite_mpi", WORKLOAD, "--json", str(out), timeout=BOUND, env=env, ft=True)
+    proc = run_job(n, "-m", "hoplite_mpi", WORKLOAD, "--json", str(out), *args, timeout=BOUND,
+                   env=env, ft=True)
     seconds = time.monotonic() - t0
     got = json.loads(out.read_text()) if out.exists() else None
     return got, proc, seconds
@@ -75,6 +77,21 @@ def test_a_killed_worker_does_not_change_the_results(tmp_path, kill):
     assert got["dead"] == [dead] and got["ranks_lost"] == 1, got
     assert got["retried"] >= 1, got      # the lost task or object was re-run, and counted
     assert f"rank {dead}: fault injection: SIGKILL" in proc.stderr.replace("[hoplite_mpi rank ", "rank ").replace("] ", ": ")
+
+
+def test_with_two_copies_no_object_is_rebuilt(tmp_path):
+    # replication=2: every array has a second copy (background replica) before the rank that
+    # made the first array dies, so reading them all again afterwards re-runs nothing
+    for _ in range(3):
+        got, proc, _ = run_workload(tmp_path, None, 4, "--victim", env={"HOPLITE_MPI_REPLICATION": "2"})
+        assert_correct(got, proc, "victim")
+        assert len(got["dead"]) == 1 and got["rebuilt"] == 0 and got["retried"] == 0, got
+
+
+def test_with_one_copy_the_lost_objects_are_rebuilt_from_lineage(tmp_path):
+    got, proc, _ = run_workload(tmp_path, None, 4, "--victim")
+    assert_correct(got, proc, "victim")
+    assert len(got["dead"]) == 1 and got["rebuilt"] >= 1, got   # at least the first array
 
 
 def test_randomised_kills_of_a_worker(tmp_path):

@@ -104,7 +104,7 @@ def test_tasks_per_worker_cap_holds_tasks_back_until_task_done():
     assert s.task_done(done(d, 1)) == []
     assert s.pending() == 0
     assert s.completed == [value(20, 1), value(10, 1), value(30, 1), value(40, 1)]
-    assert s.stats == {"submitted": 4, "done": 4, "failed": 0, "retried": 0}
+    assert s.stats == {"submitted": 4, "done": 4, "failed": 0, "retried": 0, "rebuilt": 0}
 
 
 def test_duplicate_task_done_is_ignored():
@@ -212,7 +212,7 @@ def test_error_result_propagates_to_dependents_as_error_objects():
     assert type(exc) is ValueError and exc.args == ("boom",)
     assert isinstance(exc.__cause__, RemoteTraceback) and exc.__cause__.rank == 1
     assert s.pending() == 0
-    assert s.stats == {"submitted": 3, "done": 1, "failed": 2, "retried": 0}
+    assert s.stats == {"submitted": 3, "done": 1, "failed": 2, "retried": 0, "rebuilt": 0}
 
 
 def test_task_submitted_on_a_failed_object_fails_at_once():
@@ -730,3 +730,15 @@ def test_a_result_whose_task_input_was_freed_cannot_be_rebuilt():
     s.object_lost(10, 2)
     assert isinstance(rebuild_error(s.completed[-1].inline), ObjectLostError)
     assert 10 not in s.lineage
+
+
+def test_a_result_of_a_task_pinned_to_a_dead_rank_cannot_be_rebuilt():
+    from hoplite_mpi.errors import ObjectLostError
+    s = make(workers=(1, 2))
+    a = first(10, rank=1)
+    s.submit(a)
+    s.task_done(done(a, 1, big(10, 1, 1 << 20)))
+    s.rank_lost(1)
+    s.object_lost(10, 1)
+    assert isinstance(rebuild_error(s.completed[-1].inline), ObjectLostError)
+    assert s.pending() == 0

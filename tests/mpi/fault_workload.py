@@ -9,7 +9,9 @@ the results (which must equal a failure-free run's) and the runtime's retry coun
 - 6 tasks each making a 2 MiB array, and 6 tasks using them (worker-to-worker pulls);
 - a 16 MiB object put on the driver and broadcast to every live rank, then read by a task on
   each live worker;
-- a task that returns a driver-made ref's value doubled (lineage through a put).
+- with ``--victim``: once every array has ``Config.replication`` complete copies, a task pinned
+  to the rank that made the first array SIGKILLs it, and the arrays are read and summed again
+  (tasks re-run to rebuild a lost array are counted: ``rebuilt``).
 """
 from __future__ import annotations
 
@@ -45,10 +47,44 @@ def crc(a):
     return zlib.crc32(memoryview(a).cast("B")), hm.rank()
 
 
+@hm.remote
+def held(ids):
+    store = hm.api._rt().store
+    return [i for i in ids if store.get(i) is not None and store.get(i).complete]
+
+
+@hm.remote
+def suicide():
+    import os
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _wait_for_replicas(refs, copies: int, bound: float = 30.0) -> None:
+    """Poll (bounded) until every object of ``refs`` is complete on ``copies`` ranks."""
+    ids = [r.id for r in refs]
+    deadline = time.monotonic() + bound
+    while True:
+        counts = dict.fromkeys(ids, 0)
+        for i in hm.api._rt().call(lambda: [i for i in ids if (e := hm.api._rt().store.get(i)) is not None
+                                            and e.complete], timeout=T):
+            counts[i] += 1                      # rank 0's own store (read on its engine thread)
+        for w in range(1, hm.world_size()):
+            for i in hm.get(held.options(rank=w).remote(ids), timeout=T):
+                counts[i] += 1
+        if min(counts.values()) >= copies:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"replicas not complete after {bound} s: {counts}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", required=True)
     parser.add_argument("--chain", type=int, default=200)
+    parser.add_argument("--victim", action="store_true",
+                        help="after the arrays exist and have all their replicas, kill the rank "
+                             "that made the first one; then read the arrays again")
     args = parser.parse_args()
     hm.init()
     rt = hm.api._rt()
@@ -61,6 +97,16 @@ def main() -> None:
     chain = hm.get(r, timeout=T)
     sums = hm.get(sums, timeout=T)
     firsts = [float(x[0]) for x in hm.get(bigs, timeout=T)]
+    if args.victim:
+        _wait_for_replicas(bigs, rt.config.replication)
+        victim = rt.scheduler.objects[bigs[0].id].holders[0]   # the rank that made it
+        try:
+            hm.get(suicide.options(rank=victim).remote(), timeout=T)
+        except hm.RankLostError:
+            pass
+        # read every array again, on the survivors: no producer may have to run again
+        sums = hm.get([total.remote(b) for b in bigs], timeout=T)
+        firsts = [float(x[0]) for x in hm.get(bigs, timeout=T)]
     data = np.arange(4 << 20, dtype=np.float32)
     ref = hm.put(data)
     hm.broadcast(ref, timeout=T)
@@ -73,6 +119,7 @@ def main() -> None:
         "seconds": time.monotonic() - t0,
         "dead": sorted(rt.dead),
         "retried": rt.scheduler.stats["retried"],
+        "rebuilt": rt.scheduler.stats["rebuilt"],
         "ranks_lost": rt.stats["ranks_lost"],
     }
     with open(args.json, "w") as fh:
