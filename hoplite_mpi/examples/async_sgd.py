@@ -109,14 +109,18 @@ class MLP:
         W2[:] = rng.standard_normal(W2.shape, dtype=np.float32) * np.float32(np.sqrt(1.0 / self.hidden))
         return w
 
-    def logits(self, w: np.ndarray, X: np.ndarray) -> np.ndarray:
+    def _forward(self, w: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(hidden activations ``z``, logits) for the batch ``X``."""
         W1, b1, W2, b2 = self.views(w)
         z = X @ W1
         z += b1
         np.maximum(z, 0, out=z)
         out = z @ W2
         out += b2
-        return out
+        return z, out
+
+    def logits(self, w: np.ndarray, X: np.ndarray) -> np.ndarray:
+        return self._forward(w, X)[1]
 
     def loss(self, w: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
         return float(_xent(self.logits(w, X).astype(np.float64), y)[0])
@@ -125,13 +129,9 @@ class MLP:
                       out: Optional[np.ndarray] = None) -> tuple[float, np.ndarray]:
         """Mean cross-entropy over the batch and its gradient (a flat vector like ``w``)."""
         g = np.empty(self.size, w.dtype) if out is None else out
-        W1, b1, W2, b2 = self.views(w)
+        _, _, W2, _ = self.views(w)
         gW1, gb1, gW2, gb2 = self.views(g)
-        z = X @ W1
-        z += b1
-        np.maximum(z, 0, out=z)
-        logits = z @ W2
-        logits += b2
+        z, logits = self._forward(w, X)
         loss, p = _xent(logits, y)            # p: d loss / d logits
         np.matmul(z.T, p, out=gW2)
         gb2[:] = p.sum(0)
