@@ -96,7 +96,7 @@ def test_with_one_copy_the_lost_objects_are_rebuilt_from_lineage(tmp_path):
 
 def test_randomised_kills_of_a_worker(tmp_path):
     rng = random.Random(int(os.environ.get("HOPLITE_FAULT_SEED", "5")))
-    runs = int(os.environ.get("HOPLITE_FAULT_RUNS", "8"))
+    runs = int(os.environ.get("HOPLITE_FAULT_RUNS", "20"))
     for i in range(runs):
         kill = f"{rng.randint(1, 3)}:{rng.choice(['task', 'serve', 'chunk', 'dir'])}:{rng.randint(1, 8)}"
         got, proc, _ = run_workload(tmp_path, kill)
