@@ -40,6 +40,11 @@ class Config:
             costs ~90 us of CPU here (mostly inside MPI's progress); measured idle cost per rank
             (4 ranks, 2 cores): 2.3 % of a core at 5 ms, 1.6 % at 10 ms (default), 0.9 % at 20 ms.
             It bounds the extra latency of the first message after an idle spell.
+        heartbeat: seconds between a worker's heartbeats to rank 0 (rank-loss tolerance).
+        heartbeat_timeout: seconds without any message from a worker after which rank 0 declares
+            it dead although MPI did not (a hung rank: stopped, deadlocked, swapping); every rank
+            then goes on without it and the rank itself exits if it ever runs again.  Keep it well
+            above the longest time a task can hold the GIL without releasing it.
         shutdown_timeout: seconds the driver waits for workers to acknowledge shutdown.
         log_level: name of the ``logging`` level of the ``hoplite_mpi`` logger.
     """
@@ -53,6 +58,8 @@ class Config:
     link_bandwidth: float = 1.5e9
     link_latency: float = 1e-4
     backoff_max: float = 0.01
+    heartbeat: float = 1.0
+    heartbeat_timeout: float = 10.0
     shutdown_timeout: float = 30.0
     log_level: str = "WARNING"
 
@@ -69,7 +76,8 @@ class Config:
             raise ValueError(f"inline_threshold must be an int >= 0, got {self.inline_threshold!r}")
         if self.chunk_size % 64:
             raise ValueError(f"chunk_size must be a multiple of 64 bytes (whole array elements), got {self.chunk_size}")
-        for name in ("backoff_max", "shutdown_timeout", "link_bandwidth", "link_latency"):
+        for name in ("backoff_max", "shutdown_timeout", "link_bandwidth", "link_latency",
+                     "heartbeat", "heartbeat_timeout"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
 

@@ -293,6 +293,18 @@ class ObjectLost:
 
 
 @message
+class Heartbeat:
+    """Worker -> rank 0: still alive (sent every ``Config.heartbeat`` seconds)."""
+
+
+@message
+class MemberDown:
+    """Rank 0 -> every rank: ``rank`` is declared dead (it stopped answering)."""
+
+    rank: int
+
+
+@message
 class Shutdown:
     """Driver -> every rank: stop after acknowledging."""
 

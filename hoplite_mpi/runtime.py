@@ -89,6 +89,7 @@ class Runtime(ObjectPlane):
         self._deferred: dict[int, list] = {}               # object id -> Pulls to serve later
         self._receiving: dict[int, int] = {}               # object id -> rank streaming it here
         self._replicated: set[int] = set()                 # (primary shard) replicas requested
+        self._heard: dict[int, float] = {}                 # rank 0: worker -> last message time
         self._freed_here: set[int] = set()
         self._broadcasts: dict[int, tuple] = {}
         self._reduces: dict[int, ReduceCoordinator] = {}   # rank 0: reduces in progress
@@ -126,6 +127,8 @@ class Runtime(ObjectPlane):
             P.Pull: self._on_pull,
             P.PullRefused: self._on_pull_refused,
             P.ObjectLost: lambda src, m: self._scheduled(self.scheduler.object_lost(m.object_id, m.rank)),
+            P.Heartbeat: lambda src, m: None,          # (any message counts as a sign of life)
+            P.MemberDown: self._on_member_down,
             P.Shutdown: lambda src, m: self._on_shutdown(src),
             P.ShutdownAck: self._on_shutdown_ack,
         }
@@ -179,6 +182,8 @@ class Runtime(ObjectPlane):
         hot_window = HOT_WINDOW
         delay = tmin
         last_active = time.monotonic()
+        beat = min(self.config.heartbeat, self.config.heartbeat_timeout / 4)
+        next_beat = last_active + beat
         try:
             while not self.stopped.is_set():
                 active = False
@@ -196,6 +201,10 @@ class Runtime(ObjectPlane):
                 for rank in transport.failures():
                     active = True
                     self._guarded(self._rank_lost, rank)
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + beat
+                    self._guarded(self._heartbeat, now)
                 while self._local:
                     active = True
                     self._handle(self.rank, self._local.popleft())
@@ -223,6 +232,10 @@ class Runtime(ObjectPlane):
             self._flush()
 
     def _handle(self, source: int, msg: Any) -> None:
+        if source in self.dead:          # declared dead (hung): whatever it still says is void
+            return
+        if self.scheduler is not None:
+            self._heard[source] = time.monotonic()
         self.stats[type(msg).__name__] += 1
         self._guarded(self._handlers[type(msg)], source, msg)
 
@@ -527,6 +540,37 @@ class Runtime(ObjectPlane):
             self._scheduled(self.scheduler.object_known(coord.result))
 
     # --- rank loss (ULFM) ------------------------------------------------------------------
+
+    def _heartbeat(self, now: float) -> None:
+        """Workers: tell rank 0 they are alive.  Rank 0: declare dead a worker not heard of for
+        ``Config.heartbeat_timeout`` seconds (MPI only reports ranks that died)."""
+        if not self.transport.ft:
+            return
+        if self.rank != 0:
+            self.send(0, P.Heartbeat())
+            return
+        if self.closed:
+            return
+        for rank in range(1, self.size):
+            heard = self._heard.setdefault(rank, now)
+            if rank not in self.dead and now - heard > self.config.heartbeat_timeout:
+                log.warning("rank 0: no message from rank %d for %.1f s: declaring it dead",
+                            rank, now - heard)
+                for other in range(1, self.size):
+                    if other not in self.dead:
+                        self.send(other, P.MemberDown(rank))   # (the hung rank too: it exits)
+                self._flush()                     # before the hung rank is excluded from sends
+                self._rank_lost(rank)
+                self.transport.exclude(rank)
+
+    def _on_member_down(self, source: int, msg: P.MemberDown) -> None:
+        if msg.rank == self.rank:
+            log.error("rank %d: rank 0 declared this rank dead (no heartbeat for %.0f s); exiting",
+                      self.rank, self.config.heartbeat_timeout)
+            logging.shutdown()
+            os._exit(0)
+        self._rank_lost(msg.rank)
+        self.transport.exclude(msg.rank)
 
     def _rank_lost(self, rank: int) -> None:
         """(engine) ``rank`` died.  Every live rank runs this when its transport reports it."""

@@ -94,6 +94,18 @@ def test_with_one_copy_the_lost_objects_are_rebuilt_from_lineage(tmp_path):
     assert len(got["dead"]) == 1 and got["rebuilt"] >= 1, got   # at least the first array
 
 
+def test_a_hung_worker_is_declared_dead_by_heartbeat_and_exits_when_it_resumes(tmp_path):
+    # SIGSTOP: MPI sees nothing wrong; rank 0 hears nothing from it for heartbeat_timeout (2 s)
+    t0 = time.monotonic()
+    got, proc, _ = run_workload(tmp_path, None, 4, "--hang", "2",
+                                env={"HOPLITE_MPI_HEARTBEAT_TIMEOUT": "2"})
+    assert_correct(got, proc, "hang 2")
+    assert got["dead"] == [2] and got["ranks_lost"] == 1, got
+    assert "no message from rank 2" in proc.stderr and "declaring it dead" in proc.stderr
+    assert "rank 0 declared this rank dead" in proc.stderr      # SIGCONTed at the end: it left
+    assert time.monotonic() - t0 < 60
+
+
 def test_randomised_kills_of_a_worker(tmp_path):
     rng = random.Random(int(os.environ.get("HOPLITE_FAULT_SEED", "5")))
     runs = int(os.environ.get("HOPLITE_FAULT_RUNS", "20"))

@@ -27,6 +27,15 @@ class Transport(abc.ABC):
 
     rank: int
     size: int
+    ft: bool = False      # whether rank failures are reported (ULFM) rather than fatal
+
+    def failures(self) -> list[int]:
+        """Ranks found dead since the last call (none by default)."""
+        return []
+
+    def exclude(self, rank: int) -> None:
+        """Treat ``rank`` as dead from now on (declared dead by the runtime): drop what is sent
+        to it and do not report it again."""
 
     @abc.abstractmethod
     def send(self, dest: int, batch: list) -> None:

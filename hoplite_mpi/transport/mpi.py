@@ -109,6 +109,9 @@ class MPITransport(Transport):
         self.comm.Ack_failed()
         return True
 
+    def exclude(self, rank: int) -> None:
+        self.failed.add(rank)
+
     def failures(self) -> list[int]:
         """Ranks found dead since the last call (ULFM; always empty without it)."""
         if not self.ft:

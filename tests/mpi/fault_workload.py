@@ -54,6 +54,19 @@ def held(ids):
 
 
 @hm.remote
+def pid():
+    import os
+    return os.getpid()
+
+
+@hm.remote
+def stop():
+    import os
+    import signal
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+@hm.remote
 def suicide():
     import os
     import signal
@@ -82,6 +95,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", required=True)
     parser.add_argument("--chain", type=int, default=200)
+    parser.add_argument("--hang", type=int, default=None,
+                        help="before the chain, SIGSTOP this rank (a hang without death); it "
+                             "is SIGCONTed at the end and must then exit by itself")
     parser.add_argument("--victim", action="store_true",
                         help="after the arrays exist and have all their replicas, kill the rank "
                              "that made the first one; then read the arrays again")
@@ -89,6 +105,10 @@ def main() -> None:
     hm.init()
     rt = hm.api._rt()
     t0 = time.monotonic()
+    hung_pid = None
+    if args.hang is not None:
+        hung_pid = hm.get(pid.options(rank=args.hang).remote(), timeout=T)
+        stop.options(rank=args.hang).remote()     # never completes: the rank is declared dead
     r = hm.put(0)
     for _ in range(args.chain):
         r = inc.remote(r)
@@ -132,6 +152,10 @@ def main() -> None:
     }
     with open(args.json, "w") as fh:
         json.dump(out, fh)
+    if hung_pid is not None:
+        import os
+        import signal
+        os.kill(hung_pid, signal.SIGCONT)   # it learns it was declared dead and exits
     hm.shutdown()
 
 
