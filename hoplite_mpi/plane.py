@@ -25,7 +25,7 @@ import numpy as np
 
 from . import faults
 from . import protocol as P
-from .errors import ObjectDeletedError
+from .errors import HopliteError, ObjectDeletedError
 from .ids import format_id
 from .protocol import ObjectInfo
 from .serialization import deserialize, frame_sizes, local_error, serialize, serialize_error, to_bytes
@@ -424,7 +424,7 @@ class _ReduceStep:
         if self.failed:
             return
         self.failed = True
-        error = to_bytes(local_error(RuntimeError(
+        error = to_bytes(local_error(HopliteError(
             f"reduce step on rank {self.rt.rank} lost its input from rank {failure.rank}: {failure.detail}")))
         self.rt.send(self.coordinator, P.ReduceStepDone(self.msg.reduce_id, self.msg.out_id,
                                                         self.rt.rank, error=error))

@@ -511,6 +511,8 @@ class Runtime(ObjectPlane):
 
     def _when_ready(self, oid: int, callback: Callable[[ObjectInfo], None]) -> None:
         info = self._info(oid)
+        if info is not None and info.inline is None and info.holders and set(info.holders) <= self.dead:
+            info = None     # its known copy died: ask the directory (copies elsewhere, or rebuilt)
         if info is None:
             entry = self.store.get(oid)
             if entry is not None and entry.complete:

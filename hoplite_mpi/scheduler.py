@@ -289,9 +289,10 @@ class Scheduler:
         out: Outbox = []
         gone = None if spec is None else next(
             (d for d in spec.deps if d not in self.objects and d not in self.producer), None)
+        dead = self.lost_ranks | {rank}      # (a shard may report it before rank_lost runs here)
         pinned_dead = spec is not None and (
-            (spec.rank is not None and spec.rank not in self.inflight)
-            or (spec.allowed is not None and not set(spec.allowed) - self.lost_ranks))
+            (spec.rank is not None and (spec.rank in dead or spec.rank not in self.inflight))
+            or (spec.allowed is not None and not set(spec.allowed) - dead))
         if spec is None or gone is not None or pinned_dead or not self.workers:
             self.lineage.pop(object_id, None)
             error = to_bytes(local_error(ObjectLostError(format_id(object_id), rank)))

@@ -742,3 +742,13 @@ def test_a_result_of_a_task_pinned_to_a_dead_rank_cannot_be_rebuilt():
     s.object_lost(10, 1)
     assert isinstance(rebuild_error(s.completed[-1].inline), ObjectLostError)
     assert s.pending() == 0
+
+
+def test_a_shard_reporting_a_loss_before_rank_lost_does_not_rerun_a_task_pinned_there():
+    from hoplite_mpi.errors import ObjectLostError
+    s = make(workers=(1, 2))
+    a = first(10, rank=1)
+    s.submit(a)
+    s.task_done(done(a, 1, big(10, 1, 1 << 20)))
+    assert s.object_lost(10, 1)[-1][0] == SHARD              # only the error object's DirAdd
+    assert isinstance(rebuild_error(s.completed[-1].inline), ObjectLostError)
