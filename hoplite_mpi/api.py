@@ -60,7 +60,7 @@ def _start(comm: Any, root: int, options: dict) -> Any:
     own = comm.Split(0, (comm.Get_rank() - root) % comm.Get_size())
     _setup_logging(config, own.Get_rank())
     rt = Runtime(own, config)
-    if rt.rank == 0 and rt.size > 1 and not getattr(rt.transport, "ft", False):
+    if rt.rank == 0 and rt.size > 1 and not rt.transport.ft:
         from .transport.mpi import ulfm_status
         log.warning("rank-loss tolerance: %s", ulfm_status())
     return rt.start()
@@ -570,9 +570,10 @@ def broadcast(ref: ObjectRef, ranks: Optional[Sequence[int]] = None, timeout: Op
     Receiver-driven (Hoplite §3.3): each target asks the object's directory shard for a sender and
     is given the tail of the shortest chain of complete or partial copies, so simultaneous
     receivers form a pipeline and finished ones serve later ones; no rank sends N copies.  The ref
-    may still be computing.  Raises TypeError/ValueError for bad arguments, TimeoutError after
-    ``timeout`` seconds (copies made so far stay), ObjectDeletedError, or the task's error if the
-    object is an error object.
+    may still be computing.  Dead ranks (ULFM) are not waited for; a receiver whose sender dies
+    resumes from its byte offset from another holder.  Raises TypeError/ValueError for bad
+    arguments, TimeoutError after ``timeout`` seconds (copies made so far stay),
+    ObjectDeletedError, or the task's error if the object is an error object.
     """
     _check_refs([ref], "broadcast")
     rt = _rt()

@@ -280,7 +280,7 @@ class ObjectPlane:
             self._on_fetched(self.rank, P.Fetched(token, self.rank))
 
     def _on_fetch(self, source: int, msg: P.Fetch) -> None:
-        if msg.token < 0:
+        if msg.token == P.REPLICA_TOKEN:
             faults.reached("replica")
         def reply(got: Any) -> None:
             error = "deleted" if got is DELETED else None
@@ -293,7 +293,7 @@ class ObjectPlane:
         self.fetch(oid, reply)
 
     def _on_fetched(self, source: int, msg: P.Fetched) -> None:
-        if msg.token < 0:      # a background replica is complete (it registered itself)
+        if msg.token == P.REPLICA_TOKEN:   # a background replica is complete (it registered itself)
             return
         state = self._broadcasts.get(msg.token)
         if state is None:

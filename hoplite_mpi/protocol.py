@@ -220,9 +220,13 @@ class PullRefused:
     tag: int
 
 
+REPLICA_TOKEN = -1   # Fetch token of a background replica copy (its Fetched is ignored)
+
+
 @message
 class Fetch:
-    """Driver -> rank: make sure you hold a complete copy (broadcast), then answer Fetched."""
+    """Driver -> rank: make sure you hold a complete copy (broadcast), then answer Fetched.
+    (Primary shard -> rank with ``token=REPLICA_TOKEN``: make a background replica.)"""
 
     object_id: int
     token: int

@@ -49,8 +49,6 @@ log = logging.getLogger("hoplite_mpi")
 # took ~7 s with plain exponential backoff and ~1 s with this window; idle cost is unaffected.
 HOT_WINDOW = 0.005
 
-REPLICA_TOKEN = -1   # Fetch token of a background replica copy (its Fetched is ignored)
-
 
 class Runtime(ObjectPlane):
     """The runtime of one rank over communicator ``comm`` (which it owns: pass a ``Dup``)."""
@@ -182,6 +180,7 @@ class Runtime(ObjectPlane):
         hot_window = HOT_WINDOW
         delay = tmin
         last_active = time.monotonic()
+        heard = self._heard if self.scheduler is not None else None
         beat = min(self.config.heartbeat, self.config.heartbeat_timeout / 4)
         next_beat = last_active + beat
         try:
@@ -196,6 +195,10 @@ class Runtime(ObjectPlane):
                     active = True
                 for source, batch in transport.receive():
                     active = True
+                    if source in self.dead:    # declared dead (hung): whatever it still says is void
+                        continue
+                    if heard is not None:
+                        heard[source] = time.monotonic()   # any batch is a sign of life
                     for msg in batch:
                         self._handle(source, msg)
                 for rank in transport.failures():
@@ -232,10 +235,6 @@ class Runtime(ObjectPlane):
             self._flush()
 
     def _handle(self, source: int, msg: Any) -> None:
-        if source in self.dead:          # declared dead (hung): whatever it still says is void
-            return
-        if self.scheduler is not None:
-            self._heard[source] = time.monotonic()
         self.stats[type(msg).__name__] += 1
         self._guarded(self._handlers[type(msg)], source, msg)
 
@@ -344,13 +343,12 @@ class Runtime(ObjectPlane):
     # --- directory -----------------------------------------------------------------------------
 
     def _on_directory(self, source: int, msg: Any) -> None:
-        if type(msg) is P.DirAdd:
+        add = type(msg) is P.DirAdd
+        if add:
             faults.reached("dir")
-            self._send_all(self.directory.handle(source, msg))
-            if self.config.replication > 1 and self.shard_ranks(msg.info.object_id)[0] == self.rank:
-                self._replicate(msg.info.object_id)
-            return
         self._send_all(self.directory.handle(source, msg))
+        if add and self.config.replication > 1 and self.shard_ranks(msg.info.object_id)[0] == self.rank:
+            self._replicate(msg.info.object_id)
 
     def _replicate(self, oid: int) -> None:
         """(primary shard) Give a new chunked object ``Config.replication - 1`` more copies, on the
@@ -368,7 +366,7 @@ class Runtime(ObjectPlane):
         need = self.config.replication - len(info.holders)
         for rank in [r for r in others if r not in info.holders and r not in self.dead][:max(0, need)]:
             self.stats["replicas"] += 1
-            self.send(rank, P.Fetch(oid, REPLICA_TOKEN))
+            self.send(rank, P.Fetch(oid, P.REPLICA_TOKEN))
 
     def _lookup(self, object_id: int, callback: Callable) -> None:
         """Ask the object's shard for its info; ``callback(info | None)`` (None: deleted)."""
@@ -563,7 +561,6 @@ class Runtime(ObjectPlane):
                         self.send(other, P.MemberDown(rank))   # (the hung rank too: it exits)
                 self._flush()                     # before the hung rank is excluded from sends
                 self._rank_lost(rank)
-                self.transport.exclude(rank)
 
     def _on_member_down(self, source: int, msg: P.MemberDown) -> None:
         if msg.rank == self.rank:
@@ -572,7 +569,6 @@ class Runtime(ObjectPlane):
             logging.shutdown()
             os._exit(0)
         self._rank_lost(msg.rank)
-        self.transport.exclude(msg.rank)
 
     def _rank_lost(self, rank: int) -> None:
         """(engine) ``rank`` died.  Every live rank runs this when its transport reports it."""
@@ -588,11 +584,10 @@ class Runtime(ObjectPlane):
         primary = [self._shard_primary(s) for s in range(n)]
         moved = [s for s, ranks in enumerate(self.shards) if not set(ranks) - self.dead - {rank}]
         self.dead.add(rank)
+        self.transport.exclude(rank)     # (ULFM-reported ranks are excluded already; hung ones not)
         changed = {s for s in range(n) if primary[s] == rank}   # its requests must go elsewhere
         # this rank's own shard entries: forget the dead rank, report objects left without a copy
-        out, lost = self.directory.rank_lost(rank)
-        self._send_all(out)
-        for oid in lost:
+        for oid in self.directory.rank_lost(rank):
             self.send(0, P.ObjectLost(oid, rank))
         # shards whose every replica is dead moved to a live rank: re-register what we hold there;
         # requests waiting at a dead primary go to the next replica or the successor

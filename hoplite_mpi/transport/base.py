@@ -6,6 +6,7 @@ started, then driven by :meth:`Transport.progress`, which reports what completed
 from __future__ import annotations
 
 import abc
+import time
 from typing import Callable, Sequence
 
 
@@ -75,7 +76,6 @@ class Transport(abc.ABC):
     def wait(self, timeout: float) -> bool:
         """Sleep up to ``timeout`` seconds, less if a message may have arrived or :meth:`wake`
         was called; returns whether it was woken early.  Default: just sleep."""
-        import time
         time.sleep(timeout)
         return False
 
