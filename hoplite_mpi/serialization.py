@@ -58,14 +58,20 @@ def _sole_count() -> int:
 _SOLE = _sole_count()   # getrefcount of a value one variable holds, seen inside a callee
 
 
+def held_only_by_caller(value: Any, containers: int = 0) -> bool:
+    """Whether nothing references ``value`` but the caller's one variable (and ``containers``
+    containers).  Calibrated with :data:`_SOLE`, so it holds on interpreters that count differently."""
+    return sys.getrefcount(value) <= _SOLE + containers
+
+
 def sole_owner(value: Any, containers: int = 0) -> bool:
     """Whether ``value`` is a numpy array whose memory nothing else can reach: held by the caller's
     one variable (and ``containers`` containers, e.g. the tuple a task returned), owning its data
     or a view of arrays referenced only by their views.  Then serializing it without a copy is
     safe: nobody can mutate the stored bytes afterwards.  (A task's freshly computed result is the
     common case; copying it cost 13-17 ms per 64 MiB here.)  Conservative: False when unsure."""
-    if type(value) is not np.ndarray or sys.getrefcount(value) > _SOLE + containers:
-        return False
+    if type(value) is not np.ndarray or not held_only_by_caller(value, containers + 1):
+        return False     # (+1: the reference of held_only_by_caller's own parameter)
     base = value.base
     while base is not None:
         # a base array held by exactly one view (ours): refs = the view + `base` + getrefcount

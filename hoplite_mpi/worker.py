@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import queue
-import sys
 import threading
 from typing import Any, Callable
 
 from . import faults
 from .protocol import ObjectInfo, RunTask, TaskSpec
-from .serialization import deserialize, loads, rebuild_error, serialize, serialize_error, sole_owner
+from .serialization import (deserialize, held_only_by_caller, loads, rebuild_error, serialize,
+                            serialize_error, sole_owner)
 
 log = logging.getLogger("hoplite_mpi")
 
@@ -164,7 +164,7 @@ class Worker:
             raise ValueError(f"{name} was declared with num_returns={spec.num_returns} but returned "
                              f"{type(result).__name__} {'of length ' + str(len(result)) if hasattr(result, '__len__') else ''}".rstrip())
         # elements may go uncopied only if nothing else holds the returned tuple/list itself
-        own = sys.getrefcount(result) <= 2   # `result` + getrefcount's argument
+        own = held_only_by_caller(result)
         return [(serialize(r, f"return value {i} of {name}", copy=not (own and sole_owner(r, 1))), False)
                 for i, r in enumerate(result)]
 
