@@ -203,12 +203,11 @@ class DirectoryShard:
             entry.info = replace(entry.info, holders=tuple(h for h in entry.info.holders if h != rank))
         return []
 
-    def rank_lost(self, rank: int) -> tuple[Outbox, list[int]]:
+    def rank_lost(self, rank: int) -> list[int]:
         """``rank`` died: it holds, receives and feeds nothing any more, and waits for nothing.
 
-        Returns ``(messages, lost)``: ``lost`` lists the objects whose last complete copy was on
-        ``rank`` (not inline values, which live in the entry itself); their entries stay, so pulls
-        and lookups keep waiting until a rebuilt copy is added (lineage) or the object is deleted.
+        Returns the objects whose last complete copy was on ``rank`` (not inline values, which
+        live in the entry itself); their entries stay, so pulls and lookups keep waiting until a rebuilt copy is added (lineage) or the object is deleted.
         Receivers fed by ``rank`` see their stream fail and ask again (:meth:`pull` re-places them).
         """
         lost = []
@@ -228,4 +227,4 @@ class DirectoryShard:
                 entry.info = replace(info, holders=holders)
                 if not holders and info.inline is None:
                     lost.append(oid)
-        return [], lost
+        return lost

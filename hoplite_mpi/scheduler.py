@@ -228,7 +228,7 @@ class Scheduler:
         requeue = []
         for task in list(self.tasks.values()):
             spec = task.spec
-            pinned = spec.rank == rank or (spec.allowed is not None and not set(spec.allowed) - self.lost_ranks)
+            pinned = self._no_rank_left(spec, self.lost_ranks)
             if task.state is TaskState.RUNNING and task.rank == rank:
                 if pinned or task.attempts > spec.max_retries or not self.workers:
                     why = "pinned to it" if pinned else ("no worker rank left" if not self.workers
@@ -248,6 +248,17 @@ class Scheduler:
             self._queue(task.spec).appendleft(task.spec.task_id)
         self.ready.pop(("rank", rank), None)
         return self._drain(out)
+
+    @staticmethod
+    def _no_rank_left(spec: TaskSpec, dead: set) -> bool:
+        """Whether ``spec`` is pinned to a dead rank or all its allowed ranks are dead."""
+        return spec.rank in dead or (spec.allowed is not None and not set(spec.allowed) - dead)
+
+    def _wait_for(self, task: _Task, missing: set) -> None:
+        """``task`` (WAITING) waits for the objects ``missing``."""
+        task.missing = missing
+        for oid in missing:
+            self.dependents.setdefault(oid, []).append(task.spec.task_id)
 
     @staticmethod
     def _lost_error(task: _Task, rank: int, why: str) -> tuple:
@@ -289,10 +300,8 @@ class Scheduler:
         out: Outbox = []
         gone = None if spec is None else next(
             (d for d in spec.deps if d not in self.objects and d not in self.producer), None)
-        dead = self.lost_ranks | {rank}      # (a shard may report it before rank_lost runs here)
-        pinned_dead = spec is not None and (
-            (spec.rank is not None and (spec.rank in dead or spec.rank not in self.inflight))
-            or (spec.allowed is not None and not set(spec.allowed) - dead))
+        # (a shard may report the loss before rank_lost has run here)
+        pinned_dead = spec is not None and self._no_rank_left(spec, self.lost_ranks | {rank})
         if spec is None or gone is not None or pinned_dead or not self.workers:
             self.lineage.pop(object_id, None)
             error = to_bytes(local_error(ObjectLostError(format_id(object_id), rank)))
@@ -311,9 +320,7 @@ class Scheduler:
             self.objects.pop(oid, None)
         for oid in spec.deps:
             self.dep_count[oid] = self.dep_count.get(oid, 0) + 1
-            if oid not in self.objects:
-                task.missing.add(oid)
-                self.dependents.setdefault(oid, []).append(spec.task_id)
+        self._wait_for(task, {d for d in spec.deps if d not in self.objects})   # being rebuilt
         if not task.missing:
             self._make_ready(task)
         return out + self.dispatch()
@@ -381,9 +388,7 @@ class Scheduler:
                     queue.popleft()
                     if gone in self.producer:      # being rebuilt from lineage: wait for it
                         task.move(TaskState.WAITING)
-                        task.missing = {d for d in task.spec.deps if d not in self.objects}
-                        for d in task.missing:
-                            self.dependents.setdefault(d, []).append(task.spec.task_id)
+                        self._wait_for(task, {d for d in task.spec.deps if d not in self.objects})
                         continue
                     self._fail(task, _deleted_error(gone), failed)
                     continue

@@ -217,11 +217,11 @@ def test_rank_lost_drops_it_as_holder_and_reports_objects_left_without_a_copy(sh
     shard.add(info(holders=(1, 2)))                           # X: a copy survives on 2
     shard.add(info(holders=(1,), oid=Y))                      # Y: its only copy was on 1
     shard.add(info(holders=(1,), oid=Y + 1, sizes=(3,), inline=(b"abc",)))   # inline: kept here
-    assert shard.rank_lost(1) == ([], [Y])
+    assert shard.rank_lost(1) == [Y]
     assert shard.info(X).holders == (2,)
     assert shard.info(Y).holders == ()
     assert shard.info(Y + 1).inline == (b"abc",)
-    assert shard.rank_lost(1) == ([], [])                     # idempotent
+    assert shard.rank_lost(1) == []                     # idempotent
 
 
 def test_after_rank_loss_pulls_wait_for_a_rebuilt_copy_and_are_answered_by_its_add(shard):
@@ -243,5 +243,5 @@ def test_a_dead_sender_is_not_chosen_again_and_its_receivers_are_re_placed(shard
     assert dest == 3 and reply.info.holders[0] in (2, 4)
     # the dead rank's own pending requests are forgotten
     shard.add(info(holders=(5,), oid=Y))
-    assert shard.lookup(Y + 7, 1) == [] and shard.rank_lost(1) == ([], [])
+    assert shard.lookup(Y + 7, 1) == [] and shard.rank_lost(1) == []
     assert shard.add(info(holders=(5,), oid=Y + 7)) == []
