@@ -49,8 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import sys
 import threading
@@ -64,7 +62,7 @@ from mpi4py import MPI
 
 import hoplite_mpi as hm
 
-from tasks import CpuProbe, Noise, base_meta   # the sibling benchmark (this script's folder is on sys.path)
+from tasks import Noise, base_meta, job_probes   # the sibling benchmark (this script's folder is on sys.path)
 
 OPS = ("reduce", "broadcast", "allreduce")
 PATTERN = np.arange(1021, dtype=np.float32)   # prime length: chunk boundaries never line up
@@ -700,16 +698,10 @@ def main() -> int:
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    if size < 2:
-        if rank == 0:
-            print("collectives.py needs at least 2 ranks (rank 0 drives, the others run tasks)",
-                  file=sys.stderr)
+    job = job_probes(comm, "collectives.py")
+    if job is None:
         return 2
-    where = comm.allgather((socket.gethostname(), os.getpid(), os.getppid()))
-    probe = None
-    if rank == 0 and len({h for h, _, _ in where}) == 1:
-        probe = CpuProbe([pid for _, pid, _ in where])
-    launchers = sorted({ppid for _, _, ppid in where} - {1})
+    probe, launchers = job
     meta = machine_meta(comm, args) if rank == 0 else {}
     if rank == 0:
         need = size * 6 * max(args.sizes + args.stagger_sizes)

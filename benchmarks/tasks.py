@@ -408,6 +408,23 @@ def machine_meta(comm, args) -> dict:
             "idle_s": args.idle, "warmup": args.warmup}
 
 
+def job_probes(comm, script: str):
+    """Collective start-up of a benchmark job: ``(probe, launchers)``, or None (after a message on
+    rank 0) with fewer than 2 ranks.  ``probe`` is a :class:`CpuProbe` over every rank's pid on
+    rank 0 when all ranks share this host (else None); ``launchers`` are the ranks' parent pids
+    (mpirun/prted), whose CPU :class:`Noise` counts as this job's."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if size < 2:
+        if rank == 0:
+            print(f"{script} needs at least 2 ranks (rank 0 drives, the others run tasks)", file=sys.stderr)
+        return None
+    where = comm.allgather((socket.gethostname(), os.getpid(), os.getppid()))
+    probe = None
+    if rank == 0 and len({h for h, _, _ in where}) == 1:
+        probe = CpuProbe([pid for _, pid, _ in where])
+    return probe, sorted({ppid for _, _, ppid in where} - {1})
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=20000, help="no-op tasks per throughput run")
@@ -425,17 +442,11 @@ def main() -> int:
         parser.error("--idle must be > 0 and --warmup >= 1")
 
     comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
-    if size < 2:
-        if rank == 0:
-            print("tasks.py needs at least 2 ranks (rank 0 drives, the others run tasks)", file=sys.stderr)
+    rank = comm.Get_rank()
+    job = job_probes(comm, "tasks.py")
+    if job is None:
         return 2
-    # the pids of all ranks, for psutil on rank 0 (only when every rank is on this host)
-    where = comm.allgather((socket.gethostname(), os.getpid(), os.getppid()))
-    probe = None
-    if rank == 0 and len({h for h, _, _ in where}) == 1:
-        probe = CpuProbe([pid for _, pid, _ in where])
-    launchers = sorted({ppid for _, _, ppid in where} - {1})
+    probe, launchers = job
     meta = machine_meta(comm, args) if rank == 0 else {}
 
     m = h = None
