@@ -158,15 +158,22 @@ class Worker:
         result = fn(*args, **kwargs)
         name = spec.name or getattr(fn, "__name__", "task")
         del args, kwargs, values     # the task's own references to its arguments
+        # (sole_owner is asked in a statement of its own: while serialize's arguments are being
+        # evaluated, the value is also on the interpreter's stack and would look shared)
         if spec.num_returns == 1:
-            return [(serialize(result, f"return value of {name}", copy=not sole_owner(result, 0)), False)]
+            copy = not sole_owner(result, 0)
+            return [(serialize(result, f"return value of {name}", copy=copy), False)]
         if not isinstance(result, (tuple, list)) or len(result) != spec.num_returns:
             raise ValueError(f"{name} was declared with num_returns={spec.num_returns} but returned "
                              f"{type(result).__name__} {'of length ' + str(len(result)) if hasattr(result, '__len__') else ''}".rstrip())
         # elements may go uncopied only if nothing else holds the returned tuple/list itself
         own = held_only_by_caller(result)
-        return [(serialize(r, f"return value {i} of {name}", copy=not (own and sole_owner(r, 1))), False)
-                for i, r in enumerate(result)]
+        results = []
+        for i in range(len(result)):    # (not enumerate: its reused pair tuple also holds r)
+            r = result[i]
+            copy = not (own and sole_owner(r, 1))
+            results.append((serialize(r, f"return value {i} of {name}", copy=copy), False))
+        return results
 
     def _function(self, fn_id: bytes) -> Any:
         fn = self._functions.get(fn_id)
