@@ -12,6 +12,13 @@ children are known when the slot is filled and its step can start at once; the r
 for an input already on the target rank when there is one (saving the final copy).  With
 ``num < len(inputs)`` the first ``num`` inputs to become ready are reduced; later ones are ignored.
 
+Last arrival (an addition to Hoplite's plan for staggered inputs): once a single input is still
+to come, the target's step (the root, or the copy step) starts at once as an *accumulator*: it
+takes over the children of the one free slot, pulls and combines everything that exists, and the
+last input, when ready, is pulled by the target directly (``ReduceLate``) and added chunk by
+chunk.  After the last arrival one transfer remains, instead of a pull into that input's rank
+followed by the target's pull of the sum.  The bytes moved are the same ((n - 1) * S).
+
 Every method returns a list of ``(rank, message)`` to send.
 """
 from __future__ import annotations
@@ -25,7 +32,7 @@ import numpy as np
 
 from .errors import HopliteError
 from .ids import format_id
-from .protocol import DirAdd, Fetch, Free, ObjectInfo, ReduceStep, ReduceStepDone
+from .protocol import DirAdd, Fetch, Free, ObjectInfo, ReduceLate, ReduceStep, ReduceStepDone
 from .serialization import frame_sizes, local_error, serialize, to_bytes
 
 Outbox = list
@@ -94,6 +101,7 @@ class _Slot:
     rank: Optional[int] = None
     out_id: Optional[int] = None
     started: bool = False
+    late: bool = False      # filled by the last input: the target's accumulator pulls it
 
 
 class ReduceCoordinator:
@@ -178,12 +186,23 @@ class ReduceCoordinator:
         rank = info.holders[0] if info.holders else self.target
         slot = self._choose_slot(rank)
         slot.info, slot.rank = info, rank
-        slot.out_id = self.result_id if (slot.parent is None and rank == self.target) else self.new_id()
         out: Outbox = []
         if self.allreduce and rank != self.target and rank not in self.pending_fetch:
             self.pending_fetch.add(rank)
             out.append((rank, Fetch(self.result_id, self.reduce_id)))
+        if slot.late:
+            if rank != self.target and info.inline is None and not arr.flags.c_contiguous:
+                # the accumulator pulls raw C-order bytes: a leaf step on ``rank`` makes them
+                slot.out_id = self.new_id()
+                self.intermediates.append((rank, slot.out_id))
+                out.append((rank, ReduceStep(self.reduce_id, slot.out_id, info, (), self.op, False,
+                                             self.sizes)))
+                info = ObjectInfo(slot.out_id, self.sizes, (rank,))
+            return out + [(self.target, ReduceLate(self.reduce_id, self.result_id, info, rank))]
+        slot.out_id = self.result_id if (slot.parent is None and rank == self.target) else self.new_id()
         out += self._start_ready()
+        if self.num - len(self.used) == 1:
+            out += self._accumulate()
         return out
 
     def step_done(self, msg: ReduceStepDone) -> Outbox:
@@ -249,6 +268,23 @@ class ReduceCoordinator:
                 out.append((self.target, ReduceStep(self.reduce_id, self.result_id, None,
                                                     ((slot.rank, slot.out_id),), self.op, True, self.sizes)))
         return out
+
+    def _accumulate(self) -> Outbox:
+        """One input is still to come: start the target's step now, with the children of the
+        free slot as its own, and mark that slot late (see the module docstring)."""
+        last = next(self.slots[i] for i in self.order if self.slots[i].info is None)
+        root = self.slots[self.order[-1]]
+        last.late = last.started = True
+        if last is root:            # the target holds no root input: its copy step accumulates
+            acc = self.copy_step = _Slot(-1, None, list(root.children), rank=self.target,
+                                         out_id=self.result_id)
+        else:                       # the root is the target's input; ``last`` is one of its children
+            acc = root
+            acc.children = [c for c in root.children if c != last.index] + last.children
+        acc.started = True
+        children = tuple((self.slots[c].rank, self.slots[c].out_id) for c in acc.children)
+        return [(self.target, ReduceStep(self.reduce_id, self.result_id, acc.info, children, self.op,
+                                         True, self.sizes, late=1, head=self.head))]
 
     def _maybe_finish(self) -> Outbox:
         if not self.result_done or self.pending_fetch or self.done:

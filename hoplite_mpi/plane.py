@@ -311,6 +311,11 @@ class ObjectPlane:
 
     # --- reduce steps (the node side) ------------------------------------------------------
 
+    def _on_reduce_late(self, source: int, msg: P.ReduceLate) -> None:
+        step = self._reduce_steps.get(msg.out_id)
+        if step is not None:     # (else the step failed and told the coordinator)
+            step.add_late(msg.info, msg.rank)
+
     def _on_reduce_step(self, source: int, msg: P.ReduceStep) -> None:
         faults.reached("reduce")
         try:
@@ -329,7 +334,15 @@ def _ends(plan: list) -> list[int]:
 
 
 class _ReduceStep:
-    """One slot's work: out = op(input, child_1, ..., child_m), chunk by chunk."""
+    """One slot's work: out = op(input, child_1, ..., child_m), chunk by chunk.
+
+    Each contribution (the slot's own input, each child's stream, and ``msg.late`` contributions
+    named later by :class:`~hoplite_mpi.protocol.ReduceLate`) is combined into chunk ``i`` of the
+    output as soon as it has chunk ``i``; chunk ``i`` is released to readers (``store.advance``, in
+    order) once all of them are in.  Local contributions (the input, a late input on this rank)
+    are applied to a chunk together with its first streamed contribution, so no chunk is copied
+    when an op can write it.
+    """
 
     def __init__(self, rt: Any, coordinator: int, msg: P.ReduceStep) -> None:
         self.rt, self.coordinator, self.msg = rt, coordinator, msg
@@ -337,13 +350,15 @@ class _ReduceStep:
         self.sizes = tuple(msg.sizes)
         self.plan = chunk_plan(self.sizes, rt.config.chunk_size)
         self.got: list[int] = []
+        self.bufs: list = []
+        self.locals: list[np.ndarray] = []     # raw C-order bytes of local contributions
+        self.late = msg.late
         self.combined = 0
         self.failed = False
 
-    def _input(self) -> tuple[bytes, np.ndarray]:
-        """(C-order header, raw C-order bytes) of this slot's input; a Fortran-ordered or other
+    def _input(self, info: ObjectInfo) -> tuple[bytes, np.ndarray]:
+        """(C-order header, raw C-order bytes) of input ``info``; a Fortran-ordered or other
         non-C-contiguous input is copied into C order (every slot works on C-order bytes)."""
-        info = self.msg.input_info
         frames = self.rt.local_frames(info.object_id)
         if isinstance(frames, ObjectInfo):
             frames = frames.inline
@@ -362,42 +377,105 @@ class _ReduceStep:
     def start(self) -> None:
         rt, msg = self.rt, self.msg
         out = msg.out_id
-        if msg.input_info is not None and not msg.children:      # a leaf: its input as it is
-            head, data = self._input()
+        if msg.input_info is not None and not msg.children and not msg.late:   # a leaf: its input
+            head, data = self._input(msg.input_info)
             rt.store.put(out, [head, data])
             rt._serve_deferred(out)
             self._done()
             return
-        if msg.input_info is None:                               # the target's copy step
-            entry = rt.store.allocate(out, self.sizes)
-            entry.on_complete.append(lambda e: self._done())
+        entry = rt.store.allocate(out, self.sizes)
+        entry.on_complete.append(lambda e: self._done())
+        if msg.input_info is None and len(msg.children) == 1 and not msg.late:   # a copy step
             self._announce()
             (child_rank, child_id), = msg.children
             rt._receive(out, entry, child_rank, child_id, self._child_failed)
             rt._serve_deferred(out)
             return
-        head, data = self._input()
-        self.input = data
+        head = msg.head
+        if msg.input_info is not None:
+            head, data = self._input(msg.input_info)
+            self.locals.append(data)
         self.dtype = pickle.loads(head, buffers=[np.empty(self.sizes[1], np.uint8)]).dtype
-        entry = rt.store.allocate(out, self.sizes)
         entry.frames[0][:] = np.frombuffer(head, np.uint8)
-        entry.on_complete.append(lambda e: self._done())
         self.out = entry.frames[1]
+        expected = len(self.locals) + len(msg.children) + self.late
+        # header chunks are complete from the start; data chunks count their contributions
+        self.count = [expected if f != 1 else 0 for f, _, _ in self.plan]
+        self.expected = expected
         self._announce()
-        self.bufs = []
-        for i, (child_rank, child_id) in enumerate(msg.children):
-            bufs = [rt.store.buffer(size) for size in self.sizes]
-            self.bufs.append(bufs)
-            self.got.append(0)
-            chunks = [memoryview(bufs[f])[a:b] for f, a, b in self.plan]
-            rt._next_tag += 1
-            tag = rt._next_tag
-            rt.transport.recv_stream(child_rank, tag, chunks, lambda n, i=i: self._arrived(i),
-                                     lambda failure: self._child_failed(out, failure))
-            rt.send(child_rank, P.Pull(child_id, tag))
+        if msg.late:
+            rt._reduce_steps[out] = self
+        for child_rank, child_id in msg.children:
+            self._pull(child_rank, child_id)
         rt._serve_deferred(out)
+        self._release()
         if not self.plan:
             rt.store.advance(out, 0)
+
+    def _pull(self, rank: int, oid: int) -> None:
+        rt, i = self.rt, len(self.bufs)
+        bufs = [rt.store.buffer(size) for size in self.sizes]
+        self.bufs.append(bufs)
+        self.got.append(0)
+        chunks = [memoryview(bufs[f])[a:b] for f, a, b in self.plan]
+        rt._next_tag += 1
+        tag = rt._next_tag
+        out = self.msg.out_id
+        rt.transport.recv_stream(rank, tag, chunks, lambda n, i=i: self._arrived(i),
+                                 lambda failure: self._child_failed(out, failure))
+        rt.send(rank, P.Pull(oid, tag))
+
+    def add_late(self, info: ObjectInfo, rank: int) -> None:
+        """A late contribution: input ``info`` on ``rank`` (pulled, or combined here if local)."""
+        if self.failed or self.late <= 0:
+            return
+        self.late -= 1
+        if rank != self.rt.rank and info.inline is None:
+            self._pull(rank, info.object_id)
+            return
+        try:
+            _, data = self._input(info)
+        except Exception as exc:
+            self._fail(f"reduce input {format_id(info.object_id)} unusable on rank {self.rt.rank}: {exc}")
+            return
+        self.locals.append(data)
+        streamed = bool(self.bufs) or self.late > 0
+        for i, (f, a, b) in enumerate(self.plan):
+            if f != 1:
+                continue
+            if self.count[i]:
+                o = self.out[a:b].view(self.dtype)
+                self.op(o, data[a:b].view(self.dtype), out=o)
+                self.count[i] += 1
+            elif not streamed:          # nothing else will come: combine the local ones now
+                self._combine(i, None)
+        self._release()
+
+    def _combine(self, i: int, chunk: Optional[np.ndarray]) -> None:
+        """Add ``chunk`` (a streamed contribution to chunk ``i``; None: none) to the output."""
+        _, a, b = self.plan[i]
+        dt = self.dtype
+        o = self.out[a:b].view(dt)
+        if self.count[i]:
+            self.op(o, chunk, out=o)
+            self.count[i] += 1
+            return
+        parts = [x[a:b].view(dt) for x in self.locals] + ([chunk] if chunk is not None else [])
+        if len(parts) == 1:
+            o[...] = parts[0]
+        else:
+            self.op(parts[0], parts[1], out=o)
+            for part in parts[2:]:
+                self.op(o, part, out=o)
+        self.count[i] = len(parts)
+
+    def _release(self) -> None:
+        """Advance the output over every leading chunk that has all its contributions."""
+        while self.combined < len(self.plan) and self.count[self.combined] >= self.expected \
+                and not self.failed:
+            _, a, b = self.plan[self.combined]
+            self.combined += 1
+            self.rt.store.advance(self.msg.out_id, b - a)
 
     def _announce(self) -> None:
         if self.msg.final:   # others (an allreduce's broadcast) may chain on the growing result
@@ -406,34 +484,32 @@ class _ReduceStep:
                 self.rt.send(rank, P.DirPartial(info, self.rt.rank))
 
     def _arrived(self, child: int) -> None:
+        i = self.got[child]
         self.got[child] += 1
-        ready = min(self.got)
-        while self.combined < ready and not self.failed:
-            f, a, b = self.plan[self.combined]
-            if f == 1:
-                x = self.input[a:b].view(self.dtype)
-                o = self.out[a:b].view(self.dtype)
-                first = self.bufs[0][1][a:b].view(self.dtype)
-                self.op(x, first, out=o)
-                for bufs in self.bufs[1:]:
-                    self.op(o, bufs[1][a:b].view(self.dtype), out=o)
-            self.combined += 1
-            self.rt.store.advance(self.msg.out_id, b - a)
+        f, a, b = self.plan[i]
+        if f == 1 and not self.failed:
+            self._combine(i, self.bufs[child][1][a:b].view(self.dtype))
+        self._release()
 
     def _child_failed(self, oid: int, failure: PeerFailure) -> None:
+        self._fail(f"reduce step on rank {self.rt.rank} lost its input from rank {failure.rank}: "
+                   f"{failure.detail}")
+
+    def _fail(self, text: str) -> None:
         if self.failed:
             return
         self.failed = True
-        error = to_bytes(local_error(HopliteError(
-            f"reduce step on rank {self.rt.rank} lost its input from rank {failure.rank}: {failure.detail}")))
+        self.rt._reduce_steps.pop(self.msg.out_id, None)
+        error = to_bytes(local_error(HopliteError(text)))
         self.rt.send(self.coordinator, P.ReduceStepDone(self.msg.reduce_id, self.msg.out_id,
                                                         self.rt.rank, error=error))
 
     def _done(self) -> None:
         rt, msg = self.rt, self.msg
-        for bufs in getattr(self, "bufs", ()):   # scratch space of the children's outputs
+        rt._reduce_steps.pop(msg.out_id, None)
+        for bufs in self.bufs:   # scratch space of the children's outputs
             rt.store.give_back(bufs)
-        self.input = self.out = None
+        self.locals = self.out = None
         if msg.final:
             info = ObjectInfo(msg.out_id, self.sizes, (rt.rank,), head=_head_of(rt, msg.out_id))
             for rank in rt.shard_ranks(msg.out_id):

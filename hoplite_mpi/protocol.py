@@ -252,6 +252,8 @@ class ReduceStep:
     chunks arrive, served to the parent as it grows.  ``input_info`` is None for the copy step of
     the target rank (it only receives the single child's output).  ``children`` lists
     ``(rank, object id)`` pairs to pull directly.  ``final``: ``out_id`` is the result object.
+    ``late``: how many more contributions will be named by :class:`ReduceLate` (the target's
+    accumulator starts before the last input exists).  ``head``: frame 0 of the output.
     """
 
     reduce_id: int
@@ -261,6 +263,19 @@ class ReduceStep:
     op: bytes
     final: bool = False
     sizes: tuple[int, ...] = ()     # frame sizes of the output (= of every input)
+    late: int = 0
+    head: bytes = b""
+
+
+@message
+class ReduceLate:
+    """Coordinator -> the target's accumulator step ``out_id``: one of its late contributions is
+    the input ``info``, held by ``rank`` (the target itself: combine it locally; else pull it)."""
+
+    reduce_id: int
+    out_id: int
+    info: ObjectInfo
+    rank: int
 
 
 @message
@@ -322,4 +337,4 @@ class ShutdownAck:
 
 ALL_MESSAGES = (SubmitTask, RunTask, TaskDone, TaskBlocked, DirAdd, DirLookup,
                 DirPull, DirPartial, DirReply, DirDelete, Free, Pull, PullRefused, Fetch, Fetched,
-                ReduceStep, ReduceStepDone, ReduceRequest, Shutdown, ShutdownAck)
+                ReduceStep, ReduceLate, ReduceStepDone, ReduceRequest, Shutdown, ShutdownAck)

@@ -91,6 +91,7 @@ class Runtime(ObjectPlane):
         self._freed_here: set[int] = set()
         self._broadcasts: dict[int, tuple] = {}
         self._reduces: dict[int, ReduceCoordinator] = {}   # rank 0: reduces in progress
+        self._reduce_steps: dict[int, Any] = {}             # accumulators awaiting ReduceLate
         self._ready_waiters: dict[int, list[Callable]] = {}
         self.reduced: dict[int, list[int]] = {}            # rank 0: result id -> inputs used
         self._next_tag = 0
@@ -116,6 +117,7 @@ class Runtime(ObjectPlane):
             P.Fetch: self._on_fetch,
             P.Fetched: self._on_fetched,
             P.ReduceStep: self._on_reduce_step,
+            P.ReduceLate: self._on_reduce_late,
             P.ReduceStepDone: self._on_reduce_step_done,
             P.ReduceRequest: lambda src, m: self.start_reduce(m.reduce_id, list(m.inputs), m.op, m.num,
                                                               m.target, m.reduce_id + 1, m.allreduce),

@@ -358,6 +358,41 @@ def check_reduce_inputs_not_ready():
     _reduce_placement(placement, delay=0.3, shape=(100,), op="max")       # inline inputs
 
 
+def _staggered(placement, delays, rank=None, num=None, shape=(n_elems(MiB + 999, "float64"),),
+               op="sum", dtype="float64"):
+    """Inputs made on ``placement`` after ``delays`` (s): the arrival order the reduce sees."""
+    refs = [make.options(rank=r).remote((shape, dtype, 61 + i, "any", "C"), d)
+            for i, (r, d) in enumerate(zip(placement, delays))]
+    arrays = [build(shape, dtype, 61 + i) for i in range(len(placement))]
+    red = hm.reduce(refs, op=op, rank=rank, num=num)
+    index = {ref: i for i, ref in enumerate(refs)}
+    used = sorted(index[u] for u in hm.reduced_inputs(red, timeout=T))
+    assert len(used) == (num or len(refs)), used
+    assert_same(hm.get(red, timeout=T), expected([arrays[i] for i in used], op),
+                f"reduce over {placement} after {delays} to rank {rank}")
+    return used
+
+
+@check
+def check_reduce_staggered_arrival():
+    # Once one input is still to come, the target accumulates the others and then adds the last
+    # one itself (ReduceLate): the last input on another rank, on the target (combined locally),
+    # a target holding no input, a target holding every input, small inline inputs, first-k.
+    w = workers()
+    last = w[-1]
+    ranks = (w * 3)[:3]
+    _staggered(ranks, [0.0, 0.15, 0.3], rank=0)                   # last one pulled by the target
+    _staggered(ranks, [0.0, 0.15, 0.3], rank=last)                # the target made the last one
+    _staggered(ranks, [0.3, 0.15, 0.0], rank=last)                # ... the first one
+    _staggered([last, w[0], last], [0.3, 0.0, 0.15], rank=last)   # ... and one before it
+    _staggered([last, last], [0.0, 0.2], rank=last)               # nothing to pull at all
+    _staggered([last, last, last], [0.2, 0.0, 0.1], rank=last, op="max")
+    _staggered(ranks, [0.0, 0.15, 0.3], rank=0, shape=(33,), op="min", dtype="int64")   # inline
+    _staggered(ranks, [0.0, 0.15, 0.3], rank=last, shape=(33,), dtype="int64")
+    _staggered(ranks + ranks, [0.0, 0.1, 0.2, 0.5, 0.5, 0.5], num=3)
+    _staggered(ranks * 2, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0], rank=last)  # at once: same plan
+
+
 @check
 def check_reduce_one_input_per_rank():
     _reduce_placement(all_ranks())

@@ -1,0 +1,137 @@
+"""The reduce planner (collectives.py) without MPI: topology formulas and the messages the
+coordinator sends as inputs become ready, in particular the target's accumulator (ReduceLate)."""
+from __future__ import annotations
+
+import itertools
+import pickle
+
+import numpy as np
+import pytest
+
+from hoplite_mpi.collectives import ReduceCoordinator, chain_length, tree_chain, tree_depth
+from hoplite_mpi.protocol import Fetch, Free, ObjectInfo, ReduceLate, ReduceStep, ReduceStepDone
+from hoplite_mpi.serialization import frame_sizes, serialize
+
+RESULT = 1000
+
+
+def info(oid, rank, shape=(1 << 20,), dtype=np.float32, order="C"):
+    frames = serialize(np.zeros(shape, dtype, order=order))
+    return ObjectInfo(oid, frame_sizes(frames), (rank,), head=bytes(frames[0]))
+
+
+def coordinator(inputs, target=0, num=None, k=10**6, allreduce=False):
+    ids = itertools.count(5000)
+    return ReduceCoordinator(1, list(inputs), pickle.dumps(np.add), num or len(inputs), target,
+                             RESULT, lambda: next(ids), lambda nbytes: k, allreduce)
+
+
+def steps(out):
+    return [(rank, m) for rank, m in out if isinstance(m, ReduceStep)]
+
+
+def test_formulas():
+    assert chain_length(64 << 20, 1.5e9, 1e-4) == round((64 << 20) / 1.5e5)
+    assert tree_depth(1, 0) == 0
+    assert tree_depth(7, 0) == 3          # small objects: a binary tree
+    assert tree_depth(7, 1000) == 0       # large ones: one chain
+    parent, order = tree_chain(4, 0)
+    assert parent == [None, 0, 1, 2] and order == [3, 2, 1, 0]
+    parent, order = tree_chain(7, 2)
+    assert parent[:3] == [None, 0, 0] and order[-1] == 0
+
+
+def test_staggered_chain_ends_with_one_pull_by_the_target():
+    # inputs 10 (on the target, rank 0), then 11, 12, 13 on ranks 1, 2, 3, one at a time
+    c = coordinator([10, 11, 12, 13])
+    assert steps(c.input_ready(info(10, 0))) == []            # the root waits for its children
+    leaf = steps(c.input_ready(info(11, 1)))
+    assert [r for r, _ in leaf] == [1] and leaf[0][1].children == ()
+    out = c.input_ready(info(12, 2))
+    (r2, s2), (r0, acc) = steps(out)
+    assert r2 == 2 and s2.children == ((1, leaf[0][1].out_id),)
+    # one input to come: the target starts now, pulling what exists, expecting one more
+    assert r0 == 0 and acc.out_id == RESULT and acc.late == 1 and acc.final
+    assert acc.input_info.object_id == 10 and acc.children == ((2, s2.out_id),)
+    out = c.input_ready(info(13, 3))
+    assert out == [(0, ReduceLate(1, RESULT, info(13, 3), 3))]   # no step on rank 3 at all
+    c.step_done(ReduceStepDone(1, s2.out_id, 2, acc.sizes))
+    done = c.step_done(ReduceStepDone(1, RESULT, 0, acc.sizes))
+    assert c.done and c.used == [10, 11, 12, 13]
+    assert sorted(m.object_id for _, m in done if isinstance(m, Free)) == sorted(
+        [leaf[0][1].out_id, s2.out_id])
+
+
+def test_target_without_an_input_accumulates_in_its_copy_step():
+    c = coordinator([11, 12], target=0)
+    (r1, leaf), (r0, acc) = steps(c.input_ready(info(11, 1)))
+    assert r1 == 1 and r0 == 0 and acc.input_info is None and acc.late == 1
+    assert acc.children == ((1, leaf.out_id),) and acc.head == c.head
+    assert c.input_ready(info(12, 0)) == [(0, ReduceLate(1, RESULT, info(12, 0), 0))]
+
+
+def test_every_input_on_the_target():
+    c = coordinator([10, 11], target=2)
+    (r, acc), = steps(c.input_ready(info(10, 2)))
+    assert r == 2 and acc.input_info.object_id == 10 and acc.children == () and acc.late == 1
+    assert c.input_ready(info(11, 2)) == [(2, ReduceLate(1, RESULT, info(11, 2), 2))]
+
+
+def test_subset_the_late_slot_takes_the_next_arrival_only():
+    c = coordinator([10, 11, 12, 13], num=2)
+    c.input_ready(info(11, 1))
+    assert c.input_ready(info(13, 3)) == [(0, ReduceLate(1, RESULT, info(13, 3), 3))]
+    assert c.input_ready(info(12, 2)) == []           # beyond num: ignored
+    assert c.used == [11, 13]
+
+
+def test_allreduce_late_input_rank_is_told_to_fetch_the_result():
+    c = coordinator([10, 11], target=0, allreduce=True)
+    c.input_ready(info(10, 0))
+    out = c.input_ready(info(11, 1))
+    assert (1, Fetch(RESULT, 1)) in out and (0, ReduceLate(1, RESULT, info(11, 1), 1)) in out
+
+
+def test_inputs_at_once_tree_keeps_bytes_moved():
+    # small objects (k=0): a tree; every input but the last ends up pulled exactly once
+    c = coordinator(list(range(10, 17)), k=0)
+    sent = []
+    for i, oid in enumerate(range(10, 17)):
+        sent += c.input_ready(info(oid, i % 4, shape=(8,)))
+    pulled = [child for _, m in steps(sent) for child in m.children]
+    late = [m for _, m in sent if isinstance(m, ReduceLate)]
+    assert len(pulled) + len(late) == 6 and len(set(pulled)) == len(pulled)
+
+
+def test_dead_rank_with_a_late_input_fails_the_reduce():
+    c = coordinator([10, 11, 12])
+    c.input_ready(info(10, 0))
+    c.input_ready(info(11, 1))
+    c.input_ready(info(12, 2))
+    c.rank_lost(2)
+    assert c.done and c.result.error
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(4))))
+def test_any_arrival_order_places_every_input_once(order):
+    c = coordinator([10, 11, 12, 13], target=0)
+    sent = []
+    for i in order:
+        sent += c.input_ready(info(10 + i, i))
+    placed = [m.input_info.object_id for _, m in steps(sent) if m.input_info is not None]
+    placed += [m.info.object_id for _, m in sent if isinstance(m, ReduceLate)]
+    assert sorted(placed) == [10, 11, 12, 13]
+    finals = [m for _, m in steps(sent) if m.final]
+    assert len(finals) == 1 and finals[0].out_id == RESULT
+
+
+def test_late_fortran_input_is_made_c_ordered_on_its_rank_first():
+    c = coordinator([10, 11], target=0)
+    c.input_ready(info(10, 0, shape=(512, 512)))
+    late = info(11, 1, shape=(512, 512), order="F")
+    out = c.input_ready(late)
+    (r, leaf), = steps(out)
+    assert r == 1 and leaf.input_info == late and leaf.children == ()
+    notes = [m for _, m in out if isinstance(m, ReduceLate)]
+    assert len(notes) == 1 and notes[0].info.object_id == leaf.out_id and notes[0].rank == 1
+    assert (1, leaf.out_id) in c.intermediates
