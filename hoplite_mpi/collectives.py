@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import HopliteError
 from .ids import format_id
-from .protocol import DirAdd, Fetch, Free, ObjectInfo, ReduceLate, ReduceStep, ReduceStepDone
+from .protocol import DirAdd, Fetch, Free, ObjectInfo, ReduceAbort, ReduceLate, ReduceStep, ReduceStepDone
 from .serialization import frame_sizes, local_error, serialize, to_bytes
 
 Outbox = list
@@ -145,13 +145,23 @@ class ReduceCoordinator:
         self.done = False
         self.result: Optional[ObjectInfo] = None   # set when done (error objects too)
         self.intermediates: list[tuple[int, int]] = []
+        # re-planning after a rank loss: every attempt has its own reduce id; later attempts make
+        # the result under a fresh id that the target adopts as ``result_id`` when complete
+        self.attempts = [reduce_id]
+        self.final_id = result_id
+        self.retired: list[tuple[int, int]] = []   # intermediates of abandoned attempts
+        self.dead: set[int] = set()
+        self.wants_inputs = False     # (runtime) re-deliver every input's info to input_ready
 
     # --- events ------------------------------------------------------------------------------
 
     def input_ready(self, info: ObjectInfo) -> Outbox:
         """An input exists.  Inputs beyond the first ``num`` are ignored."""
-        if self.done or len(self.used) >= self.num or info.object_id in self.used:
+        if self.done or len(self.used) >= self.num or info.object_id in self.used \
+                or info.object_id not in self.inputs:
             return []
+        if info.holders and set(info.holders) <= self.dead:
+            return []       # a copy that died: the runtime asks the directory (or lineage) again
         if info.error:
             return self._fail_with(info.inline)
         head = info.head if info.inline is None else info.inline[0]
@@ -171,19 +181,21 @@ class ReduceCoordinator:
             # every slot works on C-order bytes with this canonical header
             self.head = bytes(serialize(np.empty(arr.shape, arr.dtype))[0])
             self.sizes = (len(self.head), info.sizes[1])
+        elif arr.shape != self.shape or arr.dtype != self.dtype:
+            first = format_id(self.used[0] if self.used else self.inputs[0])
+            return self._fail(ValueError(
+                f"reduce input {format_id(info.object_id)} has shape {arr.shape} and dtype {arr.dtype}, "
+                f"but input {first} has shape {self.shape} and dtype {self.dtype}"))
+        if not self.slots:
             n = self.num
             parent, self.order = tree_chain(n, tree_depth(n, self.size_to_k(info.sizes[1])))
             self.slots = [_Slot(i, p) for i, p in enumerate(parent)]
             for slot in self.slots:
                 if slot.parent is not None:
                     self.slots[slot.parent].children.append(slot.index)
-        elif arr.shape != self.shape or arr.dtype != self.dtype:
-            first = format_id(self.used[0])
-            return self._fail(ValueError(
-                f"reduce input {format_id(info.object_id)} has shape {arr.shape} and dtype {arr.dtype}, "
-                f"but input {first} has shape {self.shape} and dtype {self.dtype}"))
         self.used.append(info.object_id)
-        rank = info.holders[0] if info.holders else self.target
+        live = [h for h in info.holders if h not in self.dead]
+        rank = live[0] if live else self.target
         slot = self._choose_slot(rank)
         slot.info, slot.rank = info, rank
         out: Outbox = []
@@ -198,8 +210,8 @@ class ReduceCoordinator:
                 out.append((rank, ReduceStep(self.reduce_id, slot.out_id, info, (), self.op, False,
                                              self.sizes)))
                 info = ObjectInfo(slot.out_id, self.sizes, (rank,))
-            return out + [(self.target, ReduceLate(self.reduce_id, self.result_id, info, rank))]
-        slot.out_id = self.result_id if (slot.parent is None and rank == self.target) else self.new_id()
+            return out + [(self.target, ReduceLate(self.reduce_id, self.final_id, info, rank))]
+        slot.out_id = self.final_id if (slot.parent is None and rank == self.target) else self.new_id()
         out += self._start_ready()
         if self.num - len(self.used) == 1:
             out += self._accumulate()
@@ -207,10 +219,14 @@ class ReduceCoordinator:
 
     def step_done(self, msg: ReduceStepDone) -> Outbox:
         """A slot's output is complete; the result's completion finishes the reduce."""
-        if self.done:
-            return []
+        if self.done or msg.reduce_id != self.reduce_id:
+            return []     # (a message of an abandoned attempt)
         if msg.error is not None:
-            return self._fail_with(msg.error)
+            if msg.lost >= 0 and msg.lost not in self.dead:
+                return self.rank_lost(msg.lost)
+            if msg.lost < 0:
+                return self._fail_with(msg.error)
+            return []
         if msg.out_id != self.result_id:
             return []
         self.result_done = True
@@ -225,18 +241,42 @@ class ReduceCoordinator:
         return self._maybe_finish()
 
     def rank_lost(self, rank: int) -> Outbox:
-        """``rank`` died.  A reduce with a placed input, a step or the target there fails with
-        :class:`HopliteError` naming the rank (its inputs stay usable for a new reduce); an
-        allreduce no longer waits for ``rank`` to receive the result."""
+        """``rank`` died.  If it held the target, the reduce fails with :class:`HopliteError`
+        naming the rank.  If it held a placed input or a step, the attempt is abandoned and the
+        reduce planned again (Hoplite §4: re-plan around the failure): every input's info is
+        asked for anew (``wants_inputs``; a copy elsewhere, or lineage re-runs its task, or it
+        fails with ObjectLostError), and the new tree's final step completes the old result entry
+        on the target (readers of it just wait).  A first-k reduce whose k inputs were all chosen
+        keeps them (chunks already given out must not change); one still choosing takes the next
+        arrivals, backups included.  An allreduce no longer waits for ``rank``."""
         if self.done:
             return []
+        self.dead.add(rank)
         self.pending_fetch.discard(rank)
-        steps = [s for s in self.slots if s.rank == rank] + \
-            ([self.copy_step] if self.copy_step is not None and self.copy_step.rank == rank else [])
-        if steps or (rank == self.target and not self.result_done):
+        if rank == self.target and not self.result_done:
             return self._fail(HopliteError(
-                f"reduce {format_id(self.result_id)}: rank {rank} died while taking part"))
-        return self._maybe_finish()
+                f"reduce {format_id(self.result_id)}: its target rank {rank} died"))
+        if self.result_done or rank not in self._ranks():
+            return self._maybe_finish()
+        return self._restart()
+
+    def _ranks(self) -> set[int]:
+        """Ranks of this attempt's steps and placed inputs."""
+        ranks = {s.rank for s in self.slots if s.rank is not None}
+        return ranks | ({self.copy_step.rank} if self.copy_step is not None else set())
+
+    def _restart(self) -> Outbox:
+        out = self._aborts()
+        self.reduce_id = self.new_id()
+        self.attempts.append(self.reduce_id)
+        self.final_id = self.new_id()
+        self.retired += self.intermediates
+        self.intermediates = []
+        if len(self.used) == self.num < len(self.inputs):
+            self.inputs = list(self.used)      # the chosen subset stays chosen
+        self.used, self.slots, self.order, self.copy_step = [], [], [], None
+        self.wants_inputs = True
+        return out
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -258,15 +298,16 @@ class ReduceCoordinator:
                 continue
             slot.started = True
             children = tuple((self.slots[c].rank, self.slots[c].out_id) for c in slot.children)
-            final = slot.out_id == self.result_id
+            final = slot.out_id == self.final_id
             out.append((slot.rank, ReduceStep(self.reduce_id, slot.out_id, slot.info, children,
-                                              self.op, final, self.sizes)))
+                                              self.op, final, self.sizes, adopt=self._adopt(final))))
             if not final:
                 self.intermediates.append((slot.rank, slot.out_id))
             if slot.parent is None and not final:   # the root's output is copied to the target
-                self.copy_step = _Slot(-1, None, rank=self.target, out_id=self.result_id, started=True)
-                out.append((self.target, ReduceStep(self.reduce_id, self.result_id, None,
-                                                    ((slot.rank, slot.out_id),), self.op, True, self.sizes)))
+                self.copy_step = _Slot(-1, None, rank=self.target, out_id=self.final_id, started=True)
+                out.append((self.target, ReduceStep(self.reduce_id, self.final_id, None,
+                                                    ((slot.rank, slot.out_id),), self.op, True,
+                                                    self.sizes, adopt=self._adopt(True))))
         return out
 
     def _accumulate(self) -> Outbox:
@@ -277,20 +318,28 @@ class ReduceCoordinator:
         last.late = last.started = True
         if last is root:            # the target holds no root input: its copy step accumulates
             acc = self.copy_step = _Slot(-1, None, list(root.children), rank=self.target,
-                                         out_id=self.result_id)
+                                         out_id=self.final_id)
         else:                       # the root is the target's input; ``last`` is one of its children
             acc = root
             acc.children = [c for c in root.children if c != last.index] + last.children
         acc.started = True
         children = tuple((self.slots[c].rank, self.slots[c].out_id) for c in acc.children)
-        return [(self.target, ReduceStep(self.reduce_id, self.result_id, acc.info, children, self.op,
-                                         True, self.sizes, late=1, head=self.head))]
+        return [(self.target, ReduceStep(self.reduce_id, self.final_id, acc.info, children, self.op,
+                                         True, self.sizes, late=1, head=self.head,
+                                         adopt=self._adopt(True)))]
+
+    def _adopt(self, final: bool) -> int:
+        return self.result_id if final and self.final_id != self.result_id else 0
+
+    def _frees(self) -> Outbox:
+        return [(rank, Free(oid)) for rank, oid in self.intermediates + self.retired
+                if rank not in self.dead]
 
     def _maybe_finish(self) -> Outbox:
         if not self.result_done or self.pending_fetch or self.done:
             return []
         self.done = True
-        return [(rank, Free(oid)) for rank, oid in self.intermediates]
+        return self._frees()
 
     def _fail(self, exc: BaseException) -> Outbox:
         return self._fail_with(to_bytes(local_error(exc)))
@@ -299,4 +348,12 @@ class ReduceCoordinator:
         self.done = True
         self.result = ObjectInfo(self.result_id, frame_sizes(error), (), tuple(error), True)
         out: Outbox = [(r, DirAdd(self.result)) for r in self.shard_ranks(self.result_id)]
-        return out + [(rank, Free(oid)) for rank, oid in self.intermediates]
+        return out + self._aborts() + self._frees()
+
+    def _aborts(self) -> Outbox:
+        """Abandon this attempt's steps: the target's first (it stops giving out its output),
+        which then tells the others (they drain their streams)."""
+        ranks = self._ranks() - self.dead
+        if self.target in ranks:
+            return [(self.target, ReduceAbort(self.reduce_id, tuple(sorted(ranks - {self.target}))))]
+        return [(rank, ReduceAbort(self.reduce_id)) for rank in sorted(ranks)]

@@ -8,6 +8,7 @@ Set ``HOPLITE_MPI_KILL="RANK:POINT:N"`` (several separated by ``,``): the proces
 ``serve``    a rank starts sending an object to another rank
 ``dir``      a directory shard applies a DirAdd
 ``reduce``   a rank starts a reduce step (leaf, inner slot or final copy)
+``combine``  a reduce step received a chunk of a child's output (a reduce in mid-stream)
 ``replica``  a rank starts receiving a background replica copy
 
 Used by the fault-injection suite (tests/test_faults.py) to kill a rank at a chosen moment of a
@@ -19,7 +20,7 @@ import os
 import signal
 import sys
 
-POINTS = ("task", "chunk", "serve", "dir", "reduce", "replica")
+POINTS = ("task", "chunk", "serve", "dir", "reduce", "combine", "replica")
 
 _plan: dict[str, int] = {}    # point -> remaining count for this rank
 _rank: int | None = None

@@ -316,6 +316,16 @@ class ObjectPlane:
         if step is not None:     # (else the step failed and told the coordinator)
             step.add_late(msg.info, msg.rank)
 
+    def _on_reduce_abort(self, source: int, msg: P.ReduceAbort) -> None:
+        self._aborted_reduces.add(msg.reduce_id)
+        if len(self._aborted_reduces) > 4096:
+            self._aborted_reduces.clear()
+        for step in list(self._reduce_steps.values()):
+            if step.msg.reduce_id == msg.reduce_id:
+                step.abort()
+        for rank in msg.forward:     # (after the final step stopped giving out its output)
+            self.send(rank, P.ReduceAbort(msg.reduce_id))
+
     def _on_reduce_step(self, source: int, msg: P.ReduceStep) -> None:
         faults.reached("reduce")
         try:
@@ -342,6 +352,14 @@ class _ReduceStep:
     order) once all of them are in.  Local contributions (the input, a late input on this rank)
     are applied to a chunk together with its first streamed contribution, so no chunk is copied
     when an op can write it.
+
+    Rank loss: a child stream that fails (its rank died) is reported (``ReduceStepDone.lost``) and
+    the step waits for :class:`~hoplite_mpi.protocol.ReduceAbort`.  Aborted, a step receives the
+    rest of every live stream into scratch space (no MPI request is cancelled, so no sender is
+    left with an unmatched send) and, unless it is the final step, releases its whole output
+    unchanged (garbage that only other aborted steps read, then freed).  An aborted final step
+    stops releasing: the result entry keeps the chunks it gave out (complete reductions) and the
+    next attempt's final step fills in the rest (``adopt``).
     """
 
     def __init__(self, rt: Any, coordinator: int, msg: P.ReduceStep) -> None:
@@ -354,7 +372,11 @@ class _ReduceStep:
         self.locals: list[np.ndarray] = []     # raw C-order bytes of local contributions
         self.late = msg.late
         self.combined = 0
-        self.failed = False
+        self.open = 0                 # child streams still receiving
+        self.entry: Any = None
+        self.reported = False         # a failure was sent to the coordinator
+        self.aborted = False
+        self.finished = False
 
     def _input(self, info: ObjectInfo) -> tuple[bytes, np.ndarray]:
         """(C-order header, raw C-order bytes) of input ``info``; a Fortran-ordered or other
@@ -383,12 +405,13 @@ class _ReduceStep:
             rt._serve_deferred(out)
             self._done()
             return
-        entry = rt.store.allocate(out, self.sizes)
+        entry = self.entry = rt.store.allocate(out, self.sizes)
         entry.on_complete.append(lambda e: self._done())
+        rt._reduce_steps[out] = self
         if msg.input_info is None and len(msg.children) == 1 and not msg.late:   # a copy step
             self._announce()
             (child_rank, child_id), = msg.children
-            rt._receive(out, entry, child_rank, child_id, self._child_failed)
+            rt._receive(out, entry, child_rank, child_id, lambda oid, failure: self._failed(failure))
             rt._serve_deferred(out)
             return
         head = msg.head
@@ -403,11 +426,11 @@ class _ReduceStep:
         self.count = [expected if f != 1 else 0 for f, _, _ in self.plan]
         self.expected = expected
         self._announce()
-        if msg.late:
-            rt._reduce_steps[out] = self
         for child_rank, child_id in msg.children:
             self._pull(child_rank, child_id)
         rt._serve_deferred(out)
+        if msg.reduce_id in rt._aborted_reduces:    # its abort overtook it
+            self.abort()
         self._release()
         if not self.plan:
             rt.store.advance(out, 0)
@@ -417,17 +440,17 @@ class _ReduceStep:
         bufs = [rt.store.buffer(size) for size in self.sizes]
         self.bufs.append(bufs)
         self.got.append(0)
+        self.open += 1
         chunks = [memoryview(bufs[f])[a:b] for f, a, b in self.plan]
         rt._next_tag += 1
         tag = rt._next_tag
-        out = self.msg.out_id
         rt.transport.recv_stream(rank, tag, chunks, lambda n, i=i: self._arrived(i),
-                                 lambda failure: self._child_failed(out, failure))
+                                 lambda failure: self._stream_failed(failure))
         rt.send(rank, P.Pull(oid, tag))
 
     def add_late(self, info: ObjectInfo, rank: int) -> None:
         """A late contribution: input ``info`` on ``rank`` (pulled, or combined here if local)."""
-        if self.failed or self.late <= 0:
+        if self.aborted or self.late <= 0:
             return
         self.late -= 1
         if rank != self.rt.rank and info.inline is None:
@@ -436,7 +459,8 @@ class _ReduceStep:
         try:
             _, data = self._input(info)
         except Exception as exc:
-            self._fail(f"reduce input {format_id(info.object_id)} unusable on rank {self.rt.rank}: {exc}")
+            self._report(local_error(HopliteError(
+                f"reduce input {format_id(info.object_id)} unusable on rank {self.rt.rank}: {exc}")))
             return
         self.locals.append(data)
         streamed = bool(self.bufs) or self.late > 0
@@ -449,6 +473,19 @@ class _ReduceStep:
                 self.count[i] += 1
             elif not streamed:          # nothing else will come: combine the local ones now
                 self._combine(i, None)
+        self._release()
+
+    def _arrived(self, child: int) -> None:
+        faults.reached("combine")
+        i = self.got[child]
+        self.got[child] += 1
+        if self.got[child] == len(self.plan):
+            self._closed()
+        if self.aborted or self.reported:
+            return
+        f, a, b = self.plan[i]
+        if f == 1:
+            self._combine(i, self.bufs[child][1][a:b].view(self.dtype))
         self._release()
 
     def _combine(self, i: int, chunk: Optional[np.ndarray]) -> None:
@@ -470,51 +507,100 @@ class _ReduceStep:
         self.count[i] = len(parts)
 
     def _release(self) -> None:
-        """Advance the output over every leading chunk that has all its contributions."""
-        while self.combined < len(self.plan) and self.count[self.combined] >= self.expected \
-                and not self.failed:
+        """Advance the output over every leading chunk that has all its contributions (all of
+        them once an aborted step that is not final drains)."""
+        drain = self.aborted and not self.msg.final
+        if (self.reported or self.aborted) and not drain:
+            return
+        out = self.msg.out_id
+        while self.combined < len(self.plan) and self.rt.store.get(out) is self.entry \
+                and (drain or self.count[self.combined] >= self.expected):
             _, a, b = self.plan[self.combined]
             self.combined += 1
-            self.rt.store.advance(self.msg.out_id, b - a)
+            self.rt.store.advance(out, b - a)
+
+    def _stream_failed(self, failure: PeerFailure) -> None:
+        self._closed()
+        self._failed(failure)
+
+    def _failed(self, failure: PeerFailure) -> None:
+        """A child's rank died: tell the coordinator (it re-plans) and wait for the abort."""
+        if not self.aborted:
+            self._report(local_error(HopliteError(
+                f"reduce step on rank {self.rt.rank} lost its input from rank {failure.rank}: "
+                f"{failure.detail}")), lost=failure.rank)
+
+    def _report(self, error: Any, lost: int = -1) -> None:
+        if self.reported:
+            return
+        self.reported = True
+        self.rt.send(self.coordinator, P.ReduceStepDone(self.msg.reduce_id, self.msg.out_id,
+                                                        self.rt.rank, error=to_bytes(error), lost=lost))
+
+    def abort(self) -> None:
+        """This attempt is abandoned (see the class docstring)."""
+        if self.aborted or self.finished:
+            return
+        self.aborted = True
+        self.late = 0
+        if self.msg.final:
+            self.rt._reduce_steps.pop(self.msg.out_id, None)
+        self._release()
+        self._closed(0)
+
+    def _closed(self, n: int = 1) -> None:
+        """``n`` child streams ended; scratch space goes back once all have and the step ended."""
+        self.open -= n
+        if self.open <= 0 and self.bufs and (self.finished or self.aborted):
+            for bufs in self.bufs:
+                self.rt.store.give_back(bufs)
+            self.bufs = []
 
     def _announce(self) -> None:
-        if self.msg.final:   # others (an allreduce's broadcast) may chain on the growing result
+        if self.msg.final and not self.msg.adopt:   # others (an allreduce) may chain on it
             info = ObjectInfo(self.msg.out_id, self.sizes, ())
             for rank in self.rt.shard_ranks(self.msg.out_id):
                 self.rt.send(rank, P.DirPartial(info, self.rt.rank))
 
-    def _arrived(self, child: int) -> None:
-        i = self.got[child]
-        self.got[child] += 1
-        f, a, b = self.plan[i]
-        if f == 1 and not self.failed:
-            self._combine(i, self.bufs[child][1][a:b].view(self.dtype))
-        self._release()
-
-    def _child_failed(self, oid: int, failure: PeerFailure) -> None:
-        self._fail(f"reduce step on rank {self.rt.rank} lost its input from rank {failure.rank}: "
-                   f"{failure.detail}")
-
-    def _fail(self, text: str) -> None:
-        if self.failed:
-            return
-        self.failed = True
-        self.rt._reduce_steps.pop(self.msg.out_id, None)
-        error = to_bytes(local_error(HopliteError(text)))
-        self.rt.send(self.coordinator, P.ReduceStepDone(self.msg.reduce_id, self.msg.out_id,
-                                                        self.rt.rank, error=error))
-
     def _done(self) -> None:
         rt, msg = self.rt, self.msg
-        rt._reduce_steps.pop(msg.out_id, None)
-        for bufs in self.bufs:   # scratch space of the children's outputs
-            rt.store.give_back(bufs)
+        self.finished = True
+        if rt._reduce_steps.get(msg.out_id) is self:
+            del rt._reduce_steps[msg.out_id]
+        self._closed(0)
         self.locals = self.out = None
+        if self.aborted:
+            return
+        out_id = msg.out_id
+        if msg.adopt:
+            out_id = self._adopt()
         if msg.final:
-            info = ObjectInfo(msg.out_id, self.sizes, (rt.rank,), head=_head_of(rt, msg.out_id))
-            for rank in rt.shard_ranks(msg.out_id):
+            info = ObjectInfo(out_id, self.sizes, (rt.rank,), head=_head_of(rt, out_id))
+            for rank in rt.shard_ranks(out_id):
                 rt.send(rank, P.DirAdd(info))
-        rt.send(self.coordinator, P.ReduceStepDone(msg.reduce_id, msg.out_id, rt.rank, self.sizes))
+        rt.send(self.coordinator, P.ReduceStepDone(msg.reduce_id, out_id, rt.rank, self.sizes))
+
+    def _adopt(self) -> int:
+        """(re-planned reduce) Make this complete output the result object ``msg.adopt``: fill in
+        the chunks an abandoned attempt's result entry has not given out, or store it as is."""
+        rt, store = self.rt, self.rt.store
+        new = store.get(self.msg.out_id)
+        old = store.get(self.msg.adopt)
+        if old is None:
+            store.put(self.msg.adopt, list(new.frames))
+        elif not old.complete:      # chunks before ``progress`` were given out: keep them
+            done = old.progress
+            for (f, a, b), end in zip(self.plan, _ends(self.plan)):
+                if end - (b - a) >= done:
+                    _raw(old.frames[f])[a:b] = _raw(new.frames[f])[a:b]
+            store.advance(self.msg.adopt, old.nbytes - done)
+        store.delete(self.msg.out_id)
+        rt._serve_deferred(self.msg.adopt)
+        return self.msg.adopt
+
+
+def _raw(frame: Any) -> np.ndarray:
+    return np.frombuffer(frame, np.uint8) if not isinstance(frame, np.ndarray) else frame.view(np.uint8)
 
 
 def _head_of(rt: Any, oid: int) -> Optional[bytes]:

@@ -265,6 +265,7 @@ class ReduceStep:
     sizes: tuple[int, ...] = ()     # frame sizes of the output (= of every input)
     late: int = 0
     head: bytes = b""
+    adopt: int = 0      # (a re-planned reduce) when complete, the output becomes this object
 
 
 @message
@@ -287,6 +288,19 @@ class ReduceStepDone:
     rank: int
     sizes: tuple[int, ...] = ()
     error: Optional[tuple[bytes, ...]] = None
+    lost: int = -1      # the error is that this rank died (the reduce is re-planned)
+
+
+@message
+class ReduceAbort:
+    """Coordinator -> the target, then target -> ``forward``: the reduce attempt ``reduce_id`` is
+    abandoned (a participant died).  The target first stops releasing its output (readers of the
+    result wait for the next attempt to complete it), then tells the other ranks, whose steps
+    drain their streams and fill their outputs with garbage that nobody publishes.
+    """
+
+    reduce_id: int
+    forward: tuple[int, ...] = ()
 
 
 @message
@@ -337,4 +351,4 @@ class ShutdownAck:
 
 ALL_MESSAGES = (SubmitTask, RunTask, TaskDone, TaskBlocked, DirAdd, DirLookup,
                 DirPull, DirPartial, DirReply, DirDelete, Free, Pull, PullRefused, Fetch, Fetched,
-                ReduceStep, ReduceLate, ReduceStepDone, ReduceRequest, Shutdown, ShutdownAck)
+                ReduceStep, ReduceLate, ReduceStepDone, ReduceAbort, ReduceRequest, Shutdown, ShutdownAck)

@@ -91,7 +91,9 @@ class Runtime(ObjectPlane):
         self._freed_here: set[int] = set()
         self._broadcasts: dict[int, tuple] = {}
         self._reduces: dict[int, ReduceCoordinator] = {}   # rank 0: reduces in progress
-        self._reduce_steps: dict[int, Any] = {}             # accumulators awaiting ReduceLate
+        self._reduce_steps: dict[int, Any] = {}             # reduce steps running here, by output
+        self._aborted_reduces: set[int] = set()             # abandoned reduce attempts
+        self._stale_lookups: dict[int, list] = {}           # rank 0: answered with dead holders
         self._ready_waiters: dict[int, list[Callable]] = {}
         self.reduced: dict[int, list[int]] = {}            # rank 0: result id -> inputs used
         self._next_tag = 0
@@ -118,6 +120,7 @@ class Runtime(ObjectPlane):
             P.Fetched: self._on_fetched,
             P.ReduceStep: self._on_reduce_step,
             P.ReduceLate: self._on_reduce_late,
+            P.ReduceAbort: self._on_reduce_abort,
             P.ReduceStepDone: self._on_reduce_step_done,
             P.ReduceRequest: lambda src, m: self.start_reduce(m.reduce_id, list(m.inputs), m.op, m.num,
                                                               m.target, m.reduce_id + 1, m.allreduce),
@@ -126,7 +129,7 @@ class Runtime(ObjectPlane):
             P.Free: self._on_free,
             P.Pull: self._on_pull,
             P.PullRefused: self._on_pull_refused,
-            P.ObjectLost: lambda src, m: self._scheduled(self.scheduler.object_lost(m.object_id, m.rank)),
+            P.ObjectLost: self._on_object_lost,
             P.Heartbeat: lambda src, m: None,          # (any message counts as a sign of life)
             P.MemberDown: self._on_member_down,
             P.Shutdown: lambda src, m: self._on_shutdown(src),
@@ -526,17 +529,46 @@ class Runtime(ObjectPlane):
                 if info is None:
                     error = to_bytes(serialize_error(ObjectDeletedError(format_id(oid)), self.rank))
                     info = ObjectInfo(oid, frame_sizes(error), (), error, True)
+                elif info.inline is None and info.holders and set(info.holders) <= self.dead:
+                    # a shard that had not heard of the death yet: once it has, it reports the
+                    # object lost (ObjectLost) and the rebuild (or the error) is waited for
+                    fresh = self._info(oid)
+                    if oid in self.scheduler.producer or (
+                            fresh is not None and not set(fresh.holders) <= self.dead):
+                        self._when_ready(oid, callback)
+                    else:
+                        self._stale_lookups.setdefault(oid, []).append(callback)
+                    return
                 callback(info)
             self._lookup(oid, looked_up)
 
+    def _on_object_lost(self, source: int, msg: P.ObjectLost) -> None:
+        self._scheduled(self.scheduler.object_lost(msg.object_id, msg.rank))
+        for callback in self._stale_lookups.pop(msg.object_id, ()):
+            self._when_ready(msg.object_id, callback)     # now being rebuilt, or an error
+
     def _on_reduce_step_done(self, source: int, msg: P.ReduceStepDone) -> None:
+        if msg.lost >= 0 and msg.lost not in self.dead and self.transport.ft:
+            # a step saw ``lost`` die (ULFM) before this rank did: act on it now (every reduce
+            # it takes part in is re-planned; this message's attempt is then an old one)
+            self._rank_lost(msg.lost)
         coord = self._reduces.get(msg.reduce_id)
         if coord is not None:
             self._coordinated(coord, coord.step_done(msg))
 
     def _coordinated(self, coord: ReduceCoordinator, out: list) -> None:
         self._send_all(out)
+        if coord.wants_inputs and not coord.done:     # re-planned after a rank loss
+            coord.wants_inputs = False
+            self.stats["reduces_replanned"] += 1
+            log.warning("rank 0: reduce %s re-planned without the dead rank(s) %s",
+                        format_id(coord.result_id), sorted(coord.dead))
+            self._reduces[coord.reduce_id] = coord
+            for oid in dict.fromkeys(coord.inputs):
+                self._when_ready(oid, lambda info, c=coord: self._coordinated(c, c.input_ready(info)))
         if coord.done and self._reduces.pop(coord.reduce_id, None) is not None:
+            for rid in coord.attempts:
+                self._reduces.pop(rid, None)
             self.reduced[coord.result_id] = list(coord.used)
             self._notify.put([coord.result])
             self._scheduled(self.scheduler.object_known(coord.result))
@@ -599,7 +631,7 @@ class Runtime(ObjectPlane):
             self._deferred[oid] = [(src, m) for src, m in pulls if src != rank]
         if self.scheduler is not None:
             self._scheduled(self.scheduler.rank_lost(rank))
-            for coord in list(self._reduces.values()):
+            for coord in {id(c): c for c in self._reduces.values()}.values():
                 self._coordinated(coord, coord.rank_lost(rank))
             for token, (remaining, errors, done) in list(self._broadcasts.items()):
                 if rank in remaining:

@@ -1,8 +1,9 @@
 """Fault injection (issue 5): real ``mpirun --with-ft ulfm`` jobs in which one rank SIGKILLs
 itself at a chosen point (``HOPLITE_MPI_KILL=RANK:POINT:N``, hoplite_mpi/faults.py).
 
-Each job runs tests/mpi/fault_workload.py (a 200-task chain, worker-to-worker arrays, a 16 MiB
-broadcast) and must produce exactly the failure-free results, within a time bound, with the dead
+Each job runs tests/mpi/fault_workload.py (a 200-task chain, worker-to-worker arrays, a reduce
+and an allreduce of 8 MiB arrays, a 16 MiB broadcast) and must produce exactly the failure-free
+results, within a time bound, with the dead
 rank reported.  Skipped when this MPI has no ULFM.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ BOUND = 150          # seconds: a job that does not end by then is a failure (ki
 EXPECTED = {"chain": 200,
             "sums": [0.0, 262144.0, 524288.0, 786432.0, 1048576.0, 1310720.0],
             "firsts": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
-            "broadcast_ok": True}
+            "broadcast_ok": True, "reduce_ok": True, "allreduce_ok": True}
 
 
 def _no_ulfm() -> str:
@@ -79,6 +80,21 @@ def test_a_killed_worker_does_not_change_the_results(tmp_path, kill):
     assert f"rank {dead}: fault injection: SIGKILL" in proc.stderr.replace("[hoplite_mpi rank ", "rank ").replace("] ", ": ")
 
 
+@pytest.mark.parametrize("kill", [
+    "2:reduce:1",    # as its first reduce step (a leaf or an inner slot) starts
+    "3:combine:1",   # an inner slot, as the first chunk of a child's partial sum arrives
+    "1:combine:6",   # ... half-way through the 8-chunk inputs
+])
+def test_a_killed_reduce_participant_re_plans_the_reduce(tmp_path, kill):
+    got, proc, seconds = run_workload(tmp_path, kill)
+    assert_correct(got, proc, kill)     # reduce and allreduce results exact
+    dead = int(kill.split(":")[0])
+    if got["dead"] == []:
+        pytest.skip(f"{kill}: this run placed no such reduce step on rank {dead}")
+    assert got["dead"] == [dead] and got["reduces_replanned"] >= 1, got
+    assert "re-planned without the dead rank(s)" in proc.stderr
+
+
 def test_with_two_copies_no_object_is_rebuilt(tmp_path):
     # replication=2: every array has a second copy (background replica) before the rank that
     # made the first array dies, so reading them all again afterwards re-runs nothing
@@ -110,7 +126,8 @@ def test_randomised_kills_of_a_worker(tmp_path):
     rng = random.Random(int(os.environ.get("HOPLITE_FAULT_SEED", "5")))
     runs = int(os.environ.get("HOPLITE_FAULT_RUNS", "20"))
     for i in range(runs):
-        kill = f"{rng.randint(1, 3)}:{rng.choice(['task', 'serve', 'chunk', 'dir'])}:{rng.randint(1, 8)}"
+        point = rng.choice(['task', 'serve', 'chunk', 'dir', 'reduce', 'combine'])
+        kill = f"{rng.randint(1, 3)}:{point}:{rng.randint(1, 8)}"
         got, proc, _ = run_workload(tmp_path, kill)
         assert_correct(got, proc, kill)
         assert got["dead"] in ([], [int(kill.split(":")[0])]), (kill, got)   # [] = point not reached

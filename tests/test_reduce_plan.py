@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from hoplite_mpi.collectives import ReduceCoordinator, chain_length, tree_chain, tree_depth
-from hoplite_mpi.protocol import Fetch, Free, ObjectInfo, ReduceLate, ReduceStep, ReduceStepDone
+from hoplite_mpi.protocol import (Fetch, Free, ObjectInfo, ReduceAbort, ReduceLate, ReduceStep,
+                                  ReduceStepDone)
 from hoplite_mpi.serialization import frame_sizes, serialize
 
 RESULT = 1000
@@ -103,13 +104,70 @@ def test_inputs_at_once_tree_keeps_bytes_moved():
     assert len(pulled) + len(late) == 6 and len(set(pulled)) == len(pulled)
 
 
-def test_dead_rank_with_a_late_input_fails_the_reduce():
+def test_a_dead_participant_re_plans_the_reduce_and_the_new_result_is_adopted():
+    c = coordinator([10, 11, 12, 13])
+    first = []
+    for oid, rank in ((10, 0), (11, 1), (12, 2)):
+        first += c.input_ready(info(oid, rank))
+    (_, acc), = [(r, m) for r, m in steps(first) if m.final]
+    old = c.reduce_id
+    out = c.rank_lost(2)
+    # the target stops giving out its output first, then tells rank 1 (a step there)
+    assert out == [(0, ReduceAbort(old, (1,)))] and c.wants_inputs and not c.done
+    assert c.reduce_id != old and c.attempts == [old, c.reduce_id]
+    # messages of the abandoned attempt are ignored
+    assert c.step_done(ReduceStepDone(old, RESULT, 0, acc.sizes)) == [] and not c.result_done
+    assert c.input_ready(info(12, 2)) == []            # a copy on the dead rank: not usable
+    again = []
+    for oid, rank in ((10, 0), (11, 1), (12, 3), (13, 3)):   # 12 rebuilt on rank 3
+        again += c.input_ready(info(oid, rank))
+    assert all(m.reduce_id == c.reduce_id for _, m in steps(again))
+    assert all(2 not in (r, *[cr for cr, _ in m.children]) for r, m in steps(again))
+    (r, final), = [(r, m) for r, m in steps(again) if m.final]
+    assert r == 0 and final.out_id != RESULT and final.adopt == RESULT
+    assert [m for _, m in again if isinstance(m, ReduceLate)][0].out_id == final.out_id
+    done = c.step_done(ReduceStepDone(c.reduce_id, RESULT, 0, acc.sizes))
+    assert c.done and c.result.object_id == RESULT and c.result.holders == (0,)
+    freed = [(r, m.object_id) for r, m in done if isinstance(m, Free)]
+    assert all(r != 2 for r, _ in freed) and len(freed) >= 3    # both attempts' intermediates
+
+
+def test_a_step_reporting_a_lost_child_re_plans_like_rank_lost():
     c = coordinator([10, 11, 12])
+    for oid, rank in ((10, 0), (11, 1), (12, 2)):
+        c.input_ready(info(oid, rank))
+    out = c.step_done(ReduceStepDone(c.reduce_id, 99, 0, error=(b"x",), lost=1))
+    assert [type(m) for _, m in out] == [ReduceAbort] and c.wants_inputs and c.dead == {1}
+
+
+def test_the_target_dying_fails_the_reduce_and_aborts_the_other_steps():
+    c = coordinator([10, 11, 12], target=0)
+    for oid, rank in ((10, 0), (11, 1), (12, 2)):
+        c.input_ready(info(oid, rank))
+    out = c.rank_lost(0)
+    assert c.done and c.result.error and b"target rank 0 died" in b"".join(c.result.inline)
+    assert (1, ReduceAbort(c.reduce_id)) in out
+
+
+def test_a_rank_without_part_in_the_reduce_changes_nothing():
+    c = coordinator([10, 11])
     c.input_ready(info(10, 0))
+    assert c.rank_lost(3) == [] and not c.done and not c.wants_inputs
+
+
+def test_a_chosen_subset_stays_chosen_after_a_re_plan():
+    c = coordinator([10, 11, 12, 13], num=2)
     c.input_ready(info(11, 1))
-    c.input_ready(info(12, 2))
-    c.rank_lost(2)
-    assert c.done and c.result.error
+    c.input_ready(info(13, 3))
+    c.rank_lost(1)
+    assert c.inputs == [11, 13]
+    assert c.input_ready(info(12, 2)) == []       # a backup is not taken: 11 and 13 were given out
+    c2 = coordinator([10, 11, 12, 13], num=2)
+    c2.input_ready(info(11, 1))
+    c2.rank_lost(1)                               # still choosing: a backup may take the place
+    assert c2.inputs == [10, 11, 12, 13]
+    c2.input_ready(info(12, 2))
+    assert c2.used == [12]
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(range(4))))

@@ -184,11 +184,13 @@ class MPITransport(Transport):
             keep = []
             for s in self._streams:
                 try:
+                    if s.peer in self.failed:   # (also a hung rank declared dead: no MPI error)
+                        raise _Excluded()
                     finished, moved = self._drive(s)
-                except MPI.Exception as exc:
+                except (MPI.Exception, _Excluded) as exc:
                     for req, _ in s.inflight:
                         _cancel(req)
-                    s.on_error(PeerFailure(s.peer, str(exc)))
+                    s.on_error(PeerFailure(s.peer, str(exc) or "rank excluded (declared dead)"))
                     progressed = True
                     continue
                 progressed |= moved or finished
@@ -248,6 +250,10 @@ def _done(req) -> bool:
         return req.Test()
     except MPI.Exception:
         return True
+
+
+class _Excluded(Exception):
+    pass
 
 
 def _cancel(req) -> None:

@@ -9,6 +9,9 @@ the results (which must equal a failure-free run's) and the runtime's retry coun
 - 6 tasks each making a 2 MiB array, and 6 tasks using them (worker-to-worker pulls);
 - a 16 MiB object put on the driver and broadcast to every live rank, then read by a task on
   each live worker;
+- a reduce of 6 arrays of 8 MiB (int64, made by unpinned tasks on the workers) to rank 0 and an
+  allreduce of 3 of them, both called before their inputs exist; a participant that dies makes
+  the reduce re-plan (the result must be exact);
 - with ``--victim``: once every array has ``Config.replication`` complete copies, a task pinned
   to the rank that made the first array SIGKILLs it, and the arrays are read and summed again
   (tasks re-run to rebuild a lost array are counted: ``rebuilt``).
@@ -24,7 +27,8 @@ import numpy as np
 
 import hoplite_mpi as hm
 
-T = 90   # seconds: bound of every wait
+import os as _os
+T = float(_os.environ.get('HOPLITE_FAULT_T', 90))   # seconds: bound of every wait
 
 
 @hm.remote
@@ -35,6 +39,11 @@ def inc(x):
 @hm.remote
 def make(n, seed):
     return np.full(n, seed, dtype=np.float64)
+
+
+@hm.remote
+def make_int(n, seed):
+    return np.full(n, seed, dtype=np.int64)
 
 
 @hm.remote
@@ -91,6 +100,29 @@ def _wait_for_replicas(refs, copies: int, bound: float = 30.0) -> None:
             raise TimeoutError(f"replicas not complete after {bound} s: {counts}")
 
 
+def _exact(ref, n: int, value: int) -> bool | str:
+    """True if ``ref`` is ``n`` int64 elements all equal to ``value``, else what it is."""
+    try:
+        got = hm.get(ref, timeout=T)
+    except Exception as exc:          # (reported, so that the test shows it)
+        import os, sys
+        if os.environ.get("DBG"):
+            rt = hm.api._rt()
+            def dump():
+                out = []
+                for rid, c in rt._reduces.items():
+                    out.append((rid, c.attempts, c.used, c.inputs, c.dead, c.pending_fetch, c.result_done,
+                                [(sl.index, sl.rank, sl.started, sl.late, sl.out_id) for sl in c.slots],
+                                c.copy_step and (c.copy_step.rank, c.copy_step.children)))
+                out.append(("steps0", [(k, v.msg.reduce_id, v.aborted, v.reported, v.late, v.open, v.got, v.combined) for k, v in rt._reduce_steps.items()]))
+                out.append(("waiters", list(rt._ready_waiters), list(rt._lookups)))
+                return out
+            print("DUMP", rt.call(dump, timeout=5), file=sys.stderr, flush=True)
+        return f"{type(exc).__name__}: {exc}"
+    ok = got.shape == (n,) and got.dtype == np.int64 and bool((got == value).all())
+    return ok or f"shape {got.shape} dtype {got.dtype} values {np.unique(got)[:5]}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", required=True)
@@ -127,6 +159,12 @@ def main() -> None:
         # read every array again, on the survivors: no producer may have to run again
         sums = hm.get([total.remote(b) for b in bigs], timeout=T)
         firsts = [float(x[0]) for x in hm.get(bigs, timeout=T)]
+    n = 1 << 20                                   # 8 MiB of int64 per input: 8 chunks
+    ints = [make_int.remote(n, s + 1) for s in range(6)]
+    red = hm.reduce(ints)
+    allred = hm.allreduce(ints[:3], op="max")
+    reduce_ok = _exact(red, n, 21)
+    allreduce_ok = _exact(allred, n, 3)
     data = np.arange(4 << 20, dtype=np.float32)
     ref = hm.put(data)
     hm.broadcast(ref, timeout=T)
@@ -144,6 +182,8 @@ def main() -> None:
     out = {
         "chain": chain, "sums": sums, "firsts": firsts,
         "broadcast_ok": broadcast_ok,
+        "reduce_ok": reduce_ok, "allreduce_ok": allreduce_ok,
+        "reduces_replanned": rt.stats["reduces_replanned"],
         "seconds": time.monotonic() - t0,
         "dead": sorted(rt.dead),
         "retried": rt.scheduler.stats["retried"],
