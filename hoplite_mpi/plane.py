@@ -194,6 +194,9 @@ class ObjectPlane:
 
     def _chunk_in(self, into: int, nbytes: int) -> None:
         faults.reached("chunk")
+        if self.store.get(into) is None:    # deleted or freed while it was arriving: let it end
+            self._receiving.pop(into, None)
+            return
         if self.store.advance(into, nbytes):
             self._receiving.pop(into, None)
 
