@@ -395,7 +395,7 @@ def wait(refs: Sequence[ObjectRef], num_returns: int = 1, timeout: Optional[floa
 
 # --- tasks -----------------------------------------------------------------------------------
 
-_TASK_OPTIONS = ("num_returns", "max_retries", "rank", "name", "inline_threshold")
+_TASK_OPTIONS = ("num_returns", "max_retries", "rank", "name", "inline_threshold", "replicas")
 
 
 def _check_options(options: dict) -> None:
@@ -416,6 +416,9 @@ def _check_options(options: dict) -> None:
     t = options.get("inline_threshold")
     if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 0):
         raise ValueError(f"inline_threshold must be an int >= 0 (bytes), got {t!r}")
+    c = options.get("replicas")
+    if c is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 1):
+        raise ValueError(f"replicas must be an int >= 1 (copies of each result), got {c!r}")
 
 
 def _fn_identity(fn: Callable, what: str) -> tuple[bytes, bytes]:
@@ -492,7 +495,10 @@ class RemoteFunction:
         ``inline_threshold`` (bytes; results up to this size travel in-band through the
         scheduler on rank 0 to the tasks that use them, larger ones stay in the worker's store
         and move worker-to-worker; ``0`` keeps every result off rank 0, e.g. a shuffle's
-        intermediate data; default ``Config.inline_threshold``)."""
+        intermediate data; default ``Config.inline_threshold``), ``replicas`` (copies of each
+        chunked result, made in the background on other ranks and re-made when a holder dies;
+        losing ``replicas - 1`` ranks then re-runs nothing; default ``Config.replication``;
+        ValueError at submit if more than the ranks of the job)."""
         _check_options(options)
         other = RemoteFunction(self._fn, {**self._options, **options})
         other._identity = self._identity
@@ -517,6 +523,9 @@ def submit_task(rt: Any, identity: tuple[bytes, bytes], name: str, args: tuple, 
     pinned = options.get("rank")
     if pinned is not None and pinned not in rt.worker_ranks:
         raise ValueError(f"rank={pinned} is not a worker rank (worker ranks: {list(rt.worker_ranks)})")
+    copies = options.get("replicas")
+    if copies is not None and copies > rt.size:
+        raise ValueError(f"replicas={copies} exceeds the number of ranks ({rt.size})")
     fn_id, fn_blob = identity
     keep: list = []   # refs of arguments stored as objects: alive until the task is submitted
     args_blob, deps = _pack_args(rt, name, args, kwargs, keep)
@@ -528,7 +537,7 @@ def submit_task(rt: Any, identity: tuple[bytes, bytes], name: str, args: tuple, 
         fn_blob=None if fn_id in sent else fn_blob, args_blob=args_blob, deps=deps,
         owner=rt.rank, name=options.get("name", name), rank=options.get("rank"), allowed=allowed,
         max_retries=options.get("max_retries", 3),
-        inline_threshold=options.get("inline_threshold"),
+        inline_threshold=options.get("inline_threshold"), replicas=options.get("replicas"),
         init_id=init[0] if init else None,
         init_blob=init[1] if init and init[0] not in sent else None)
     sent.add(fn_id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field, replace
+from typing import Optional
 
 from .protocol import DirAdd, DirDelete, DirLookup, DirPartial, DirPull, DirReply, Free, ObjectInfo
 
@@ -203,11 +204,12 @@ class DirectoryShard:
             entry.info = replace(entry.info, holders=tuple(h for h in entry.info.holders if h != rank))
         return []
 
-    def rank_lost(self, rank: int) -> list[int]:
+    def rank_lost(self, rank: int, thinned: Optional[list] = None) -> list[int]:
         """``rank`` died: it holds, receives and feeds nothing any more, and waits for nothing.
 
         Returns the objects whose last complete copy was on ``rank`` (not inline values, which
         live in the entry itself); their entries stay, so pulls and lookups keep waiting until a rebuilt copy is added (lineage) or the object is deleted.
+        ``thinned`` (if given) gets the objects that lost a copy but keep others.
         Receivers fed by ``rank`` see their stream fail and ask again (:meth:`pull` re-places them).
         """
         lost = []
@@ -227,4 +229,6 @@ class DirectoryShard:
                 entry.info = replace(info, holders=holders)
                 if not holders and info.inline is None:
                     lost.append(oid)
+                elif thinned is not None and info.inline is None:
+                    thinned.append(oid)     # copies left, one fewer
         return lost

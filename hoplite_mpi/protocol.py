@@ -91,6 +91,7 @@ class TaskSpec:
     init_id: Optional[bytes] = None
     init_blob: Optional[bytes] = None
     inline_threshold: Optional[int] = None    # results <= this many bytes go in-band (None: config)
+    replicas: Optional[int] = None            # copies of each result (None: Config.replication)
 
     @property
     def return_ids(self) -> tuple[int, ...]:
@@ -139,9 +140,11 @@ class TaskBlocked:
 
 @message
 class DirAdd:
-    """Holder -> directory shard: ``info.holders[0]`` now holds ``info.object_id``."""
+    """Holder -> directory shard: ``info.holders[0]`` now holds ``info.object_id``.
+    ``replicas``: copies the object should have (0: ``Config.replication``)."""
 
     info: ObjectInfo
+    replicas: int = 0
 
 
 @message

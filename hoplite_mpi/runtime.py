@@ -87,6 +87,7 @@ class Runtime(ObjectPlane):
         self._deferred: dict[int, list] = {}               # object id -> Pulls to serve later
         self._receiving: dict[int, int] = {}               # object id -> rank streaming it here
         self._replicated: set[int] = set()                 # (primary shard) replicas requested
+        self._want: dict[int, int] = {}                     # (primary shard) copies, if not config
         self._heard: dict[int, float] = {}                 # rank 0: worker -> last message time
         self._freed_here: set[int] = set()
         self._broadcasts: dict[int, tuple] = {}
@@ -352,13 +353,18 @@ class Runtime(ObjectPlane):
         if add:
             faults.reached("dir")
         self._send_all(self.directory.handle(source, msg))
-        if add and self.config.replication > 1 and self.shard_ranks(msg.info.object_id)[0] == self.rank:
-            self._replicate(msg.info.object_id)
+        if add:
+            oid = msg.info.object_id
+            if msg.replicas and msg.replicas != self.config.replication:
+                self._want[oid] = msg.replicas      # (every replica of the shard keeps it)
+            if self._want.get(oid, self.config.replication) > 1 and self.shard_ranks(oid)[0] == self.rank:
+                self._replicate(oid)
 
     def _replicate(self, oid: int) -> None:
-        """(primary shard) Give a new chunked object ``Config.replication - 1`` more copies, on the
-        live ranks after its first holder: each is sent a Fetch and pulls the object like a
-        broadcast target (relayed, in the background), then registers as a holder."""
+        """(primary shard) Give a chunked object its missing copies (``replicas`` of its task,
+        else ``Config.replication``), on the live ranks after its first holder: each is sent a
+        Fetch and pulls the object like a broadcast target (relayed, in the background), then
+        registers as a holder.  Also run when a holder died (copies are re-made)."""
         info = self.directory.info(oid)
         if (info is None or info.inline is not None or info.error or not info.holders
                 or oid in self._replicated):
@@ -368,7 +374,7 @@ class Runtime(ObjectPlane):
             self._replicated.clear()     # (a bound: a re-add after this only adds spare copies)
         first = info.holders[0]
         others = [(first + k) % self.size for k in range(1, self.size)]
-        need = self.config.replication - len(info.holders)
+        need = self._want.get(oid, self.config.replication) - len(info.holders)
         for rank in [r for r in others if r not in info.holders and r not in self.dead][:max(0, need)]:
             self.stats["replicas"] += 1
             self.send(rank, P.Fetch(oid, P.REPLICA_TOKEN))
@@ -427,6 +433,7 @@ class Runtime(ObjectPlane):
     def _on_delete(self, source: int, msg: P.DirDelete) -> None:
         self._known.pop(msg.object_id, None)
         self._replicated.discard(msg.object_id)
+        self._want.pop(msg.object_id, None)
         if self.rank in self.shard_ranks(msg.object_id):
             self._send_all(self.directory.delete(msg.object_id, msg.permanent))
         if not msg.permanent:
@@ -475,7 +482,7 @@ class Runtime(ObjectPlane):
             self._serve_deferred(oid)
         for info in infos:
             for rank in self.shard_ranks(info.object_id):
-                self.send(rank, P.DirAdd(info))
+                self.send(rank, P.DirAdd(info, spec.replicas or 0))
         self.send(0, P.TaskDone(spec.task_id, self.rank, infos))
 
     def set_blocked(self, blocked: bool) -> None:
@@ -621,12 +628,18 @@ class Runtime(ObjectPlane):
         self.transport.exclude(rank)     # (ULFM-reported ranks are excluded already; hung ones not)
         changed = {s for s in range(n) if primary[s] == rank}   # its requests must go elsewhere
         # this rank's own shard entries: forget the dead rank, report objects left without a copy
-        for oid in self.directory.rank_lost(rank):
+        thinned: list[int] = []
+        for oid in self.directory.rank_lost(rank, thinned):
             self.send(0, P.ObjectLost(oid, rank))
         # shards whose every replica is dead moved to a live rank: re-register what we hold there;
         # requests waiting at a dead primary go to the next replica or the successor
         if changed:
             self._rebuild_shards(set(moved), changed, rank)
+        for oid in thinned:     # copies to re-make (this rank is the shard's primary now)
+            if self._want.get(oid, self.config.replication) > 1 and \
+                    self._shard_primary(shard_of(oid, n)) == self.rank:
+                self._replicated.discard(oid)
+                self._replicate(oid)
         for oid, pulls in list(self._deferred.items()):
             self._deferred[oid] = [(src, m) for src, m in pulls if src != rank]
         if self.scheduler is not None:

@@ -104,6 +104,17 @@ def test_with_two_copies_no_object_is_rebuilt(tmp_path):
         assert len(got["dead"]) == 1 and got["rebuilt"] == 0 and got["retried"] == 0, got
 
 
+def test_per_task_replicas_protect_its_results_and_lost_copies_are_made_again(tmp_path):
+    # Config.replication 2 (2 copies of every shard), the arrays made with .options(replicas=3):
+    # after the rank that made the first one dies nothing is re-run, and every array gets its 3
+    # copies back (the shard's surviving replica knows how many the task asked for)
+    got, proc, _ = run_workload(tmp_path, None, 4, "--victim", "--replicas", "3",
+                                env={"HOPLITE_MPI_REPLICATION": "2"})
+    assert_correct(got, proc, "victim, replicas=3")
+    assert len(got["dead"]) == 1 and got["rebuilt"] == 0 and got["retried"] == 0, got
+    assert got["copies_remade"] is True, got
+
+
 def test_with_one_copy_the_lost_objects_are_rebuilt_from_lineage(tmp_path):
     got, proc, _ = run_workload(tmp_path, None, 4, "--victim")
     assert_correct(got, proc, "victim")

@@ -17,6 +17,8 @@ def f(x):
     ({"rank": "1"}, TypeError, "rank must be an int"),
     ({"inline_threshold": -1}, ValueError, r"inline_threshold must be an int >= 0 \(bytes\)"),
     ({"inline_threshold": 1.5}, ValueError, "inline_threshold"),
+    ({"replicas": 0}, ValueError, r"replicas must be an int >= 1 \(copies of each result\)"),
+    ({"replicas": "2"}, ValueError, "replicas"),
     ({"colour": "red"}, TypeError, r"unknown task option\(s\) \['colour'\]"),
 ])
 def test_bad_options_raise_at_definition(options, error, match):
@@ -27,6 +29,7 @@ def test_bad_options_raise_at_definition(options, error, match):
 
 
 def test_good_options_are_kept():
-    g = hm.remote(num_returns=2)(f).options(inline_threshold=0, max_retries=0, rank=1, name="g")
+    g = hm.remote(num_returns=2)(f).options(inline_threshold=0, max_retries=0, rank=1, name="g",
+                                            replicas=2)
     assert g._options == {"num_returns": 2, "inline_threshold": 0, "max_retries": 0, "rank": 1,
-                          "name": "g"}
+                          "name": "g", "replicas": 2}

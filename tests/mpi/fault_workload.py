@@ -90,7 +90,7 @@ def _wait_for_replicas(refs, copies: int, bound: float = 30.0) -> None:
         for i in hm.api._rt().call(lambda: [i for i in ids if (e := hm.api._rt().store.get(i)) is not None
                                             and e.complete], timeout=T):
             counts[i] += 1                      # rank 0's own store (read on its engine thread)
-        for w in range(1, hm.world_size()):
+        for w in [w for w in range(1, hm.world_size()) if w not in hm.api._rt().dead]:
             for i in hm.get(held.options(rank=w).remote(ids), timeout=T):
                 counts[i] += 1
         if min(counts.values()) >= copies:
@@ -116,6 +116,8 @@ def main() -> None:
     parser.add_argument("--hang", type=int, default=None,
                         help="before the chain, SIGSTOP this rank (a hang without death); it "
                              "is SIGCONTed at the end and must then exit by itself")
+    parser.add_argument("--replicas", type=int, default=None,
+                        help="make the arrays with .options(replicas=R)")
     parser.add_argument("--victim", action="store_true",
                         help="after the arrays exist and have all their replicas, kill the rank "
                              "that made the first one; then read the arrays again")
@@ -124,13 +126,15 @@ def main() -> None:
     rt = hm.api._rt()
     t0 = time.monotonic()
     hung_pid = None
+    remade = None
     if args.hang is not None:
         hung_pid = hm.get(pid.options(rank=args.hang).remote(), timeout=T)
         stop.options(rank=args.hang).remote()     # never completes: the rank is declared dead
     r = hm.put(0)
     for _ in range(args.chain):
         r = inc.remote(r)
-    bigs = [make.remote(1 << 18, s) for s in range(6)]
+    maker = make.options(replicas=args.replicas) if args.replicas else make
+    bigs = [maker.remote(1 << 18, s) for s in range(6)]
     sums = [total.remote(b) for b in bigs]
     chain = hm.get(r, timeout=T)
     sums = hm.get(sums, timeout=T)
@@ -142,7 +146,8 @@ def main() -> None:
             churn = [make.remote(1 << 20, s) for s in range(3)]
             hm.wait(churn, num_returns=len(churn), timeout=T)
             hm.delete(churn)
-        _wait_for_replicas(bigs, rt.config.replication)
+        copies = args.replicas or rt.config.replication
+        _wait_for_replicas(bigs, copies)
         victim = rt.scheduler.objects[bigs[0].id].holders[0]   # the rank that made it
         try:
             hm.get(suicide.options(rank=victim).remote(), timeout=T)
@@ -151,6 +156,9 @@ def main() -> None:
         # read every array again, on the survivors: no producer may have to run again
         sums = hm.get([total.remote(b) for b in bigs], timeout=T)
         firsts = [float(x[0]) for x in hm.get(bigs, timeout=T)]
+        if copies > 1:      # the copies that died with the victim are made again elsewhere
+            _wait_for_replicas(bigs, copies)
+            remade = True
     n = 1 << 20                                   # 8 MiB of int64 per input: 8 chunks
     ints = [make_int.remote(n, s + 1) for s in range(6)]
     red = hm.reduce(ints)
@@ -174,7 +182,7 @@ def main() -> None:
     out = {
         "chain": chain, "sums": sums, "firsts": firsts,
         "broadcast_ok": broadcast_ok,
-        "reduce_ok": reduce_ok, "allreduce_ok": allreduce_ok,
+        "reduce_ok": reduce_ok, "allreduce_ok": allreduce_ok, "copies_remade": remade,
         "reduces_replanned": rt.stats["reduces_replanned"],
         "seconds": time.monotonic() - t0,
         "dead": sorted(rt.dead),
