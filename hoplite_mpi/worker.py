@@ -147,7 +147,7 @@ class Worker:
         fn = self._function(spec.fn_id)
         values = []
         for info in deps:
-            frames = info.inline if info.inline is not None else self._fetch(info)
+            frames = info.inline if info.inline is not None else self._fetch_unslotted(info)
             if info.error:
                 raise rebuild_error(frames)
             values.append(deserialize(frames))
@@ -174,6 +174,15 @@ class Worker:
             copy = not (own and sole_owner(r, 1))
             results.append((serialize(r, f"return value {i} of {name}", copy=copy), False))
         return results
+
+    def _fetch_unslotted(self, info: ObjectInfo) -> list:
+        """Fetch an argument without holding an executor slot: the argument may have to be made
+        again (lineage, after a rank loss) by a task queued behind this one on this rank."""
+        self.block()
+        try:
+            return self._fetch(info)
+        finally:
+            self.unblock()
 
     def _function(self, fn_id: bytes) -> Any:
         fn = self._functions.get(fn_id)
