@@ -115,6 +115,15 @@ def test_per_task_replicas_protect_its_results_and_lost_copies_are_made_again(tm
     assert got["copies_remade"] is True, got
 
 
+def test_a_rank_killed_while_receiving_a_replica(tmp_path):
+    # replication=2: rank 2 dies as its first background copy starts to arrive; the object keeps
+    # its first copy (or is rebuilt if that died too), the job's results are unchanged
+    kill = "2:replica:1"
+    got, proc, _ = run_workload(tmp_path, kill, env={"HOPLITE_MPI_REPLICATION": "2"})
+    assert_correct(got, proc, kill)
+    assert got["dead"] == [2] and got["ranks_lost"] == 1, got
+
+
 def test_with_one_copy_the_lost_objects_are_rebuilt_from_lineage(tmp_path):
     got, proc, _ = run_workload(tmp_path, None, 4, "--victim")
     assert_correct(got, proc, "victim")
