@@ -655,10 +655,15 @@ def reduce(refs: Sequence[ObjectRef], op: Any = "sum", num: Optional[int] = None
         rank: where the result lives (default: the calling rank).
 
     The tree is built at run time in arrival order; every slot combines chunk ``i`` of its
-    children while chunk ``i+1`` is still arriving.  Raises (at call time) ValueError for an empty
-    list, a bad ``num``/``rank`` or unknown op name, TypeError for non-refs or a non-ufunc op.  The
-    returned ref fails with ValueError (naming the offending input) for a shape/dtype mismatch,
-    TypeError for non-numeric inputs, or an input task's exception.
+    children while chunk ``i+1`` is still arriving; once one input is still to come, the result's
+    rank accumulates the others and then adds the last one itself.  Raises (at call time)
+    ValueError for an empty list, a bad ``num``/``rank`` or unknown op name, TypeError for
+    non-refs or a non-ufunc op.  The returned ref fails with ValueError (naming the offending
+    input) for a shape/dtype mismatch, TypeError for non-numeric inputs, or an input task's
+    exception.  Under ULFM, a rank holding an input or a tree step that dies makes the reduce
+    re-plan without it (lost inputs rebuilt from lineage; a ``num`` subset already chosen is
+    kept); the result is the failure-free one.  If ``rank`` itself dies the ref fails with
+    HopliteError; an input that cannot be rebuilt fails it with ObjectLostError.
     """
     return _collective(refs, op, num, rank, allreduce=False)
 
