@@ -546,7 +546,7 @@ class _ReduceStep:
             return
         self.aborted = True
         self.late = 0
-        if self.msg.final:
+        if self.msg.final:   # (it may never finish: a failed reduce's result is never adopted)
             self.rt._reduce_steps.pop(self.msg.out_id, None)
         self._release()
         self._closed(0)

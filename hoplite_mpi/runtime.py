@@ -74,7 +74,7 @@ class Runtime(ObjectPlane):
         self.worker: Optional[Worker] = None
         if self.rank in self.worker_ranks:
             self.worker = Worker(self.rank, config.worker_threads, self.fetch_info,
-                                 self._task_finished)
+                                 self._task_finished, lambda oid: self.local_frames(oid) is not None)
         # engine state (engine thread only)
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._sleeping = False

@@ -57,13 +57,16 @@ class Worker:
         fetch: ``fetch(info) -> frames``, blocking, called from executor threads to get an input.
         finished: ``finished(spec, results)`` called on an executor thread when a task ends;
             ``results`` is a list of ``(frames, is_error)`` per return value.
+        held: ``held(object_id) -> bool``, thread-safe: whether this rank has the object already.
     """
 
     def __init__(self, rank: int, threads: int, fetch: Callable[[ObjectInfo], list],
-                 finished: Callable[[TaskSpec, list], None]) -> None:
+                 finished: Callable[[TaskSpec, list], None],
+                 held: Callable[[int], bool] = lambda oid: False) -> None:
         self.rank = rank
         self.threads = threads
         self._fetch = fetch
+        self._held = held
         self._finished = finished
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._slots = threading.Semaphore(threads)
@@ -177,7 +180,10 @@ class Worker:
 
     def _fetch_unslotted(self, info: ObjectInfo) -> list:
         """Fetch an argument without holding an executor slot: the argument may have to be made
-        again (lineage, after a rank loss) by a task queued behind this one on this rank."""
+        again (lineage, after a rank loss) by a task queued behind this one on this rank.  One
+        that is here already is read with the slot kept (no queued task overtakes this one)."""
+        if self._held(info.object_id):
+            return self._fetch(info)
         self.block()
         try:
             return self._fetch(info)

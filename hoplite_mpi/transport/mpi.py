@@ -183,14 +183,14 @@ class MPITransport(Transport):
         if self._streams:
             keep = []
             for s in self._streams:
+                if s.peer in self.failed:   # (also a hung rank declared dead: no MPI error)
+                    _fail(s, "rank excluded (declared dead)")
+                    progressed = True
+                    continue
                 try:
-                    if s.peer in self.failed:   # (also a hung rank declared dead: no MPI error)
-                        raise _Excluded()
                     finished, moved = self._drive(s)
-                except (MPI.Exception, _Excluded) as exc:
-                    for req, _ in s.inflight:
-                        _cancel(req)
-                    s.on_error(PeerFailure(s.peer, str(exc) or "rank excluded (declared dead)"))
+                except MPI.Exception as exc:
+                    _fail(s, str(exc))
                     progressed = True
                     continue
                 progressed |= moved or finished
@@ -252,8 +252,11 @@ def _done(req) -> bool:
         return True
 
 
-class _Excluded(Exception):
-    pass
+def _fail(s: _Stream, detail: str) -> None:
+    """End stream ``s`` because its peer is gone: drop its requests, report the failure."""
+    for req, _ in s.inflight:
+        _cancel(req)
+    s.on_error(PeerFailure(s.peer, detail))
 
 
 def _cancel(req) -> None:
