@@ -131,6 +131,18 @@ class DirectoryShard:
             rank, depth = sender, depth + 1
         return depth + (1 if rank in entry.partial else 0)
 
+    @staticmethod
+    def _fed_by(entry: _Entry, rank: int, source: int) -> bool:
+        """Whether ``rank``'s chain of senders reaches ``source`` (a receiver asking again after
+        its sender died must not be placed on a rank it feeds: neither would ever progress)."""
+        seen = set()
+        while rank in entry.partial and rank not in seen:
+            seen.add(rank)
+            rank = entry.partial[rank]
+            if rank == source:
+                return True
+        return False
+
     def pull(self, object_id: int, requester: int) -> Outbox:
         """Choose a sender for ``requester`` once the object exists (Hoplite's receiver-driven
         broadcast): among complete and partial copies that feed nobody yet (chain tails), the
@@ -150,7 +162,8 @@ class DirectoryShard:
         if old is not None:
             self._feeds(entry, old, -1)
         candidates = [h for h in info.holders if h != requester] + \
-                     [r for r in entry.partial if r != requester]
+                     [r for r in entry.partial if r != requester
+                      and not self._fed_by(entry, r, requester)]
         if not candidates:
             if requester in info.holders:
                 return [(requester, DirReply(object_id, replace(info, holders=(requester,)), True))]

@@ -80,15 +80,34 @@ class ObjectStore:
         return self._entries.get(object_id)
 
     def put(self, object_id: int, frames: list) -> StoreEntry:
-        """Add a complete object.  Re-adding an id that is present keeps the existing entry."""
+        """Add a complete object.  Re-adding an id that is present and complete keeps the
+        existing entry.  An entry still being received (e.g. a pull whose sender died, when a
+        lineage re-run then makes the object on this very rank) is completed with ``frames``:
+        they are copied into its buffers, so transfers already reading or writing those buffers
+        see the object's bytes, and its ``on_complete`` callbacks run.  If the sizes differ (a
+        non-deterministic task), the entry is replaced and its callbacks get the new one."""
         entry = self._entries.get(object_id)
         if entry is not None:
-            return entry
+            if not entry.complete:
+                self._complete_with(entry, frames)
+            return self._entries[object_id]
         sizes = frame_sizes(frames)
         entry = StoreEntry(object_id, list(frames), sizes, sum(sizes))
         self._entries[object_id] = entry
         self.bytes_used += entry.nbytes
         return entry
+
+    def _complete_with(self, entry: StoreEntry, frames: list) -> None:
+        if frame_sizes(frames) == entry.sizes:
+            for dst, src in zip(entry.frames, frames):
+                memoryview(dst).cast("B")[:] = memoryview(src).cast("B")
+            self.advance(entry.object_id, entry.nbytes)
+            return
+        callbacks, entry.on_complete = entry.on_complete, []
+        self.delete(entry.object_id)
+        fresh = self.put(entry.object_id, frames)
+        for callback in callbacks:
+            callback(fresh)
 
     def allocate(self, object_id: int, sizes: Sequence[int]) -> StoreEntry:
         """Create an empty entry of the given frame sizes to receive into (uninitialised memory)."""

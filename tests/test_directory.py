@@ -245,3 +245,35 @@ def test_a_dead_sender_is_not_chosen_again_and_its_receivers_are_re_placed(shard
     shard.add(info(holders=(5,), oid=Y))
     assert shard.lookup(Y + 7, 1) == [] and shard.rank_lost(1) == []
     assert shard.add(info(holders=(5,), oid=Y + 7)) == []
+
+
+def test_a_receiver_asking_again_is_never_placed_on_a_rank_it_feeds(shard):
+    # chain 1 -> 3 -> 4 (rank 1 holds X, 2 holds a copy that feeds 5); rank 1 dies: 3 asks
+    # again while 4 still hangs on it.  The chain tail preference would pick 4 (feeds nobody)
+    # over 2 (feeds 5): 3 <- 4 <- 3 would never progress.
+    shard.add(info(holders=(1, 2)))
+    assert shard.pull(X, 3)[0][1].info.holders == (1,)
+    assert shard.pull(X, 5)[0][1].info.holders == (2,)
+    assert shard.pull(X, 4)[0][1].info.holders == (3,)        # the tail of 1's chain
+    shard.rank_lost(1)
+    (dest, reply), = shard.pull(X, 3)
+    assert dest == 3 and reply.info.holders in ((2,), (5,))
+    # with no copy left at all, whatever order they ask again in, no two receivers wait on each
+    # other, and the rebuilt copy reaches every one of them
+    shard.rank_lost(2)
+    answered = {}
+    for rank in (5, 3, 4):
+        for dest, reply in shard.pull(X, rank):
+            answered[dest] = reply.info.holders[0]
+    entry = shard._entries[X]
+    for rank in entry.partial:
+        assert not shard._fed_by(entry, rank, rank), entry.partial
+    for dest, reply in shard.add(info(holders=(6,))):
+        answered[dest] = reply.info.holders[0]
+    feeds = dict(answered)
+    for rank in (3, 4, 5):            # every chain now ends at the rebuilt copy
+        seen = set()
+        while rank != 6:
+            assert rank not in seen, feeds
+            seen.add(rank)
+            rank = feeds[rank]

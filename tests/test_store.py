@@ -65,6 +65,35 @@ def test_put_of_a_present_id_keeps_the_existing_entry():
     assert store.bytes_used == 3 and len(store) == 1
 
 
+def test_put_completes_an_entry_still_being_received_in_place():
+    # a pull whose sender died left an incomplete entry; the object is then made on this rank
+    # (lineage re-run): the bytes go into the SAME buffers (a stream serving them from its
+    # progress on keeps reading them) and whoever waited for completion is told
+    store = ObjectStore()
+    entry = store.allocate(9, [3, 5])
+    view = memoryview(entry.frames[1])           # what a serving stream holds
+    store.advance(9, 2)
+    done = []
+    entry.on_complete.append(done.append)
+    value = np.arange(5, dtype=np.uint8) + 10
+    got = store.put(9, [b"abc", value])
+    assert got is entry and entry.complete
+    assert bytes(entry.frames[0]) == b"abc" and bytes(view) == bytes(value)
+    assert done == [entry]
+    assert store.bytes_used == 8 and len(store) == 1
+
+
+def test_put_of_other_sizes_over_an_incomplete_entry_replaces_it():
+    store = ObjectStore()
+    entry = store.allocate(9, [3, 5])
+    done = []
+    entry.on_complete.append(done.append)
+    got = store.put(9, [b"a longer head", b"xy"])
+    assert got is not entry and got.complete and store.get(9) is got
+    assert got.frames == [b"a longer head", b"xy"] and done == [got]
+    assert store.bytes_used == 15 and len(store) == 1
+
+
 def test_allocate_creates_an_empty_receiving_entry():
     store = ObjectStore()
     entry = store.allocate(7, [5, 0, 3])
