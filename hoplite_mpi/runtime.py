@@ -214,7 +214,10 @@ class Runtime(ObjectPlane):
                 if now >= next_beat:
                     next_beat = now + beat
                     self._guarded(self._heartbeat, now)
-                while self._local:
+                # only the messages queued so far: one that makes another local message each
+                # time (a request answered by this rank's own shard) then cannot keep the engine
+                # from MPI, heartbeats and death notices
+                for _ in range(len(self._local)):
                     active = True
                     self._handle(self.rank, self._local.popleft())
                 if transport.progress():
