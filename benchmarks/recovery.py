@@ -15,7 +15,8 @@ a complete copy (the rank fed by the victim resumes from its byte offset from an
 timing) summed by ``hm.reduce`` to rank 0, timed until the result is complete.  Then the worker
 holding the tree's inner slot (the input placed third) is armed to SIGKILL itself after it
 combined half of the chunks; the reduce is re-planned without it (its input is rebuilt by
-re-running its task) and must give the exact sum.
+re-running its task) and must give the exact sum.  The new tree goes on from the bytes of the
+result the target had already given out (reported as "going on from byte N").
 
 Target: failed step <= detection + 2 x failure-free step; detection (SIGKILL ->
 Comm.Get_failed on the others) was measured separately at 10-50 ms here (benchmarks/RESULTS.md).
@@ -94,11 +95,13 @@ def run_reduce(args, nbytes: int, chunks: int) -> dict:
           f"max {max(t for t, _, _ in free) * 1e3:.1f}) over {len(free)} runs")
     print(f"  with the kill: {failed * 1e3:.1f} ms ({failed / median:.2f}x), result exact: {exact}; "
           f"next reduce (3 ranks) {after[0] * 1e3:.1f} ms; victim seen dead: {victim in rt.dead}; "
-          f"re-planned: {rt.stats['reduces_replanned']}, tasks re-run: {rt.scheduler.stats['rebuilt']}")
+          f"re-planned: {rt.stats['reduces_replanned']} (going on from byte "
+          f"{rt.stats['reduce_bytes_kept']} of {nbytes}), tasks re-run: {rt.scheduler.stats['rebuilt']}")
     return {"op": "reduce", "victim": victim, "free_s": [t for t, _, _ in free], "free_median_s": median,
             "failed_s": failed, "failed_exact": exact, "after_s": after[0], "victim_dead": victim in rt.dead,
             "ratio_to_free": failed / median, "ok": ok,
-            "reduces_replanned": rt.stats["reduces_replanned"], "rebuilt": rt.scheduler.stats["rebuilt"]}
+            "reduces_replanned": rt.stats["reduces_replanned"], "rebuilt": rt.scheduler.stats["rebuilt"],
+            "result_bytes_kept": rt.stats["reduce_bytes_kept"]}
 
 
 def run_broadcast(args, nbytes: int, chunks: int) -> dict:

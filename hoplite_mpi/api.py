@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence, Union, overload
 
+from . import debug
 from .config import Config
 from .errors import NotInitializedError, ObjectDeletedError, SerializationError
 from .ids import format_id
@@ -88,6 +89,7 @@ def init(comm: Any = None, **options: Any) -> None:
             return
         rt = _start(comm, 0, options)
         _runtime = rt
+    debug.install(rt)        # kill -USR1 / -USR2 <pid>: where this rank is (hoplite_mpi/debug.py)
     if rt.rank == 0:
         atexit.register(_finalize_after_rank_loss)   # (runs after shutdown: atexit is LIFO)
         atexit.register(shutdown)
@@ -662,7 +664,8 @@ def reduce(refs: Sequence[ObjectRef], op: Any = "sum", num: Optional[int] = None
     input) for a shape/dtype mismatch, TypeError for non-numeric inputs, or an input task's
     exception.  Under ULFM, a rank holding an input or a tree step that dies makes the reduce
     re-plan without it (lost inputs rebuilt from lineage; a ``num`` subset already chosen is
-    kept); the result is the failure-free one.  If ``rank`` itself dies the ref fails with
+    kept; the new tree computes only the chunks after those the result had given out); the
+    result is the failure-free one.  If ``rank`` itself dies the ref fails with
     HopliteError; an input that cannot be rebuilt fails it with ObjectLostError.
     """
     return _collective(refs, op, num, rank, allreduce=False)

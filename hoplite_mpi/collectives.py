@@ -152,6 +152,8 @@ class ReduceCoordinator:
         self.retired: list[tuple[int, int]] = []   # intermediates of abandoned attempts
         self.dead: set[int] = set()
         self.wants_inputs = False     # (runtime) re-deliver every input's info to input_ready
+        self.start = 0                # bytes of the result the target has given out (re-plans)
+        self.awaiting: Optional[int] = None   # abandoned attempt whose ReduceResume is awaited
 
     # --- events ------------------------------------------------------------------------------
 
@@ -208,7 +210,7 @@ class ReduceCoordinator:
                 slot.out_id = self.new_id()
                 self.intermediates.append((rank, slot.out_id))
                 out.append((rank, ReduceStep(self.reduce_id, slot.out_id, info, (), self.op, False,
-                                             self.sizes)))
+                                             self.sizes, start=self.start)))
                 info = ObjectInfo(slot.out_id, self.sizes, (rank,))
             return out + [(self.target, ReduceLate(self.reduce_id, self.final_id, info, rank))]
         slot.out_id = self.final_id if (slot.parent is None and rank == self.target) else self.new_id()
@@ -245,8 +247,9 @@ class ReduceCoordinator:
         naming the rank.  If it held a placed input or a step, the attempt is abandoned and the
         reduce planned again (Hoplite §4: re-plan around the failure): every input's info is
         asked for anew (``wants_inputs``; a copy elsewhere, or lineage re-runs its task, or it
-        fails with ObjectLostError), and the new tree's final step completes the old result entry
-        on the target (readers of it just wait).  A first-k reduce whose k inputs were all chosen
+        fails with ObjectLostError) once the target said how much of the result it had given out
+        (:meth:`resume`; the new tree skips those chunks), and the new tree's final step
+        completes the old result entry on the target (readers of it just wait).  A first-k reduce whose k inputs were all chosen
         keeps them (chunks already given out must not change); one still choosing takes the next
         arrivals, backups included.  An allreduce no longer waits for ``rank``."""
         if self.done:
@@ -266,7 +269,9 @@ class ReduceCoordinator:
         return ranks | ({self.copy_step.rank} if self.copy_step is not None else set())
 
     def _restart(self) -> Outbox:
-        out = self._aborts()
+        old = self.reduce_id
+        asked = self.target in self._ranks() - self.dead
+        out = self._aborts(resume=True)
         self.reduce_id = self.new_id()
         self.attempts.append(self.reduce_id)
         self.final_id = self.new_id()
@@ -275,8 +280,24 @@ class ReduceCoordinator:
         if len(self.used) == self.num < len(self.inputs):
             self.inputs = list(self.used)      # the chosen subset stays chosen
         self.used, self.slots, self.order, self.copy_step = [], [], [], None
-        self.wants_inputs = True
+        if asked:       # the new tree is planned once the target says where the result stands
+            self.awaiting = old
+        else:
+            self.wants_inputs = True
         return out
+
+    def resume(self, reduce_id: int, progress: int) -> Outbox:
+        """(ReduceResume from the target, after the abort of attempt ``reduce_id``) The result
+        entry gave out its first ``progress`` bytes: those are complete reductions of the same
+        inputs, so the next attempt's steps pull and combine only the chunks after them (Hoplite
+        §4's "ancestors re-pull", from the target's progress instead of from scratch).  Then
+        every input's info is asked for again (``wants_inputs``)."""
+        if self.done or reduce_id != self.awaiting:
+            return []
+        self.awaiting = None
+        self.start = max(self.start, progress)
+        self.wants_inputs = True
+        return []
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -300,14 +321,16 @@ class ReduceCoordinator:
             children = tuple((self.slots[c].rank, self.slots[c].out_id) for c in slot.children)
             final = slot.out_id == self.final_id
             out.append((slot.rank, ReduceStep(self.reduce_id, slot.out_id, slot.info, children,
-                                              self.op, final, self.sizes, adopt=self._adopt(final))))
+                                              self.op, final, self.sizes, adopt=self._adopt(final),
+                                              start=self.start)))
             if not final:
                 self.intermediates.append((slot.rank, slot.out_id))
             if slot.parent is None and not final:   # the root's output is copied to the target
                 self.copy_step = _Slot(-1, None, rank=self.target, out_id=self.final_id, started=True)
                 out.append((self.target, ReduceStep(self.reduce_id, self.final_id, None,
                                                     ((slot.rank, slot.out_id),), self.op, True,
-                                                    self.sizes, adopt=self._adopt(True))))
+                                                    self.sizes, adopt=self._adopt(True),
+                                                    start=self.start)))
         return out
 
     def _accumulate(self) -> Outbox:
@@ -326,7 +349,7 @@ class ReduceCoordinator:
         children = tuple((self.slots[c].rank, self.slots[c].out_id) for c in acc.children)
         return [(self.target, ReduceStep(self.reduce_id, self.final_id, acc.info, children, self.op,
                                          True, self.sizes, late=1, head=self.head,
-                                         adopt=self._adopt(True)))]
+                                         adopt=self._adopt(True), start=self.start))]
 
     def _adopt(self, final: bool) -> int:
         return self.result_id if final and self.final_id != self.result_id else 0
@@ -350,10 +373,12 @@ class ReduceCoordinator:
         out: Outbox = [(r, DirAdd(self.result)) for r in self.shard_ranks(self.result_id)]
         return out + self._aborts() + self._frees()
 
-    def _aborts(self) -> Outbox:
-        """Abandon this attempt's steps: the target's first (it stops giving out its output),
-        which then tells the others (they drain their streams)."""
+    def _aborts(self, resume: bool = False) -> Outbox:
+        """Abandon this attempt's steps: the target's first (it stops giving out its output;
+        ``resume``: it answers with :class:`ReduceResume`), which then tells the others (they
+        drain their streams)."""
         ranks = self._ranks() - self.dead
         if self.target in ranks:
-            return [(self.target, ReduceAbort(self.reduce_id, tuple(sorted(ranks - {self.target}))))]
+            return [(self.target, ReduceAbort(self.reduce_id, tuple(sorted(ranks - {self.target})),
+                                              self.result_id if resume else 0))]
         return [(rank, ReduceAbort(self.reduce_id)) for rank in sorted(ranks)]

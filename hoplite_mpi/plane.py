@@ -328,6 +328,9 @@ class ObjectPlane:
                 step.abort()
         for rank in msg.forward:     # (after the final step stopped giving out its output)
             self.send(rank, P.ReduceAbort(msg.reduce_id))
+        if msg.result_id:            # where the result stands now: the next attempt goes on from there
+            entry = self.store.get(msg.result_id)
+            self.send(source, P.ReduceResume(msg.reduce_id, entry.progress if entry is not None else 0))
 
     def _on_reduce_step(self, source: int, msg: P.ReduceStep) -> None:
         faults.reached("reduce")
@@ -362,7 +365,9 @@ class _ReduceStep:
     left with an unmatched send) and, unless it is the final step, releases its whole output
     unchanged (garbage that only other aborted steps read, then freed).  An aborted final step
     stops releasing: the result entry keeps the chunks it gave out (complete reductions) and the
-    next attempt's final step fills in the rest (``adopt``).
+    next attempt's final step fills in the rest (``adopt``).  The next attempt's steps start at
+    the chunk after those bytes (``msg.start``): children are pulled from that offset and earlier
+    chunks of the output are released unread.
     """
 
     def __init__(self, rt: Any, coordinator: int, msg: P.ReduceStep) -> None:
@@ -370,6 +375,9 @@ class _ReduceStep:
         self.op: np.ufunc = pickle.loads(msg.op)
         self.sizes = tuple(msg.sizes)
         self.plan = chunk_plan(self.sizes, rt.config.chunk_size)
+        # a re-planned reduce goes on from the result's progress: chunks before ``first`` are
+        # neither pulled nor combined (their bytes in this step's output are never read)
+        self.first = bisect.bisect_right(_ends(self.plan), msg.start) if msg.start else 0
         self.got: list[int] = []
         self.bufs: list = []
         self.locals: list[np.ndarray] = []     # raw C-order bytes of local contributions
@@ -411,9 +419,14 @@ class _ReduceStep:
         entry = self.entry = rt.store.allocate(out, self.sizes)
         entry.on_complete.append(lambda e: self._done())
         rt._reduce_steps[out] = self
+        skipped = _ends(self.plan)[self.first - 1] if self.first else 0
         if msg.input_info is None and len(msg.children) == 1 and not msg.late:   # a copy step
             self._announce()
             (child_rank, child_id), = msg.children
+            if skipped:
+                rt.store.advance(out, skipped)
+                if entry.complete:
+                    return
             rt._receive(out, entry, child_rank, child_id, lambda oid, failure: self._failed(failure))
             rt._serve_deferred(out)
             return
@@ -426,7 +439,8 @@ class _ReduceStep:
         self.out = entry.frames[1]
         expected = len(self.locals) + len(msg.children) + self.late
         # header chunks are complete from the start; data chunks count their contributions
-        self.count = [expected if f != 1 else 0 for f, _, _ in self.plan]
+        self.count = [expected if f != 1 or i < self.first else 0
+                      for i, (f, _, _) in enumerate(self.plan)]
         self.expected = expected
         self._announce()
         for child_rank, child_id in msg.children:
@@ -439,17 +453,20 @@ class _ReduceStep:
             rt.store.advance(out, 0)
 
     def _pull(self, rank: int, oid: int) -> None:
+        if self.first >= len(self.plan):     # (a re-plan after the result was complete)
+            return
         rt, i = self.rt, len(self.bufs)
         bufs = [rt.store.buffer(size) for size in self.sizes]
         self.bufs.append(bufs)
-        self.got.append(0)
+        self.got.append(self.first)
         self.open += 1
-        chunks = [memoryview(bufs[f])[a:b] for f, a, b in self.plan]
+        chunks = [memoryview(bufs[f])[a:b] for f, a, b in self.plan[self.first:]]
         rt._next_tag += 1
         tag = rt._next_tag
         rt.transport.recv_stream(rank, tag, chunks, lambda n, i=i: self._arrived(i),
                                  lambda failure: self._stream_failed(failure))
-        rt.send(rank, P.Pull(oid, tag))
+        offset = _ends(self.plan)[self.first - 1] if self.first else 0
+        rt.send(rank, P.Pull(oid, tag, offset))
 
     def add_late(self, info: ObjectInfo, rank: int) -> None:
         """A late contribution: input ``info`` on ``rank`` (pulled, or combined here if local)."""
@@ -468,7 +485,7 @@ class _ReduceStep:
         self.locals.append(data)
         streamed = bool(self.bufs) or self.late > 0
         for i, (f, a, b) in enumerate(self.plan):
-            if f != 1:
+            if f != 1 or i < self.first:
                 continue
             if self.count[i]:
                 o = self.out[a:b].view(self.dtype)

@@ -269,6 +269,8 @@ class ReduceStep:
     late: int = 0
     head: bytes = b""
     adopt: int = 0      # (a re-planned reduce) when complete, the output becomes this object
+    start: int = 0      # (a re-planned reduce) bytes of the output already given out by the
+                        # result entry: only the chunks after them are pulled and combined
 
 
 @message
@@ -304,6 +306,17 @@ class ReduceAbort:
 
     reduce_id: int
     forward: tuple[int, ...] = ()
+    result_id: int = 0      # (to the target) answer with ReduceResume: how much of it is out
+
+
+@message
+class ReduceResume:
+    """Target -> coordinator, answering a :class:`ReduceAbort` with ``result_id``: the result
+    entry on the target has given out its first ``progress`` bytes (complete reductions), so the
+    next attempt only computes the rest (0: no result entry, start from scratch)."""
+
+    reduce_id: int
+    progress: int
 
 
 @message
@@ -354,4 +367,4 @@ class ShutdownAck:
 
 ALL_MESSAGES = (SubmitTask, RunTask, TaskDone, TaskBlocked, DirAdd, DirLookup,
                 DirPull, DirPartial, DirReply, DirDelete, Free, Pull, PullRefused, Fetch, Fetched,
-                ReduceStep, ReduceLate, ReduceStepDone, ReduceAbort, ReduceRequest, Shutdown, ShutdownAck)
+                ReduceStep, ReduceLate, ReduceStepDone, ReduceAbort, ReduceResume, ReduceRequest, Shutdown, ShutdownAck)

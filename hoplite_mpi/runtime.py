@@ -122,6 +122,7 @@ class Runtime(ObjectPlane):
             P.ReduceStep: self._on_reduce_step,
             P.ReduceLate: self._on_reduce_late,
             P.ReduceAbort: self._on_reduce_abort,
+            P.ReduceResume: self._on_reduce_resume,
             P.ReduceStepDone: self._on_reduce_step_done,
             P.ReduceRequest: lambda src, m: self.start_reduce(m.reduce_id, list(m.inputs), m.op, m.num,
                                                               m.target, m.reduce_id + 1, m.allreduce),
@@ -566,13 +567,19 @@ class Runtime(ObjectPlane):
         if coord is not None:
             self._coordinated(coord, coord.step_done(msg))
 
+    def _on_reduce_resume(self, source: int, msg: P.ReduceResume) -> None:
+        coord = self._reduces.get(msg.reduce_id)
+        if coord is not None:
+            self._coordinated(coord, coord.resume(msg.reduce_id, msg.progress))
+
     def _coordinated(self, coord: ReduceCoordinator, out: list) -> None:
         self._send_all(out)
         if coord.wants_inputs and not coord.done:     # re-planned after a rank loss
             coord.wants_inputs = False
             self.stats["reduces_replanned"] += 1
-            log.warning("rank 0: reduce %s re-planned without the dead rank(s) %s",
-                        format_id(coord.result_id), sorted(coord.dead))
+            self.stats["reduce_bytes_kept"] += coord.start    # result bytes not computed again
+            log.warning("rank 0: reduce %s re-planned without the dead rank(s) %s (from byte %d)",
+                        format_id(coord.result_id), sorted(coord.dead), coord.start)
             self._reduces[coord.reduce_id] = coord
             for oid in dict.fromkeys(coord.inputs):
                 self._when_ready(oid, lambda info, c=coord: self._coordinated(c, c.input_ready(info)))

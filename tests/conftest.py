@@ -35,11 +35,36 @@ def run_job(n: int, *program: str, timeout: float = 600, env: dict | None = None
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        _ask_ranks_where_they_are(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"MPI job did not finish within {timeout} s: {cmd}\n"
-                    f"stdout: {out[-4000:]}\nstderr: {err[-4000:]}")
+                    f"stdout: {out[-4000:]}\nstderr: {err[-16000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _ask_ranks_where_they_are(pid: int, wait: float = 3.0) -> None:
+    """A job overran its timeout: make every Python process under ``pid`` print its threads'
+    stacks (SIGUSR1) and its runtime state (SIGUSR2) to stderr (hoplite_mpi/debug.py), then give
+    mpirun ``wait`` seconds to forward the output."""
+    import psutil
+    ranks = []
+    try:
+        for p in psutil.Process(pid).children(recursive=True):
+            try:
+                if "python" in os.path.basename(p.exe() or ""):
+                    ranks.append(p)
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        return
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        for p in ranks:
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
+    psutil.wait_procs(ranks, timeout=wait)   # (they do not exit: this is the bounded wait)
 
 
 def check_results(script: str, n: int, tmp_path_factory, cache: dict, timeout: float = 900,

@@ -90,3 +90,23 @@ def test_module_launch_finds_modules_next_to_the_script_on_every_rank(tmp_path):
     proc = run_job(3, "-m", "hoplite_mpi", str(tmp_path / "main_script.py"), timeout=300, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RESULT 42" in proc.stdout
+
+
+def test_signals_make_a_rank_print_its_stacks_and_its_state(tmp_path):
+    # what a hung job's ranks print when the test harness (or a user) signals them
+    # (hoplite_mpi/debug.py): here a task signals its own worker process while it runs
+    (tmp_path / "signals.py").write_text(
+        "import os, signal, time\nimport hoplite_mpi as hm\n"
+        "@hm.remote\ndef poke(sig):\n    os.kill(os.getpid(), sig)\n    time.sleep(0.5)\n"
+        "    return os.getpid()\n"
+        "hm.init()\n"
+        "print('PIDS', hm.get(poke.options(rank=1).remote(int(signal.SIGUSR1)), timeout=120),\n"
+        "      hm.get(poke.options(rank=1).remote(int(signal.SIGUSR2)), timeout=120))\n")
+    proc = run_job(2, "-m", "hoplite_mpi", str(tmp_path / "signals.py"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]      # neither signal ends the rank
+    assert "PIDS" in proc.stdout
+    # SIGUSR1: every thread's stack, the running task's included
+    assert "in _loop" in proc.stderr and "in poke" in proc.stderr, proc.stderr[-3000:]
+    # SIGUSR2: the runtime state of rank 1
+    assert "---- hoplite_mpi rank 1 state ----" in proc.stderr, proc.stderr[-3000:]
+    assert "streams: " in proc.stderr and "store: " in proc.stderr

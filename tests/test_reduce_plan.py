@@ -112,9 +112,12 @@ def test_a_dead_participant_re_plans_the_reduce_and_the_new_result_is_adopted():
     (_, acc), = [(r, m) for r, m in steps(first) if m.final]
     old = c.reduce_id
     out = c.rank_lost(2)
-    # the target stops giving out its output first, then tells rank 1 (a step there)
-    assert out == [(0, ReduceAbort(old, (1,)))] and c.wants_inputs and not c.done
+    # the target stops giving out its output first, then tells rank 1 (a step there), and says
+    # how much of the result it gave out; the new tree waits for that answer
+    assert out == [(0, ReduceAbort(old, (1,), RESULT))] and not c.wants_inputs and not c.done
     assert c.reduce_id != old and c.attempts == [old, c.reduce_id]
+    assert c.resume(c.reduce_id, 5) == [] and not c.wants_inputs   # (not the attempt asked about)
+    assert c.resume(old, 0) == [] and c.wants_inputs and c.start == 0
     # messages of the abandoned attempt are ignored
     assert c.step_done(ReduceStepDone(old, RESULT, 0, acc.sizes)) == [] and not c.result_done
     assert c.input_ready(info(12, 2)) == []            # a copy on the dead rank: not usable
@@ -137,7 +140,36 @@ def test_a_step_reporting_a_lost_child_re_plans_like_rank_lost():
     for oid, rank in ((10, 0), (11, 1), (12, 2)):
         c.input_ready(info(oid, rank))
     out = c.step_done(ReduceStepDone(c.reduce_id, 99, 0, error=(b"x",), lost=1))
-    assert [type(m) for _, m in out] == [ReduceAbort] and c.wants_inputs and c.dead == {1}
+    assert [type(m) for _, m in out] == [ReduceAbort] and c.dead == {1}
+    c.resume(out[0][1].reduce_id, 0)
+    assert c.wants_inputs
+
+
+def test_a_re_plan_goes_on_from_the_bytes_the_result_gave_out():
+    c = coordinator([10, 11, 12, 13])
+    for oid, rank in ((10, 0), (11, 1), (12, 2), (13, 3)):
+        c.input_ready(info(oid, rank))
+    old = c.reduce_id
+    c.rank_lost(3)
+    assert c.resume(old, 3 << 20) == [] and c.start == 3 << 20
+    again = []
+    for oid, rank in ((10, 0), (11, 1), (12, 2), (13, 1)):      # 13 rebuilt on rank 1
+        again += c.input_ready(info(oid, rank))
+    assert again and all(m.start == 3 << 20 for _, m in steps(again))
+    # a second loss before the tree is re-planned asks nobody (no step of the new attempt yet)
+    # and a smaller answer never moves the start back
+    old2 = c.reduce_id
+    c.rank_lost(2)
+    assert c.awaiting == old2 and c.resume(old2, 1 << 20) == [] and c.start == 3 << 20
+
+
+def test_a_re_plan_without_a_step_on_the_target_asks_nothing():
+    c = coordinator([11, 12, 13, 14], target=0)
+    c.input_ready(info(11, 1))          # two leaves, on ranks 1 and 2: no step on the target yet
+    c.input_ready(info(12, 2))
+    out = c.rank_lost(2)
+    assert out == [(1, ReduceAbort(c.attempts[0]))]
+    assert c.wants_inputs and c.awaiting is None
 
 
 def test_the_target_dying_fails_the_reduce_and_aborts_the_other_steps():

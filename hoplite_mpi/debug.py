@@ -1,0 +1,109 @@
+"""Post-mortem aids for a job that hangs: signals that make one rank say where it is.
+
+- ``kill -USR1 <pid of a rank>``: every thread's Python stack, on the rank's stderr
+  (:mod:`faulthandler`: it works even while a thread loops holding the GIL).
+- ``kill -USR2 <pid of a rank>``: a summary of the rank's runtime state (:func:`engine_state`):
+  known dead ranks, objects being fetched or received, open transfer streams, directory entries
+  with waiters or partial copies, incomplete store entries, and on rank 0 the scheduler's tasks.
+
+:func:`install` is called by ``hm.init()`` in the main thread; it leaves alone a signal for which
+the program set its own handler.  The test suite sends both signals to every rank of a job that
+overran its timeout, so that a hang in CI shows where each rank was.
+"""
+from __future__ import annotations
+
+import faulthandler
+import signal
+import sys
+from collections import Counter
+from typing import Any
+
+from .ids import format_id
+
+MAX_LINES = 60   # per section of the state summary
+
+
+def install(runtime: Any) -> None:
+    """Register the two signals for ``runtime`` (no-op outside the main thread or without them)."""
+    usr1, usr2 = getattr(signal, "SIGUSR1", None), getattr(signal, "SIGUSR2", None)
+    if usr1 is None or usr2 is None:
+        return
+    try:
+        if signal.getsignal(usr1) in (signal.SIG_DFL, None):
+            faulthandler.register(usr1, all_threads=True)
+        if signal.getsignal(usr2) in (signal.SIG_DFL, None):
+            signal.signal(usr2, lambda signum, frame: _write(engine_state(runtime)))
+    except (ValueError, RuntimeError, OSError):   # not the main thread, or no such signal here
+        return
+
+
+def _write(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+def _ids(ids) -> str:
+    ids = list(ids)
+    shown = ", ".join(format_id(i) for i in ids[:20])
+    return shown + (f", ... ({len(ids)} in all)" if len(ids) > 20 else "")
+
+
+def engine_state(rt: Any) -> str:
+    """A readable summary of ``rt``'s state.  Read from another thread without locks while the
+    engine runs, so it is a best-effort snapshot (a section that changed under it says so)."""
+    lines = [f"---- hoplite_mpi rank {rt.rank} state ----",
+             f"dead ranks: {sorted(rt.dead)}",
+             f"waiting for a directory lookup: {_ids(rt._lookups)}",
+             f"fetching: {_ids(rt._fetching)}",
+             "receiving: " + ", ".join(f"{format_id(o)} from {r}" for o, r in list(rt._receiving.items())[:20]),
+             f"pulls deferred until the copy starts: {_ids(rt._deferred)}",
+             f"reduce steps running here: {_ids(rt._reduce_steps)}"]
+    sections = [("streams", _streams), ("directory", _directory), ("store", _store)]
+    if rt.scheduler is not None:
+        sections.append(("scheduler", _scheduler))
+    for name, section in sections:
+        try:
+            lines += section(rt)[:MAX_LINES]
+        except Exception as exc:     # (mutated while read: a snapshot, not a transaction)
+            lines.append(f"{name}: not readable now ({type(exc).__name__})")
+    return "\n".join(lines + ["----", ""])
+
+
+def _streams(rt: Any) -> list[str]:
+    out = []
+    for s in list(rt.transport._streams):
+        kind = "send to" if s.send else "receive from"
+        out.append(f"stream {kind} {s.peer} tag {s.tag}: chunk {s.next}/{len(s.chunks)}, "
+                   f"{len(s.inflight)} in flight")
+    return out or ["streams: none"]
+
+
+def _directory(rt: Any) -> list[str]:
+    out = []
+    for oid, e in list(rt.directory._entries.items()):
+        if e.waiting or e.pulling or e.partial:
+            holders = e.info.holders if e.info is not None else None
+            out.append(f"directory {format_id(oid)}: holders {holders}, lookups waiting {e.waiting}, "
+                       f"pulls waiting {e.pulling}, partial copies (rank: sender) {e.partial}")
+    return out or ["directory: no entry with waiters or partial copies"]
+
+
+def _store(rt: Any) -> list[str]:
+    out = []
+    for oid in rt.store.ids():
+        entry = rt.store.get(oid)
+        if entry is not None and not entry.complete:
+            out.append(f"store {format_id(oid)}: {entry.progress} of {entry.nbytes} bytes")
+    return out or ["store: every entry complete"]
+
+
+def _scheduler(rt: Any) -> list[str]:
+    sched = rt.scheduler
+    states = Counter(str(t.state) for t in list(sched.tasks.values()))
+    out = [f"scheduler: tasks by state {dict(states)}, in flight per worker {dict(sched.inflight)}, "
+           f"lost ranks {sorted(sched.lost_ranks)}, stats {sched.stats}"]
+    for tid, task in list(sched.tasks.items())[:MAX_LINES]:
+        missing = f", waiting for {_ids(task.missing)}" if task.missing else ""
+        out.append(f"task {format_id(tid)} {task.spec.name} {task.state} on rank {task.rank}, "
+                   f"attempt {task.attempts}{missing}")
+    return out
