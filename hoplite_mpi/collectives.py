@@ -249,9 +249,10 @@ class ReduceCoordinator:
         asked for anew (``wants_inputs``; a copy elsewhere, or lineage re-runs its task, or it
         fails with ObjectLostError) once the target said how much of the result it had given out
         (:meth:`resume`; the new tree skips those chunks), and the new tree's final step
-        completes the old result entry on the target (readers of it just wait).  A first-k reduce whose k inputs were all chosen
-        keeps them (chunks already given out must not change); one still choosing takes the next
-        arrivals, backups included.  An allreduce no longer waits for ``rank``."""
+        completes the old result entry on the target (readers of it just wait).  A first-k
+        reduce whose k inputs were all chosen keeps them (chunks already given out must not
+        change); one still choosing takes the next arrivals, backups included.  An allreduce no
+        longer waits for ``rank``."""
         if self.done:
             return []
         self.dead.add(rank)
@@ -270,8 +271,8 @@ class ReduceCoordinator:
 
     def _restart(self) -> Outbox:
         old = self.reduce_id
-        asked = self.target in self._ranks() - self.dead
         out = self._aborts(resume=True)
+        asked = any(rank == self.target for rank, _ in out)    # it answers with ReduceResume
         self.reduce_id = self.new_id()
         self.attempts.append(self.reduce_id)
         self.final_id = self.new_id()

@@ -377,7 +377,9 @@ class _ReduceStep:
         self.plan = chunk_plan(self.sizes, rt.config.chunk_size)
         # a re-planned reduce goes on from the result's progress: chunks before ``first`` are
         # neither pulled nor combined (their bytes in this step's output are never read)
-        self.first = bisect.bisect_right(_ends(self.plan), msg.start) if msg.start else 0
+        ends = _ends(self.plan)
+        self.first = bisect.bisect_right(ends, msg.start) if msg.start else 0
+        self.offset = ends[self.first - 1] if self.first else 0    # bytes before chunk ``first``
         self.got: list[int] = []
         self.bufs: list = []
         self.locals: list[np.ndarray] = []     # raw C-order bytes of local contributions
@@ -419,12 +421,11 @@ class _ReduceStep:
         entry = self.entry = rt.store.allocate(out, self.sizes)
         entry.on_complete.append(lambda e: self._done())
         rt._reduce_steps[out] = self
-        skipped = _ends(self.plan)[self.first - 1] if self.first else 0
         if msg.input_info is None and len(msg.children) == 1 and not msg.late:   # a copy step
             self._announce()
             (child_rank, child_id), = msg.children
-            if skipped:
-                rt.store.advance(out, skipped)
+            if self.offset:
+                rt.store.advance(out, self.offset)
                 if entry.complete:
                     return
             rt._receive(out, entry, child_rank, child_id, lambda oid, failure: self._failed(failure))
@@ -465,8 +466,7 @@ class _ReduceStep:
         tag = rt._next_tag
         rt.transport.recv_stream(rank, tag, chunks, lambda n, i=i: self._arrived(i),
                                  lambda failure: self._stream_failed(failure))
-        offset = _ends(self.plan)[self.first - 1] if self.first else 0
-        rt.send(rank, P.Pull(oid, tag, offset))
+        rt.send(rank, P.Pull(oid, tag, self.offset))
 
     def add_late(self, info: ObjectInfo, rank: int) -> None:
         """A late contribution: input ``info`` on ``rank`` (pulled, or combined here if local)."""
