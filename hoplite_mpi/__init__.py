@@ -8,7 +8,7 @@ from .api import (ObjectRef, RemoteFunction, allreduce, broadcast, delete, get, 
 from .config import Config
 from .errors import (BrokenExecutor, HopliteError, NotInitializedError, ObjectDeletedError,
                      ObjectLostError, RankLostError, RemoteTraceback, RuntimeShutdownError, SerializationError,
-                     TaskError)
+                     TaskError, TransferError)
 from .executor import Executor
 
 __version__ = "0.1.0"
@@ -18,5 +18,5 @@ __all__ = [
     "remote", "RemoteFunction", "get", "wait", "put", "delete", "ObjectRef", "Executor", "Config",
     "broadcast", "reduce", "allreduce", "reduced_inputs",
     "HopliteError", "NotInitializedError", "ObjectDeletedError", "ObjectLostError", "RankLostError", "RemoteTraceback",
-    "RuntimeShutdownError", "SerializationError", "TaskError", "BrokenExecutor",
+    "RuntimeShutdownError", "SerializationError", "TaskError", "TransferError", "BrokenExecutor",
 ]

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union, overload
 
 from . import debug
 from .config import Config
-from .errors import NotInitializedError, ObjectDeletedError, SerializationError
+from .errors import HopliteError, NotInitializedError, ObjectDeletedError, SerializationError
 from .ids import format_id
 from .protocol import ObjectInfo, TaskSpec
 from .serialization import deserialize, dumps, rebuild_error, serialize
@@ -584,7 +584,8 @@ def broadcast(ref: ObjectRef, ranks: Optional[Sequence[int]] = None, timeout: Op
     may still be computing.  Dead ranks (ULFM) are not waited for; a receiver whose sender dies
     resumes from its byte offset from another holder.  Raises TypeError/ValueError for bad
     arguments, TimeoutError after ``timeout`` seconds (copies made so far stay),
-    ObjectDeletedError, or the task's error if the object is an error object.
+    ObjectDeletedError, the task's error if the object is an error object, or HopliteError
+    naming the ranks whose copy failed otherwise (e.g. a TransferError); copies made stay.
     """
     _check_refs([ref], "broadcast")
     rt = _rt()
@@ -605,7 +606,7 @@ def broadcast(ref: ObjectRef, ranks: Optional[Sequence[int]] = None, timeout: Op
     if errors:
         if all(e == "deleted" for e in errors.values()):
             raise ObjectDeletedError(ref.hex())
-        raise RuntimeError(f"broadcast of {ref.hex()} failed on ranks {errors}")
+        raise HopliteError(f"broadcast of {ref.hex()} failed on ranks {errors}")
     if ref.done() and not ref.cancelled() and ref.exception() is not None:
         raise ref.exception()
 
@@ -687,7 +688,6 @@ def reduced_inputs(red: ObjectRef, timeout: Optional[float] = None) -> list[Obje
     cf.Future.result(red, timeout)
     used = rt.reduced.get(red.id) if rt.scheduler is not None else None
     if used is None:
-        from .errors import HopliteError
         raise HopliteError(f"{red.hex()} is not the result of a reduce made on this driver")
     by_id = {r.id: r for r in getattr(red, "_inputs", ())}
     return [by_id[oid] for oid in used]

@@ -39,11 +39,22 @@ Outbox = list
 
 OPS = {"sum": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum}
 
+# The tree combines contributions in arrival order, in any grouping: only commutative and
+# associative ops give a result that does not depend on timing (as MPI_Op_create's ``commute``).
+# Floating-point addition and multiplication are treated as associative, as MPI does.
+COMMUTATIVE = frozenset([np.add, np.multiply, np.minimum, np.maximum, np.fmin, np.fmax,
+                         np.logical_and, np.logical_or, np.logical_xor, np.bitwise_and,
+                         np.bitwise_or, np.bitwise_xor, np.gcd, np.lcm])
+
 
 def resolve_op(op) -> np.ufunc:
-    """The numpy ufunc of ``op`` ("sum", "prod", "min", "max" or a binary ufunc).
+    """The numpy ufunc of ``op``: "sum", "prod", "min", "max", or a commutative and associative
+    binary ufunc (:data:`COMMUTATIVE`: add, multiply, minimum, maximum, fmin, fmax, logical_and/
+    or/xor, bitwise_and/or/xor, gcd, lcm).
 
-    Raises ValueError for an unknown name, TypeError for anything that is not a binary ufunc.
+    Raises ValueError for an unknown name or an op whose result depends on the order of its
+    inputs (np.subtract, np.divide, np.power, ...: the tree combines in arrival order), TypeError
+    for anything that is not a binary ufunc.
     """
     if isinstance(op, str):
         try:
@@ -53,8 +64,35 @@ def resolve_op(op) -> np.ufunc:
     if isinstance(op, np.ufunc):
         if op.nin != 2 or op.nout != 1:
             raise TypeError(f"reduce op {op.__name__} must be a binary ufunc (2 inputs, 1 output)")
+        if op not in COMMUTATIVE:
+            raise ValueError(
+                f"reduce op np.{op.__name__} is not commutative and associative: the reduce tree "
+                f"combines inputs in arrival order, so its result would depend on timing; use one "
+                f"of {sorted(u.__name__ for u in COMMUTATIVE)} (or reduce with a task)")
         return op
     raise TypeError(f"reduce op must be a name or a numpy ufunc, got {op!r}")
+
+
+def check_op_dtype(op: np.ufunc, dtype: np.dtype) -> Optional[str]:
+    """Why ``op`` cannot combine arrays of ``dtype`` in place (``op(a, b, out=a)``, as every
+    reduce step does), or None if it can.  Tried on one-element arrays."""
+    a, b = np.zeros(1, dtype), np.zeros(1, dtype)
+    try:
+        with np.errstate(all="ignore"):
+            op(a, b, out=a)
+    except Exception as exc:
+        return f"np.{op.__name__} cannot reduce {dtype} arrays in place: {exc}"
+    return None
+
+
+def portable_error(exc: BaseException, context: str) -> BaseException:
+    """``exc`` as an instance of its nearest builtin type (numpy's own ufunc errors have
+    constructors that do not survive pickling), with ``context`` before its message."""
+    base = next(t for t in type(exc).__mro__ if t.__module__ == "builtins")
+    try:
+        return base(f"{context}: {type(exc).__name__}: {exc}")
+    except Exception:
+        return HopliteError(f"{context}: {type(exc).__name__}: {exc}")
 
 
 def chain_length(nbytes: int, bandwidth: float, latency: float) -> int:
@@ -158,14 +196,25 @@ class ReduceCoordinator:
     # --- events ------------------------------------------------------------------------------
 
     def input_ready(self, info: ObjectInfo) -> Outbox:
-        """An input exists.  Inputs beyond the first ``num`` are ignored."""
-        if self.done or len(self.used) >= self.num or info.object_id in self.used \
-                or info.object_id not in self.inputs:
+        """An input exists.  Inputs beyond the first ``num`` are ignored.  An input given more
+        than once (``[a, a]``) fills one slot per occurrence."""
+        oid = info.object_id
+        want = self.inputs.count(oid) - self.used.count(oid)
+        if self.done or len(self.used) >= self.num or want <= 0:
             return []
         if info.holders and set(info.holders) <= self.dead:
             return []       # a copy that died: the runtime asks the directory (or lineage) again
         if info.error:
             return self._fail_with(info.inline)
+        out: Outbox = []
+        for _ in range(want):
+            if self.done or len(self.used) >= self.num:
+                break
+            out += self._place(info)
+        return out
+
+    def _place(self, info: ObjectInfo) -> Outbox:
+        """Put one occurrence of input ``info`` into the next slot."""
         head = info.head if info.inline is None else info.inline[0]
         if len(info.sizes) != 2 or head is None:
             return self._fail(TypeError(
@@ -179,6 +228,9 @@ class ReduceCoordinator:
             kind = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
             return self._fail(TypeError(f"reduce input {format_id(info.object_id)} has non-numeric type {kind}"))
         if self.head is None:
+            why = check_op_dtype(pickle.loads(self.op), arr.dtype)
+            if why is not None:
+                return self._fail(TypeError(f"reduce input {format_id(info.object_id)}: {why}"))
             self.shape, self.dtype = arr.shape, arr.dtype
             # every slot works on C-order bytes with this canonical header
             self.head = bytes(serialize(np.empty(arr.shape, arr.dtype))[0])
@@ -205,8 +257,11 @@ class ReduceCoordinator:
             self.pending_fetch.add(rank)
             out.append((rank, Fetch(self.result_id, self.reduce_id)))
         if slot.late:
-            if rank != self.target and info.inline is None and not arr.flags.c_contiguous:
-                # the accumulator pulls raw C-order bytes: a leaf step on ``rank`` makes them
+            if rank != self.target and info.inline is None and (
+                    not arr.flags.c_contiguous or tuple(info.sizes) != self.sizes):
+                # the accumulator pulls raw C-order bytes with the canonical header (a read-only
+                # array's pickle is a byte longer, READONLY_BUFFER): a leaf step on ``rank``
+                # makes them
                 slot.out_id = self.new_id()
                 self.intermediates.append((rank, slot.out_id))
                 out.append((rank, ReduceStep(self.reduce_id, slot.out_id, info, (), self.op, False,

@@ -40,6 +40,7 @@ class _Entry:
     pulling: list[int] = field(default_factory=list)  # ranks with a pending DirPull
     partial: dict = field(default_factory=dict)       # rank receiving/producing -> its sender (or None)
     downstream: dict = field(default_factory=dict)    # rank -> receivers it currently feeds
+    readers: set = field(default_factory=set)         # ranks given the inline value (they cache it)
 
 
 class DirectoryShard:
@@ -92,6 +93,8 @@ class DirectoryShard:
 
     def _answer(self, oid: int, entry: _Entry) -> Outbox:
         waiting, entry.waiting = entry.waiting, []
+        if waiting and entry.info.inline is not None:
+            entry.readers.update(waiting)
         out: Outbox = [(rank, DirReply(oid, entry.info)) for rank in waiting]
         pulling, entry.pulling = entry.pulling, []
         for rank in pulling:
@@ -155,6 +158,7 @@ class DirectoryShard:
             entry.pulling.append(requester)
             return []
         if info.inline is not None:
+            entry.readers.add(requester)
             return [(requester, DirReply(object_id, info, True))]
         if requester in info.holders:              # it has a complete copy already
             return [(requester, DirReply(object_id, replace(info, holders=(requester,)), True))]
@@ -182,6 +186,8 @@ class DirectoryShard:
         entry = self._entries.setdefault(object_id, _Entry())
         info = entry.info
         if info is not None and (info.holders or info.inline is not None):
+            if info.inline is not None:
+                entry.readers.add(requester)
             return [(requester, DirReply(object_id, info))]
         entry.waiting.append(requester)   # not yet, or only being produced: wait for a copy
         return []
@@ -206,7 +212,8 @@ class DirectoryShard:
         out: Outbox = [(rank, DirReply(object_id, None)) for rank in entry.waiting]
         out += [(rank, DirReply(object_id, None, True)) for rank in entry.pulling]
         if entry.info is not None:
-            holders = set(entry.info.holders) | set(entry.partial)
+            # holders drop their copies; ranks that read a small value drop their cached copy
+            holders = set(entry.info.holders) | set(entry.partial) | entry.readers
             out += [(holder, Free(object_id)) for holder in sorted(holders)]
         return out
 

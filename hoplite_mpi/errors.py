@@ -15,6 +15,7 @@ __all__ = [
     "ObjectDeletedError",
     "ObjectLostError",
     "RankLostError",
+    "TransferError",
     "RemoteTraceback",
     "TaskError",
     "RuntimeShutdownError",
@@ -85,6 +86,25 @@ class RankLostError(HopliteError):
     def __str__(self) -> str:
         return (f"task {self.task} lost with rank {self.rank} after {self.attempts} attempt(s)"
                 + (f": {self.why}" if self.why else ""))
+
+
+class TransferError(HopliteError):
+    """Moving an object between two live ranks failed for a reason other than a rank's death: an
+    MPI error that is not a ULFM failure class (e.g. ``MPI_ERR_TRUNCATE``), or a holder whose copy
+    does not match the object's registered frame sizes.  This is a bug of hoplite_mpi, never the
+    user's: please report it with the log.  The object's readers on that rank get this error;
+    both ranks stay in the job, and a later ``get`` tries the transfer again.
+
+    Attributes: ``object_id`` (printable id), ``rank`` (the peer), ``detail`` (the MPI error
+    string or the mismatch), ``mpi_error`` (the MPI error class, 0 if none).
+    """
+
+    def __init__(self, object_id: object, rank: int, detail: str, mpi_error: int = 0) -> None:
+        super().__init__(object_id, rank, detail, mpi_error)
+        self.object_id, self.rank, self.detail, self.mpi_error = object_id, rank, detail, mpi_error
+
+    def __str__(self) -> str:
+        return f"transfer of object {self.object_id} from rank {self.rank} failed: {self.detail}"
 
 
 class RemoteTraceback(Exception):

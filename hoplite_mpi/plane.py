@@ -25,10 +25,11 @@ import numpy as np
 
 from . import faults
 from . import protocol as P
-from .errors import HopliteError, ObjectDeletedError
+from .errors import HopliteError, ObjectDeletedError, TransferError
 from .ids import format_id
 from .protocol import ObjectInfo
-from .serialization import deserialize, frame_sizes, local_error, serialize, serialize_error, to_bytes
+from .serialization import (deserialize, frame_sizes, local_error, rebuild_error, serialize,
+                            serialize_error, to_bytes)
 from .store import DELETED, chunk_plan
 from .transport.base import PeerFailure
 
@@ -112,7 +113,11 @@ class ObjectPlane:
         got = fut.result(timeout)
         if got is DELETED:
             raise ObjectDeletedError(format_id(info.object_id))
-        return got.inline if isinstance(got, ObjectInfo) else got
+        if isinstance(got, ObjectInfo):
+            if got.error:       # the transfer failed (TransferError)
+                raise rebuild_error(got.inline)
+            return got.inline
+        return got
 
     def _fetch_from(self, info: ObjectInfo, callback: Callable) -> None:
         if info.inline is not None:
@@ -127,13 +132,13 @@ class ObjectPlane:
         if local is not None:
             callback(local)
             return
-        entry = self.store.get(oid)
-        if entry is not None:      # being received or produced here: wait for it
-            entry.on_complete.append(lambda e: callback(e.frames))
-            return
         waiting = self._fetching.get(oid)
-        if waiting is not None:
+        if waiting is not None:    # being fetched (received) here: its outcome is ours
             waiting.append(callback)
+            return
+        entry = self.store.get(oid)
+        if entry is not None:      # being produced here (a reduce step): wait for it
+            entry.on_complete.append(lambda e: callback(e.frames))
             return
         self._fetching[oid] = [callback]
         self._ask_sender(oid)
@@ -190,7 +195,7 @@ class ObjectPlane:
             self._receiving.pop(into, None)
             on_error(into, failure)
         self.transport.recv_stream(sender, tag, chunks, lambda n: self._chunk_in(into, n), failed)
-        self.send(sender, P.Pull(source_id, tag, entry.progress))
+        self.send(sender, P.Pull(source_id, tag, entry.progress, entry.sizes))
 
     def _chunk_in(self, into: int, nbytes: int) -> None:
         faults.reached("chunk")
@@ -211,18 +216,49 @@ class ObjectPlane:
             callback(entry.frames)
 
     def _pull_failed(self, oid: int, failure: PeerFailure) -> None:
-        log.warning("rank %d: pull of %s from rank %d failed: %s", self.rank, format_id(oid),
-                    failure.rank, failure.detail)
-        self._ask_sender(oid)   # keep the bytes, resume from another sender
+        if failure.dead:
+            log.warning("rank %d: pull of %s from rank %d failed: %s", self.rank, format_id(oid),
+                        failure.rank, failure.detail)
+            self._ask_sender(oid)   # keep the bytes, resume from another sender
+            return
+        self._transfer_failed(oid, failure)
+
+    def _transfer_failed(self, oid: int, failure: PeerFailure) -> None:
+        """A pull from a live rank failed for another reason than its death (a bug of ours):
+        every reader of the object on this rank gets :class:`TransferError`; the incomplete copy
+        is dropped, so a later fetch starts afresh.  Both ranks stay in the job."""
+        from .debug import engine_state
+        self.stats["transfer_errors"] += 1
+        if failure.tag >= 0:
+            self.send(failure.rank, P.StreamCancel(failure.tag))   # it posts no more chunks
+        log.error("rank %d: transfer of %s from rank %d failed (not a rank loss; a bug, please "
+                  "report it): %s\n%s", self.rank, format_id(oid), failure.rank, failure.detail,
+                  engine_state(self))
+        self._receiving.pop(oid, None)
+        entry = self.store.get(oid)
+        if entry is not None and not entry.complete:
+            entry.pooled = False     # (receives still in flight write into its buffers)
+            self.store.delete(oid)
+        error = to_bytes(local_error(TransferError(format_id(oid), failure.rank, failure.detail,
+                                                   failure.mpi_error)))
+        info = ObjectInfo(oid, frame_sizes(error), (), error, True)
+        for callback in self._fetching.pop(oid, ()):
+            callback(info)
 
     def _on_pull_refused(self, source: int, msg: P.PullRefused) -> None:
+        oid = msg.object_id
+        if msg.reason or oid not in self._fetching:
+            # a mismatched copy (a bug), or a reduce step's child pull: fail that stream
+            self.transport.fail_stream(source, msg.tag, PeerFailure(
+                source, msg.reason or f"rank {source} no longer holds {format_id(oid)}", dead=False))
+            return
         # The sender dropped its copy (deleted/freed): cancel our receive and ask the shard anew.
         self.transport.cancel_stream(source, msg.tag)
-        entry = self.store.get(msg.object_id)
+        self._receiving.pop(oid, None)
+        entry = self.store.get(oid)
         if entry is not None and not entry.complete:
-            self.store.delete(msg.object_id)
-        if msg.object_id in self._fetching:
-            self._ask_sender(msg.object_id)
+            self.store.delete(oid)
+        self._ask_sender(oid)
 
     # --- serving ---------------------------------------------------------------------------
 
@@ -235,6 +271,14 @@ class ObjectPlane:
                 self.send(source, P.PullRefused(oid, msg.tag))
             else:   # we were chosen as a sender before our own copy started: serve it then
                 self._deferred.setdefault(oid, []).append((source, msg))
+            return
+        if msg.sizes and tuple(msg.sizes) != tuple(entry.sizes):
+            from .debug import engine_state
+            reason = (f"rank {self.rank} holds {format_id(oid)} with frame sizes {entry.sizes}, "
+                      f"rank {source} expects {tuple(msg.sizes)}")
+            log.error("rank %d: refused a pull (a bug, please report it): %s\n%s", self.rank,
+                      reason, engine_state(self))
+            self.send(source, P.PullRefused(oid, msg.tag, reason))
             return
         plan = chunk_plan(entry.sizes, self.config.chunk_size)
         ends = _ends(plan)
@@ -287,6 +331,8 @@ class ObjectPlane:
             faults.reached("replica")
         def reply(got: Any) -> None:
             error = "deleted" if got is DELETED else None
+            if isinstance(got, ObjectInfo) and got.error:
+                error = repr(rebuild_error(got.inline))
             self.send(source, P.Fetched(msg.token, self.rank, error))
         oid = msg.object_id
         if msg.pulled and self.local_frames(oid) is None and self.store.get(oid) is None:
@@ -386,6 +432,7 @@ class _ReduceStep:
         self.late = msg.late
         self.combined = 0
         self.open = 0                 # child streams still receiving
+        self.contributions = 0        # contributions complete: local ones, and whole streams
         self.entry: Any = None
         self.reported = False         # a failure was sent to the coordinator
         self.aborted = False
@@ -435,6 +482,7 @@ class _ReduceStep:
         if msg.input_info is not None:
             head, data = self._input(msg.input_info)
             self.locals.append(data)
+            self.contributions += 1
         self.dtype = pickle.loads(head, buffers=[np.empty(self.sizes[1], np.uint8)]).dtype
         entry.frames[0][:] = np.frombuffer(head, np.uint8)
         self.out = entry.frames[1]
@@ -466,7 +514,7 @@ class _ReduceStep:
         tag = rt._next_tag
         rt.transport.recv_stream(rank, tag, chunks, lambda n, i=i: self._arrived(i),
                                  lambda failure: self._stream_failed(failure))
-        rt.send(rank, P.Pull(oid, tag, self.offset))
+        rt.send(rank, P.Pull(oid, tag, self.offset, self.sizes))
 
     def add_late(self, info: ObjectInfo, rank: int) -> None:
         """A late contribution: input ``info`` on ``rank`` (pulled, or combined here if local)."""
@@ -483,16 +531,21 @@ class _ReduceStep:
                 f"reduce input {format_id(info.object_id)} unusable on rank {self.rt.rank}: {exc}")))
             return
         self.locals.append(data)
+        self.contributions += 1
         streamed = bool(self.bufs) or self.late > 0
-        for i, (f, a, b) in enumerate(self.plan):
-            if f != 1 or i < self.first:
-                continue
-            if self.count[i]:
-                o = self.out[a:b].view(self.dtype)
-                self.op(o, data[a:b].view(self.dtype), out=o)
-                self.count[i] += 1
-            elif not streamed:          # nothing else will come: combine the local ones now
-                self._combine(i, None)
+        try:
+            for i, (f, a, b) in enumerate(self.plan):
+                if f != 1 or i < self.first:
+                    continue
+                if self.count[i]:
+                    o = self.out[a:b].view(self.dtype)
+                    self.op(o, data[a:b].view(self.dtype), out=o)
+                    self.count[i] += 1
+                elif not streamed:          # nothing else will come: combine the local ones now
+                    self._combine(i, None)
+        except Exception as exc:    # the op failed on these values: the reduce fails, not the rank
+            self._op_failed(exc)
+            return
         self._release()
 
     def _arrived(self, child: int) -> None:
@@ -500,13 +553,23 @@ class _ReduceStep:
         i = self.got[child]
         self.got[child] += 1
         if self.got[child] == len(self.plan):
+            self.contributions += 1
             self._closed()
         if self.aborted or self.reported:
             return
         f, a, b = self.plan[i]
         if f == 1:
-            self._combine(i, self.bufs[child][1][a:b].view(self.dtype))
+            try:
+                self._combine(i, self.bufs[child][1][a:b].view(self.dtype))
+            except Exception as exc:    # the op failed on these values: fail the reduce only
+                self._op_failed(exc)
+                return
         self._release()
+
+    def _op_failed(self, exc: BaseException) -> None:
+        from .collectives import portable_error
+        self._report(local_error(portable_error(
+            exc, f"reduce op np.{self.op.__name__} failed on rank {self.rt.rank}")))
 
     def _combine(self, i: int, chunk: Optional[np.ndarray]) -> None:
         """Add ``chunk`` (a streamed contribution to chunk ``i``; None: none) to the output."""
@@ -533,8 +596,12 @@ class _ReduceStep:
         if (self.reported or self.aborted) and not drain:
             return
         out = self.msg.out_id
+        last = len(self.plan) - 1
         while self.combined < len(self.plan) and self.rt.store.get(out) is self.entry \
                 and (drain or self.count[self.combined] >= self.expected):
+            if self.combined == last >= self.first and not drain \
+                    and self.contributions < self.expected:
+                break   # (empty arrays: no data chunk waits for the contributions, this does)
             _, a, b = self.plan[self.combined]
             self.combined += 1
             self.rt.store.advance(out, b - a)
@@ -544,11 +611,23 @@ class _ReduceStep:
         self._failed(failure)
 
     def _failed(self, failure: PeerFailure) -> None:
-        """A child's rank died: tell the coordinator (it re-plans) and wait for the abort."""
-        if not self.aborted:
+        """A child's rank died: tell the coordinator (it re-plans) and wait for the abort.  Any
+        other failure of a child's stream (not a death) fails the reduce with TransferError."""
+        if self.aborted:
+            return
+        if failure.dead:
             self._report(local_error(HopliteError(
                 f"reduce step on rank {self.rt.rank} lost its input from rank {failure.rank}: "
                 f"{failure.detail}")), lost=failure.rank)
+            return
+        log.error("rank %d: reduce step %s: a child's stream from rank %d failed (not a rank "
+                  "loss; a bug, please report it): %s", self.rt.rank, format_id(self.msg.out_id),
+                  failure.rank, failure.detail)
+        self.rt.stats["transfer_errors"] += 1
+        if failure.tag >= 0:
+            self.rt.send(failure.rank, P.StreamCancel(failure.tag))
+        self._report(local_error(TransferError(format_id(self.msg.out_id), failure.rank,
+                                               failure.detail, failure.mpi_error)))
 
     def _report(self, error: Any, lost: int = -1) -> None:
         if self.reported:

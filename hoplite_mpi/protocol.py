@@ -208,19 +208,34 @@ class Free:
 
 @message
 class Pull:
-    """Receiver -> holder: send the object's bytes from ``offset`` on, as chunks tagged ``tag``."""
+    """Receiver -> holder: send the object's bytes from ``offset`` on, as chunks tagged ``tag``.
+    ``sizes``: the frame sizes the receiver expects (its chunk plan); a holder whose copy differs
+    refuses (``PullRefused.reason``) instead of sending chunks that would not fit."""
 
     object_id: int
     tag: int
     offset: int = 0
+    sizes: tuple = ()
 
 
 @message
 class PullRefused:
-    """Holder -> receiver: it does not hold the object (any more); ask the directory again."""
+    """Holder -> receiver: it does not hold the object (any more); ask the directory again.
+    With ``reason``: it holds a copy that does not match the sizes asked for (a bug): the
+    receiver fails the object with TransferError."""
 
     object_id: int
     tag: int
+    reason: str = ""
+
+
+@message
+class StreamCancel:
+    """Receiver -> sender: a stream with MPI tag ``mpi_tag`` failed on the receiver for another
+    reason than a death (a bug): post no more chunks of it.  The receiver drains what was
+    posted already, so no send is left unmatched."""
+
+    mpi_tag: int
 
 
 REPLICA_TOKEN = -1   # Fetch token of a background replica copy (its Fetched is ignored)

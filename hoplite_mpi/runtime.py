@@ -131,6 +131,7 @@ class Runtime(ObjectPlane):
             P.Free: self._on_free,
             P.Pull: self._on_pull,
             P.PullRefused: self._on_pull_refused,
+            P.StreamCancel: lambda src, m: self.transport.stop_send_stream(src, m.mpi_tag),
             P.ObjectLost: self._on_object_lost,
             P.Heartbeat: lambda src, m: None,          # (any message counts as a sign of life)
             P.MemberDown: self._on_member_down,
@@ -395,6 +396,8 @@ class Runtime(ObjectPlane):
     def _on_free(self, source: int, msg: P.Free) -> None:
         self.store.delete(msg.object_id)
         self._refuse_deferred(msg.object_id)
+        if self.scheduler is None:    # a cached small value (rank 0's copies are the scheduler's)
+            self._known.pop(msg.object_id, None)
 
     def _on_dir_reply(self, source: int, msg: P.DirReply) -> None:
         if msg.pull:
@@ -428,6 +431,7 @@ class Runtime(ObjectPlane):
             self._known.pop(oid, None)
             if self.scheduler is not None:   # before any later submit is handled
                 if permanent:
+                    self._uncache(oid)
                     self._scheduled(self.scheduler.object_deleted(oid))
                 else:
                     self.scheduler.forget(oid)
@@ -444,7 +448,19 @@ class Runtime(ObjectPlane):
             return
         self._deleted.add(msg.object_id)
         if self.scheduler is not None:
+            self._uncache(msg.object_id)
             self._scheduled(self.scheduler.object_deleted(msg.object_id))
+
+    def _uncache(self, oid: int) -> None:
+        """(rank 0, ``hm.delete`` of a small object) Workers may hold its value in their cache
+        of small values: tell every one now, ahead of any task placed after the delete (the
+        scheduler's messages to a rank arrive in order), instead of through the shard, whose
+        notice could arrive after such a task started."""
+        info = self.scheduler.objects.get(oid)
+        if info is not None and info.inline is not None:
+            for rank in range(1, self.size):
+                if rank not in self.dead:
+                    self.send(rank, P.Free(oid))
 
     # --- tasks -----------------------------------------------------------------------------
 

@@ -277,3 +277,13 @@ def test_a_receiver_asking_again_is_never_placed_on_a_rank_it_feeds(shard):
             assert rank not in seen, feeds
             seen.add(rank)
             rank = feeds[rank]
+
+
+def test_readers_of_a_small_value_are_told_when_it_goes(shard):
+    # (issue 10.11) ranks that got an inline value cache it; deleting or freeing it must reach them
+    small = info(holders=(1,), inline=(b"v",))
+    shard.add(small)
+    shard.lookup(X, 3)
+    shard.pull(X, 4)
+    out = shard.delete(X, permanent=False)
+    assert sorted(r for r, m in out if m == Free(X)) == [1, 3, 4]

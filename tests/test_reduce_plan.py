@@ -225,3 +225,71 @@ def test_late_fortran_input_is_made_c_ordered_on_its_rank_first():
     notes = [m for _, m in out if isinstance(m, ReduceLate)]
     assert len(notes) == 1 and notes[0].info.object_id == leaf.out_id and notes[0].rank == 1
     assert (1, leaf.out_id) in c.intermediates
+
+
+# --- issue 10: inputs given twice, read-only headers, ops that depend on order or dtype ------
+
+def test_the_same_input_twice_fills_two_slots():
+    c = coordinator([10, 10, 11])
+    out = c.input_ready(info(10, 1))
+    assert c.used == [10, 10]
+    out += c.input_ready(info(11, 2))
+    assert c.used == [10, 10, 11]
+    assert c.input_ready(info(10, 1)) == []       # (delivered again: nothing more to place)
+    placed = [m.input_info.object_id for _, m in steps(out) if m.input_info is not None]
+    late = [m.info.object_id for _, m in out if isinstance(m, ReduceLate)]
+    assert sorted(placed + late) == [10, 10, 11]
+
+
+def test_a_late_input_whose_header_differs_is_normalised_by_a_leaf_step():
+    # a read-only array (e.g. a task that returns its argument) pickles a byte longer
+    # (READONLY_BUFFER): the accumulator must not pull it raw with the canonical chunk plan
+    arr = np.zeros(1 << 20, np.float32)
+    arr.flags.writeable = False
+    frames = serialize(arr)
+    ro = ObjectInfo(12, frame_sizes(frames), (3,), head=bytes(frames[0]))
+    c = coordinator([10, 11, 12])
+    c.input_ready(info(10, 0))
+    c.input_ready(info(11, 1))
+    assert ro.sizes[0] == c.sizes[0] + 1
+    out = c.input_ready(ro)
+    (rank, leaf), = steps(out)
+    assert rank == 3 and leaf.input_info == ro and leaf.children == () and leaf.sizes == c.sizes
+    (late,) = [m for _, m in out if isinstance(m, ReduceLate)]
+    assert late.info.object_id == leaf.out_id and late.info.sizes == c.sizes
+
+
+@pytest.mark.parametrize("op", [np.subtract, np.divide, np.power, np.true_divide, np.arctan2,
+                                np.left_shift, np.hypot])
+def test_order_dependent_ops_are_refused(op):
+    from hoplite_mpi.collectives import resolve_op
+    with pytest.raises(ValueError, match="commutative"):
+        resolve_op(op)
+
+
+@pytest.mark.parametrize("op", ["sum", "prod", "min", "max", np.add, np.logical_xor, np.gcd,
+                                np.bitwise_or, np.fmax])
+def test_commutative_ops_are_accepted(op):
+    from hoplite_mpi.collectives import resolve_op
+    assert isinstance(resolve_op(op), np.ufunc)
+
+
+def test_an_op_that_cannot_combine_the_dtype_fails_the_reduce_at_its_first_input():
+    ids = itertools.count(5000)
+    c = ReduceCoordinator(1, [10, 11], pickle.dumps(np.bitwise_and), 2, 0, RESULT,
+                          lambda: next(ids), lambda nbytes: 10**6)
+    out = c.input_ready(info(10, 1, dtype=np.float64))
+    assert c.done and c.result.error and not steps(out)
+    from hoplite_mpi.serialization import rebuild_error
+    exc = rebuild_error(c.result.inline)
+    assert isinstance(exc, TypeError) and "bitwise_and" in str(exc)
+
+
+def test_portable_error_keeps_the_builtin_type():
+    from hoplite_mpi.collectives import portable_error
+    try:
+        np.add(np.zeros(1, np.int64), np.ones(1), out=np.zeros(1, np.int64))
+    except Exception as exc:
+        err = portable_error(exc, "ctx")
+    assert type(err) is TypeError and str(err).startswith("ctx: ")
+    assert type(pickle.loads(pickle.dumps(err))) is TypeError

@@ -11,12 +11,23 @@ from typing import Callable, Sequence
 
 
 class PeerFailure(Exception):
-    """A point-to-point operation with ``rank`` failed (e.g. ULFM ``MPI_ERR_PROC_FAILED``)."""
+    """A point-to-point operation with ``rank`` failed.
 
-    def __init__(self, rank: int, detail: str = "") -> None:
+    ``dead`` says why: True when ``rank`` is gone (ULFM ``MPI_ERR_PROC_FAILED``,
+    ``MPI_ERR_PROC_FAILED_PENDING``, ``MPI_ERR_REVOKED``, or the rank was declared dead); False
+    for any other MPI error (``MPI_ERR_TRUNCATE``, ...), which is a bug of ours, not a death: the
+    objects of that transfer fail with :class:`~hoplite_mpi.errors.TransferError` and the rank
+    stays in the job.  ``mpi_error`` is the MPI error class (0 when not from MPI).
+    """
+
+    def __init__(self, rank: int, detail: str = "", dead: bool = True, mpi_error: int = 0,
+                 tag: int = -1) -> None:
         super().__init__(rank, detail)
         self.rank = rank
         self.detail = detail
+        self.dead = dead
+        self.mpi_error = mpi_error
+        self.tag = tag      # the stream's transport tag (for :meth:`Transport.stop_send_stream`)
 
 
 class Transport(abc.ABC):
@@ -64,6 +75,15 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def cancel_stream(self, peer: int, tag: int) -> None:
         """Abandon the receive stream from ``peer`` with ``tag`` (if still in flight)."""
+
+    @abc.abstractmethod
+    def fail_stream(self, peer: int, tag: int, failure: PeerFailure) -> None:
+        """End the receive stream from ``peer`` with ``tag`` (if still open): cancel what is in
+        flight and call its ``on_error(failure)``."""
+
+    def stop_send_stream(self, peer: int, tag: int) -> None:
+        """Post no more chunks of the send stream to ``peer`` with transport tag ``tag`` (its
+        receiver failed it); chunks in flight complete (the receiver drains them)."""
 
     @abc.abstractmethod
     def progress(self) -> bool:

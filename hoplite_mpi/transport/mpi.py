@@ -8,7 +8,8 @@
 
 The communicator's error handler is ``ERRORS_RETURN`` so that a failed peer raises
 ``MPI.Exception`` here (ULFM: ``MPI_ERR_PROC_FAILED``), which becomes :class:`PeerFailure` for the
-stream concerned; the job goes on.  Dead ranks are learned from ``Comm.Get_failed`` (a local call,
+stream concerned; the job goes on.  Only ULFM's failure classes (PROC_FAILED, PROC_FAILED_PENDING,
+REVOKED) mean a death (``PeerFailure.dead``); any other MPI error fails only that stream.  Dead ranks are learned from ``Comm.Get_failed`` (a local call,
 ~0.3 us, which ULFM updates while MPI is progressed: 10-50 ms after a SIGKILL here) and reported by
 :meth:`MPITransport.failures`; an ``ANY_SOURCE`` probe that reports a failure is acknowledged
 (``Ack_failed``) and repeated; control sends to a dead rank are dropped.
@@ -19,8 +20,10 @@ instead of after its backoff delay.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 import uuid
 from collections import deque
 
@@ -29,6 +32,12 @@ from mpi4py import MPI
 from ..protocol import Tag
 from .base import PeerFailure, Transport
 from .doorbell import make_bell
+
+log = logging.getLogger("hoplite_mpi")
+
+# a receive stream failed by a non-death error keeps matching (and discarding) its sender's
+# messages until none came for this long (the sender posts no new chunks once told; see drains)
+DRAIN_SECONDS = 30.0
 
 
 class _Stream:
@@ -56,6 +65,11 @@ class MPITransport(Transport):
         self.tag_ub = int(comm.Get_attr(MPI.TAG_UB) or 32767)
         self._sends: list = []           # pending control isend requests
         self._streams: list[_Stream] = []
+        # [peer, mpi tag, deadline, [(request, buffer)]]: receive streams that failed for another
+        # reason than a death; what their sender still sends is matched and discarded here, so
+        # no Isend of the sender stays unmatched (it would never complete: a busy engine, and a
+        # pending request at MPI_Finalize)
+        self._drains: list[list] = []
         self._status = MPI.Status()
         key = comm.bcast(uuid.uuid4().hex[:16] if self.rank == 0 else None, root=0)
         hosts = comm.allgather(socket.gethostname())
@@ -151,6 +165,50 @@ class MPITransport(Transport):
                 s.inflight.clear()
                 s.next = len(s.chunks)  # finished: dropped at the next progress()
 
+    def fail_stream(self, peer, tag, failure) -> None:
+        mpi_tag = self.data_tag(tag)
+        for s in self._streams:
+            if not s.send and s.peer == peer and s.tag == mpi_tag:
+                self._streams.remove(s)
+                self._end(s, failure.detail, failure.dead, failure.mpi_error)
+                return
+
+    def stop_send_stream(self, peer, tag) -> None:
+        for s in self._streams:
+            if s.send and s.peer == peer and s.tag == tag:
+                s.chunks = s.chunks[:s.next]    # finishes once the chunks in flight complete
+
+    def _end(self, s: _Stream, detail: str, dead: bool, mpi_error: int = 0) -> None:
+        """Fail stream ``s``; a receive stream that failed for another reason than a death
+        drains its sender's remaining messages (see ``_drains``)."""
+        if not s.send and not dead:
+            # its receives in flight are not cancelled (one already matched would go on writing
+            # into a buffer freed meanwhile): the drain waits for them, keeping their buffers
+            self._drains.append([s.peer, s.tag, time.monotonic() + DRAIN_SECONDS, list(s.inflight)])
+            s.inflight.clear()
+        _fail(s, detail, dead, mpi_error)
+
+    def _drain(self) -> None:
+        now = time.monotonic()
+        status = self._status
+        keep = []
+        for d in self._drains:
+            peer, tag, _, reqs = d
+            reqs[:] = [(r, b) for r, b in reqs if not _done(r)]
+            while peer not in self.failed:
+                try:
+                    msg = self.comm.improbe(peer, tag, status)
+                except MPI.Exception:
+                    break
+                if msg is None:
+                    break
+                buf = bytearray(status.Get_count(MPI.BYTE))
+                reqs.append((msg.Irecv([buf, MPI.BYTE]), buf))
+                d[2] = now + DRAIN_SECONDS
+            if peer not in self.failed and (reqs or now < d[2]):
+                keep.append(d)
+        self._drains = keep
+
     def _drive(self, s: _Stream) -> tuple[bool, bool]:
         """Advance one stream; returns (finished, progressed)."""
         progressed = False
@@ -190,13 +248,23 @@ class MPITransport(Transport):
                 try:
                     finished, moved = self._drive(s)
                 except MPI.Exception as exc:
-                    _fail(s, str(exc))
+                    # only ULFM's failure classes mean the peer is gone; any other MPI error
+                    # (e.g. MPI_ERR_TRUNCATE) fails this stream's objects, not the rank
+                    cls = exc.Get_error_class()
+                    self._end(s, str(exc), dead=cls in _FAILURE_CLASSES, mpi_error=cls)
+                    progressed = True
+                    continue
+                except Exception as exc:   # a callback's bug: fail this stream only
+                    log.exception("rank %d: a stream callback failed", self.rank)
+                    self._end(s, f"{type(exc).__name__}: {exc}", dead=False)
                     progressed = True
                     continue
                 progressed |= moved or finished
                 if not finished:
                     keep.append(s)
             self._streams = keep
+        if self._drains:
+            self._drain()
         return progressed
 
     def busy(self) -> bool:
@@ -252,11 +320,17 @@ def _done(req) -> bool:
         return True
 
 
-def _fail(s: _Stream, detail: str) -> None:
-    """End stream ``s`` because its peer is gone: drop its requests, report the failure."""
+def _fail(s: _Stream, detail: str, dead: bool = True, mpi_error: int = 0) -> None:
+    """End stream ``s`` (its peer is gone, or ``dead=False``: an MPI error that is not a death):
+    drop its requests, report the failure."""
     for req, _ in s.inflight:
         _cancel(req)
-    s.on_error(PeerFailure(s.peer, detail))
+    s.inflight.clear()
+    try:
+        s.on_error(PeerFailure(s.peer, detail, dead, mpi_error, s.tag))
+    except Exception:   # (the engine goes on; the runtime logs its own errors)
+        import logging
+        logging.getLogger("hoplite_mpi").exception("error handler of a stream with rank %d failed", s.peer)
 
 
 def _cancel(req) -> None:
