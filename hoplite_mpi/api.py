@@ -397,7 +397,8 @@ def wait(refs: Sequence[ObjectRef], num_returns: int = 1, timeout: Optional[floa
 
 # --- tasks -----------------------------------------------------------------------------------
 
-_TASK_OPTIONS = ("num_returns", "max_retries", "rank", "name", "inline_threshold", "replicas")
+_TASK_OPTIONS = ("num_returns", "max_retries", "rank", "name", "inline_threshold", "replicas",
+                 "strict_rank")
 
 
 def _check_options(options: dict) -> None:
@@ -415,6 +416,8 @@ def _check_options(options: dict) -> None:
     if rank_ is not None:
         if not isinstance(rank_, int) or isinstance(rank_, bool):
             raise TypeError(f"rank must be an int, got {rank_!r}")
+    if not isinstance(options.get("strict_rank", False), bool):
+        raise TypeError(f"strict_rank must be a bool, got {options['strict_rank']!r}")
     t = options.get("inline_threshold")
     if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 0):
         raise ValueError(f"inline_threshold must be an int >= 0 (bytes), got {t!r}")
@@ -500,7 +503,11 @@ class RemoteFunction:
         intermediate data; default ``Config.inline_threshold``), ``replicas`` (copies of each
         chunked result, made in the background on other ranks and re-made when a holder dies;
         losing ``replicas - 1`` ranks then re-runs nothing; default ``Config.replication``;
-        ValueError at submit if more than the ranks of the job)."""
+        ValueError at submit if more than the ranks of the job), ``strict_rank`` (with ``rank``:
+        default False, pinning is placement: when every copy of a finished result is lost with
+        its rank, lineage re-runs the task on another rank; True: the task may only ever run on
+        ``rank``, and such a result raises ObjectLostError instead).  A pinned task whose rank
+        dies *while it runs* fails with RankLostError either way."""
         _check_options(options)
         other = RemoteFunction(self._fn, {**self._options, **options})
         other._identity = self._identity
@@ -540,6 +547,7 @@ def submit_task(rt: Any, identity: tuple[bytes, bytes], name: str, args: tuple, 
         owner=rt.rank, name=options.get("name", name), rank=options.get("rank"), allowed=allowed,
         max_retries=options.get("max_retries", 3),
         inline_threshold=options.get("inline_threshold"), replicas=options.get("replicas"),
+        strict_rank=bool(options.get("strict_rank", False)),
         init_id=init[0] if init else None,
         init_blob=init[1] if init and init[0] not in sent else None)
     sent.add(fn_id)

@@ -92,6 +92,7 @@ class TaskSpec:
     init_blob: Optional[bytes] = None
     inline_threshold: Optional[int] = None    # results <= this many bytes go in-band (None: config)
     replicas: Optional[int] = None            # copies of each result (None: Config.replication)
+    strict_rank: bool = False                 # lineage re-runs only on ``rank`` (else anywhere)
 
     @property
     def return_ids(self) -> tuple[int, ...]:

@@ -290,8 +290,8 @@ class Scheduler:
         Lineage: the task that made it runs again (same return ids, counted as a retry; its lost
         inputs are reported and rebuilt the same way, and a fetch of the object waits in the
         directory until the new copy is added).  Without lineage (a ``put``, a reduce result),
-        when an input of that task was freed since, or when the task was pinned to a rank that is
-        dead now, the object becomes an error object carrying
+        when an input of that task was freed since, or when the task was pinned with
+        ``strict_rank`` to a rank that is dead now, the object becomes an error object carrying
         :class:`ObjectLostError` (raised by ``get``).  Idempotent while the re-run is pending.
         """
         if object_id in self.producer or object_id in self.deleted:
@@ -302,6 +302,10 @@ class Scheduler:
             (d for d in spec.deps if d not in self.objects and d not in self.producer), None)
         # (a shard may report the loss before rank_lost has run here)
         pinned_dead = spec is not None and self._no_rank_left(spec, self.lost_ranks | {rank})
+        if pinned_dead and not spec.strict_rank:
+            # pinning is placement, not identity: the finished result is rebuilt elsewhere
+            spec = replace(spec, rank=None, allowed=None)
+            pinned_dead = False
         if spec is None or gone is not None or pinned_dead or not self.workers:
             self.lineage.pop(object_id, None)
             error = to_bytes(local_error(ObjectLostError(format_id(object_id), rank)))

@@ -165,3 +165,13 @@ def test_the_driver_dying_ends_every_rank_quickly(tmp_path):
     ranks = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or ())]
     _, alive = psutil.wait_procs(ranks, timeout=10)     # ranks still exiting when mpirun returned
     assert not alive, f"orphan processes: {alive}"
+
+
+def test_a_pinned_result_whose_replica_was_in_flight_is_rebuilt_elsewhere():
+    # issue 10.4: wait() returned, then the maker died before its result's replica was complete;
+    # the reduce of the results must still be exact (the pinned task re-runs on another rank)
+    script = os.path.join(os.path.dirname(__file__), "mpi", "replica_guarantee.py")
+    proc = run_job(4, "-m", "hoplite_mpi", script, timeout=BOUND, ft=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["exact"] and got["dead"] == [2], got

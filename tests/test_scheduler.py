@@ -732,10 +732,10 @@ def test_a_result_whose_task_input_was_freed_cannot_be_rebuilt():
     assert 10 not in s.lineage
 
 
-def test_a_result_of_a_task_pinned_to_a_dead_rank_cannot_be_rebuilt():
+def test_a_result_of_a_task_strictly_pinned_to_a_dead_rank_cannot_be_rebuilt():
     from hoplite_mpi.errors import ObjectLostError
     s = make(workers=(1, 2))
-    a = first(10, rank=1)
+    a = replace(first(10, rank=1), strict_rank=True)
     s.submit(a)
     s.task_done(done(a, 1, big(10, 1, 1 << 20)))
     s.rank_lost(1)
@@ -747,8 +747,23 @@ def test_a_result_of_a_task_pinned_to_a_dead_rank_cannot_be_rebuilt():
 def test_a_shard_reporting_a_loss_before_rank_lost_does_not_rerun_a_task_pinned_there():
     from hoplite_mpi.errors import ObjectLostError
     s = make(workers=(1, 2))
-    a = first(10, rank=1)
+    a = replace(first(10, rank=1), strict_rank=True)
     s.submit(a)
     s.task_done(done(a, 1, big(10, 1, 1 << 20)))
     assert s.object_lost(10, 1)[-1][0] == SHARD              # only the error object's DirAdd
     assert isinstance(rebuild_error(s.completed[-1].inline), ObjectLostError)
+
+
+def test_a_lost_result_of_a_pinned_task_is_rebuilt_on_another_rank():
+    # (issue 10.4) pinning is placement: a finished result whose copies all died (e.g. its
+    # replica was still in flight) is made again elsewhere, unless strict_rank
+    s = make(workers=(1, 2))
+    a = first(10, rank=1)
+    s.submit(a)
+    s.task_done(done(a, 1, big(10, 1, 1 << 20)))
+    s.rank_lost(1)
+    out = s.object_lost(10, 1)
+    (rank, msg), = out
+    assert rank == 2 and msg.spec.task_id == 10 and msg.spec.rank is None
+    s.task_done(done(msg.spec, 2, big(10, 2, 1 << 20)))
+    assert s.completed[-1] == big(10, 2, 1 << 20) and s.stats["rebuilt"] == 1
