@@ -19,7 +19,9 @@ from .protocol import DirAdd, DirDelete, DirLookup, DirPartial, DirPull, DirRepl
 
 Outbox = list  # list[tuple[int, object]]
 
-FREED_MEMORY = 1 << 16   # automatically freed ids a shard remembers (see DirectoryShard.delete)
+# automatically freed ids a shard remembers (see DirectoryShard.delete): a copy registered late
+# races with the free by one message flight, so this is ample; ~80 bytes each, per shard
+FREED_MEMORY = 1 << 14
 
 
 def shard_map(num_ranks: int, replication: int = 1) -> list[tuple[int, ...]]:

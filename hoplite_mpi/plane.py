@@ -298,11 +298,17 @@ class ObjectPlane:
         for source, msg in self._deferred.pop(oid, ()):
             self._on_pull(source, msg)
 
-    def _refuse_deferred(self, oid: int) -> None:
-        self._freed_here.add(oid)
-        if len(self._freed_here) > 1 << 16:
-            self._freed_here.clear()
-        for source, msg in self._deferred.pop(oid, ()):
+    def _refuse_deferred(self, oid: int, held: bool = True) -> None:
+        """``oid`` was freed here: refuse pulls of it waiting for our copy, and later ones.
+        (Only an object this rank ``held`` in its store, or had pulls for, is remembered: no
+        pull ever comes for a small value, and remembering every freed id made a long driver's
+        memory grow by ~80 bytes per task up to the bound.)"""
+        deferred = self._deferred.pop(oid, ())
+        if held or deferred or oid in self._fetching:   # (a fetch here: we may be a sender)
+            self._freed_here.add(oid)
+            if len(self._freed_here) > 1 << 16:
+                self._freed_here.clear()
+        for source, msg in deferred:
             self.send(source, P.PullRefused(oid, msg.tag))
 
     # --- broadcast -------------------------------------------------------------------------

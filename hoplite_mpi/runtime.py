@@ -394,8 +394,8 @@ class Runtime(ObjectPlane):
         self.send(self.shard_ranks(object_id)[0], P.DirLookup(object_id, self.rank))
 
     def _on_free(self, source: int, msg: P.Free) -> None:
-        self.store.delete(msg.object_id)
-        self._refuse_deferred(msg.object_id)
+        held = self.store.delete(msg.object_id) is not None
+        self._refuse_deferred(msg.object_id, held)
         if self.scheduler is None:    # a cached small value (rank 0's copies are the scheduler's)
             self._known.pop(msg.object_id, None)
 
@@ -426,8 +426,8 @@ class Runtime(ObjectPlane):
         ``permanent``: ``hm.delete`` (tombstones answer later lookups); otherwise automatic
         freeing of objects no ref points to any more (no tombstone kept)."""
         for oid in object_ids:
-            self.store.delete(oid)
-            self._refuse_deferred(oid)
+            held = self.store.delete(oid) is not None
+            self._refuse_deferred(oid, held)
             self._known.pop(oid, None)
             if self.scheduler is not None:   # before any later submit is handled
                 if permanent:
