@@ -44,13 +44,14 @@ OPS = {"sum": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum}
 # Floating-point addition and multiplication are treated as associative, as MPI does.
 COMMUTATIVE = frozenset([np.add, np.multiply, np.minimum, np.maximum, np.fmin, np.fmax,
                          np.logical_and, np.logical_or, np.logical_xor, np.bitwise_and,
-                         np.bitwise_or, np.bitwise_xor, np.gcd, np.lcm])
+                         np.bitwise_or, np.bitwise_xor, np.gcd, np.lcm, np.logaddexp,
+                         np.logaddexp2, np.hypot])
 
 
 def resolve_op(op) -> np.ufunc:
     """The numpy ufunc of ``op``: "sum", "prod", "min", "max", or a commutative and associative
     binary ufunc (:data:`COMMUTATIVE`: add, multiply, minimum, maximum, fmin, fmax, logical_and/
-    or/xor, bitwise_and/or/xor, gcd, lcm).
+    or/xor, bitwise_and/or/xor, gcd, lcm, logaddexp, logaddexp2, hypot).
 
     Raises ValueError for an unknown name or an op whose result depends on the order of its
     inputs (np.subtract, np.divide, np.power, ...: the tree combines in arrival order), TypeError

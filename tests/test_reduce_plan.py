@@ -260,7 +260,7 @@ def test_a_late_input_whose_header_differs_is_normalised_by_a_leaf_step():
 
 
 @pytest.mark.parametrize("op", [np.subtract, np.divide, np.power, np.true_divide, np.arctan2,
-                                np.left_shift, np.hypot])
+                                np.left_shift, np.copysign])
 def test_order_dependent_ops_are_refused(op):
     from hoplite_mpi.collectives import resolve_op
     with pytest.raises(ValueError, match="commutative"):
@@ -268,7 +268,7 @@ def test_order_dependent_ops_are_refused(op):
 
 
 @pytest.mark.parametrize("op", ["sum", "prod", "min", "max", np.add, np.logical_xor, np.gcd,
-                                np.bitwise_or, np.fmax])
+                                np.bitwise_or, np.fmax, np.logaddexp, np.hypot])
 def test_commutative_ops_are_accepted(op):
     from hoplite_mpi.collectives import resolve_op
     assert isinstance(resolve_op(op), np.ufunc)
