@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence, Union, overload
 
+import numpy as np
+
 from . import debug
 from .config import Config
 from .errors import HopliteError, NotInitializedError, ObjectDeletedError, SerializationError
@@ -637,6 +639,7 @@ def _collective(refs: Sequence[ObjectRef], op: Any, num: Optional[int], rank_: O
     target = rt.rank if rank_ is None else rank_
     if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target < rt.size:
         raise ValueError(f"rank must be within 0..{rt.size - 1}, got {target!r}")
+    _check_op_now(rt, refs, ufunc, what)
     reduce_id = rt.ids.next(2)
     result_id = reduce_id + 1
     op_blob = pickle.dumps(ufunc)
@@ -651,6 +654,27 @@ def _collective(refs: Sequence[ObjectRef], op: Any, num: Optional[int], rank_: O
         rt.call_soon(rt.send, 0, ReduceRequest(reduce_id, tuple(inputs), op_blob, num, target, allreduce))
         rt.watch(result_id)
     return ref
+
+
+def _check_op_now(rt: Any, refs: Sequence[ObjectRef], ufunc: Any, what: str) -> None:
+    """Raise TypeError at call time if an input known here already has a dtype that ``ufunc``
+    cannot combine in place (otherwise the coordinator fails the result at the first input)."""
+    from .collectives import check_op_dtype
+    for ref in refs:
+        info = rt._info(ref.id) if ref.done() else None   # (a read of engine state: a hint)
+        head = None if info is None or info.error else (
+            info.inline[0] if info.inline is not None else info.head)
+        if head is None or len(info.sizes) != 2:
+            continue
+        try:
+            arr = pickle.loads(head, buffers=[np.empty(info.sizes[1], np.uint8)])
+        except Exception:
+            continue
+        if isinstance(arr, np.ndarray):
+            why = check_op_dtype(ufunc, arr.dtype)
+            if why is not None:
+                raise TypeError(f"{what}() input {ref.hex()}: {why}")
+        return
 
 
 def reduce(refs: Sequence[ObjectRef], op: Any = "sum", num: Optional[int] = None,

@@ -207,15 +207,21 @@ def check_reduce_op_errors_fail_the_reduce_not_the_rank():
     ints = [hm.put(np.arange(1000, dtype=np.int64) + i) for i in range(3)]
     floats = [as_array.options(rank=worker(i)).remote(np.ones(100_000)) for i in range(3)]
     for refs, op in ((floats, np.bitwise_and), (floats, np.gcd), (ints, np.logical_and)):
-        red = hm.reduce(refs, op)
-        try:
-            got = hm.get(red, timeout=T)
+        try:     # (at call time once an input's dtype is known on the driver, else from get)
+            got = hm.get(hm.reduce(refs, op), timeout=T)
         except TypeError as exc:
             assert op.__name__ in str(exc), str(exc)
         else:   # (logical_and into int64 casts bool -> int: allowed, then it must be right)
             assert op is np.logical_and and (got == np.logical_and.reduce(
                 [np.arange(1000) + i for i in range(3)]).astype(np.int64)).all(), got
     assert (hm.get(hm.reduce(ints, "sum"), timeout=T) == sum(np.arange(1000) + i for i in range(3))).all()
+    ready = hm.put(np.ones(100_000))          # its dtype is known on the driver: refused at once
+    try:
+        hm.reduce([ready, floats[0]], np.bitwise_or)
+    except TypeError as exc:
+        assert "bitwise_or" in str(exc) and "float64" in str(exc), str(exc)
+    else:
+        raise AssertionError("reduce accepted bitwise_or on a known float64 input")
     all_ranks_answer()
 
 
