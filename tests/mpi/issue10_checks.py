@@ -8,16 +8,13 @@ that no rank was declared dead: none of these inputs may cost a rank.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
-import json
 import time
-import traceback
 
 import numpy as np
 
 import hoplite_mpi as hm
-from hoplite_mpi.errors import HopliteError, ObjectDeletedError, TransferError
+from hoplite_mpi.errors import HopliteError, ObjectDeletedError
 
 T = 60
 CHECKS = {}
@@ -261,28 +258,14 @@ def check_deleted_small_object_is_not_read_from_a_workers_cache():
             raise AssertionError(f"rank {r} read a deleted small object from its cache")
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", required=True)
-    parser.add_argument("--only", default="")
-    args = parser.parse_args()
-    names = [n for n in args.only.split(",") if n] or list(CHECKS)
-    rt = hm.api._rt()
-    results = []
-    for name in names:
-        t0 = time.monotonic()
-        try:
-            CHECKS[name]()
-            assert not rt.dead, f"ranks declared dead: {sorted(rt.dead)}"
-            results.append({"check": name, "ok": True, "seconds": time.monotonic() - t0})
-        except BaseException:
-            results.append({"check": name, "ok": False, "seconds": time.monotonic() - t0,
-                            "error": traceback.format_exc()})
-        print(f"{name}: {'ok' if results[-1]['ok'] else 'FAILED'} ({time.monotonic() - t0:.2f} s)",
-              flush=True)
-        with open(args.json, "w") as fh:
-            json.dump(results, fh)
+def no_rank_declared_dead():
+    dead = hm.api._rt().dead
+    assert not dead, f"ranks declared dead: {sorted(dead)}"
 
 
 if __name__ == "__main__":
-    main()
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import checkrun
+    checkrun.main(CHECKS, after_each=no_rank_declared_dead)
