@@ -176,6 +176,10 @@ class ObjectRef(cf.Future):
     Hashable (by object id) and picklable: a ref can travel inside task arguments and results.
     """
 
+    # class-level defaults: __del__ must work on a ref whose __init__ did not run to the end
+    _owner: Any = None
+    _escaped = False
+
     def __init__(self, object_id: int, task_id: Optional[int] = None) -> None:
         super().__init__()
         self.id = object_id
@@ -229,7 +233,13 @@ class ObjectRef(cf.Future):
         rt = _runtime
         if rt is None or not rt.cancel(self._task_id):
             return False
-        return super().cancel()
+        if not super().cancel():
+            return self.cancelled()
+        # the task will never run: move to CANCELLED_AND_NOTIFIED at once (what an executor's
+        # worker does when it takes a cancelled work item), else concurrent.futures.wait() and
+        # as_completed() never see this future finish
+        self.set_running_or_notify_cancel()
+        return True
 
 
 def _rebuild_ref(object_id: int) -> ObjectRef:

@@ -7,10 +7,13 @@ root leaves the block).  The futures it returns are :class:`~hoplite_mpi.api.Obj
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import itertools
 import threading
 import time
+import traceback
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import logging
@@ -28,6 +31,26 @@ _SPAWN_KEYWORDS = {"python_exe", "python_args", "mpi_info", "globals", "main", "
 
 def _apply_chunk(fn: Callable, chunk: list) -> list:
     return [fn(*args) for args in chunk]
+
+
+def _left(deadline: Optional[float]) -> Optional[float]:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _take(fut: cf.Future, deadline: Optional[float], chunksize: int) -> list:
+    """The results of one map task, last first (popped one by one, so none is kept)."""
+    value = fut.result(_left(deadline))
+    values = [value] if chunksize == 1 else value[::-1]
+    del value
+    return values
+
+
+def _is_comm(obj: Any) -> bool:
+    try:
+        from mpi4py import MPI
+    except ImportError:   # pragma: no cover (mpi4py is a dependency)
+        return False
+    return isinstance(obj, MPI.Comm)
 
 
 class Executor(cf.Executor):
@@ -52,11 +75,21 @@ class Executor(cf.Executor):
 
     def __init__(self, max_workers: Optional[int] = None, initializer: Optional[Callable] = None,
                  initargs: tuple = (), *, comm: Any = None, root: int = 0, **kwargs: Any) -> None:
+        if comm is None and _is_comm(max_workers):
+            # Executor(comm[, root]): MPICommExecutor's positional form
+            comm, max_workers = max_workers, None
+            if isinstance(initializer, int) and not isinstance(initializer, bool):
+                root, initializer = initializer, None
         if max_workers is not None:
             if not isinstance(max_workers, int) or max_workers <= 0:
                 raise ValueError("max_workers must be greater than 0")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
+        if comm is not None:
+            if not _is_comm(comm) or comm.Is_inter():
+                raise ValueError(f"comm must be an MPI intracommunicator, got {comm!r}")
+            if not isinstance(root, int) or not 0 <= root < comm.Get_size():
+                raise ValueError(f"root must be within 0..{comm.Get_size() - 1}, got {root!r}")
         self._options = {k: v for k, v in kwargs.items() if k not in _SPAWN_KEYWORDS}
         from .config import Config
         Config.from_sources(self._options)   # unknown keywords / bad values fail here, on every rank
@@ -70,9 +103,13 @@ class Executor(cf.Executor):
         self._shutdown = False
         self._broken: Optional[str] = None
         self._owns_runtime = False
+        self._entered = False
         self._entered_as_server = False
         self._init_identity: Optional[tuple[bytes, bytes]] = None
-        self._fn_ids: dict = {}
+        # function -> its pickled identity; weak keys, so the executor does not keep submitted
+        # functions (and what they reference, e.g. a bound method's object) alive
+        self._fn_ids: "weakref.WeakKeyDictionary[Callable, tuple[bytes, bytes]]" = \
+            weakref.WeakKeyDictionary()
         if comm is None:
             if api.is_initialized() and self._options:
                 log.warning("Executor(%s): the runtime is already running; its options stay as they are",
@@ -82,8 +119,16 @@ class Executor(cf.Executor):
     # --- context manager (MPICommExecutor convention) ---------------------------------------
 
     def __enter__(self) -> Optional["Executor"]:
+        """Pool mode: returns this executor.  ``comm`` mode (collective over ``comm``): starts
+        the runtime on ``comm`` unless one is running, returns this executor on ``root`` and
+        ``None`` on the other ranks once the root has left the block (they serve tasks until
+        then).  Each block starts afresh (not shut down, not broken).
+
+        Raises RuntimeError (``comm`` mode) if this executor is already inside a ``with`` block."""
         if self._comm is None:
             return self
+        if self._entered:
+            raise RuntimeError("this executor is already entered (a with block inside its own with block)")
         with api._init_lock:
             if api._runtime is None:
                 rt = api._start(self._comm, self._root, self._options)
@@ -91,21 +136,45 @@ class Executor(cf.Executor):
                 self._owns_runtime = True
             else:
                 rt = api._runtime
+                self._owns_runtime = False
+        self._entered = True
+        with self._lock:
+            self._shutdown = False
+            self._broken = None
         if rt.rank != 0:
             self._entered_as_server = True
-            rt.serve()
-            with api._init_lock:
-                api._runtime = None
+            try:
+                rt.serve()
+            finally:
+                with api._init_lock:
+                    api._runtime = None
+                self._entered = False
             return None
+        self._entered_as_server = False
         return self
 
     def __exit__(self, *exc: Any) -> bool:
         if self._entered_as_server:
             return False
-        self.shutdown(wait=True)
-        if self._owns_runtime:
-            api.shutdown()
+        try:
+            self.shutdown(wait=True)
+            if self._owns_runtime:
+                api.shutdown()
+                self._owns_runtime = False
+        finally:
+            self._entered = False
         return False
+
+    def bootup(self, wait: bool = True) -> "Executor":
+        """Make the executor ready to run tasks and return it (as ``MPIPoolExecutor.bootup``).
+
+        The runtime is started when the executor is made (or entered, in ``comm`` mode), so this
+        only checks the state: ``wait`` is accepted for compatibility and changes nothing.
+        Raises RuntimeError after ``shutdown()``; leaves the executor as it was."""
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot bootup after shutdown")
+        return self
 
     # --- submission -------------------------------------------------------------------------
 
@@ -118,8 +187,11 @@ class Executor(cf.Executor):
         """Submit ``fn(*args, **kwargs)``; returns an ObjectRef (a Future).
 
         Raises RuntimeError after shutdown, BrokenExecutor if the initializer failed, TypeError if
-        ``fn`` is not callable.  A function/argument that cannot be pickled gives a future that
-        fails with SerializationError (as ``concurrent.futures`` delivers pickling errors).
+        ``fn`` is not callable; nothing is submitted then.  If ``fn`` or an argument cannot be
+        pickled, nothing is submitted and the returned future is already failed with the
+        exception pickling raised (as ``concurrent.futures`` / ``mpi4py.futures`` deliver it).
+        The executor keeps no reference to ``fn``, the arguments or the result once the future
+        is done.
         """
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
@@ -131,76 +203,118 @@ class Executor(cf.Executor):
         rt = api._rt()
         name = getattr(fn, "__name__", "task")
         try:
-            identity = self._fn_ids.get(id(fn))
-            if identity is None or identity[0] is not fn:
-                identity = (fn, api._fn_identity(fn, f"function {name}"))
-                self._fn_ids[id(fn)] = identity
+            identity = self._identity(fn, name)
             init = None
             if self._initializer is not None:
                 if self._init_identity is None:
                     self._init_identity = api._fn_identity((self._initializer, self._initargs),
                                                            "the executor's initializer")
                 init = self._init_identity
-            ref = api.submit_task(rt, identity[1], name, args, kwargs, {}, self._allowed(rt), init)
+            ref = api.submit_task(rt, identity, name, args, kwargs, {}, self._allowed(rt), init)
         except SerializationError as exc:
             ref = api.ObjectRef(-1)
-            ref.set_exception(exc)
+            # the pickler's own exception (SerializationError wraps it as __cause__)
+            ref.set_exception(exc.__cause__ if exc.__cause__ is not None else exc)
             return ref
         with self._lock:
             self._pending.add(ref)
         ref.add_done_callback(self._finished)
         return ref
 
+    def _identity(self, fn: Callable, name: str) -> tuple[bytes, bytes]:
+        try:
+            identity = self._fn_ids.get(fn)
+        except TypeError:          # not weak-referenceable / not hashable: no cache
+            identity = None
+        if identity is None:
+            identity = api._fn_identity(fn, f"function {name}")
+            try:
+                self._fn_ids[fn] = identity
+            except TypeError:
+                pass
+        return identity
+
     def _finished(self, ref: "api.ObjectRef") -> None:
         with self._lock:
             self._pending.discard(ref)
-        if not ref.cancelled() and isinstance(ref.exception(), cf.BrokenExecutor):
+        if ref.cancelled():
+            return
+        exc = ref.exception()
+        if isinstance(exc, cf.BrokenExecutor):
             with self._lock:
-                self._broken = str(ref.exception())
+                first = self._broken is None
+                self._broken = str(exc)
+            if first:
+                # as the stdlib pools do when an initializer raises
+                cause = exc.__cause__ if exc.__cause__ is not None else exc
+                logging.getLogger("concurrent.futures").critical(
+                    "Exception in initializer:\n%s",
+                    "".join(traceback.format_exception(type(cause), cause, cause.__traceback__)))
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None,
-            chunksize: int = 1, unordered: bool = False) -> Iterator:
+            chunksize: int = 1, buffersize: Optional[int] = None, unordered: bool = False) -> Iterator:
         """Like ``concurrent.futures.Executor.map``: results in input order (or completion order
         with ``unordered=True``, as in mpi4py.futures).  ``timeout`` (seconds, from this call)
-        raises ``TimeoutError`` from the iterator; ``chunksize`` items go to one task."""
+        raises ``TimeoutError`` from the iterator; ``chunksize`` items go to one task;
+        ``buffersize`` (Python 3.14 / mpi4py 4.1) submits at most that many tasks (chunks) ahead
+        of the results taken from the iterator, reading ``iterables`` lazily.
+
+        Raises (at call time) ValueError for ``chunksize < 1``, ``buffersize < 1`` or
+        ``buffersize`` with ``unordered``; TypeError for a non-int ``buffersize``; the errors of
+        :meth:`submit`.  When the iterator is closed or raises, the tasks not started yet are
+        cancelled.  The iterator keeps no reference to a result it has yielded."""
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None:
+            if not isinstance(buffersize, int) or isinstance(buffersize, bool):
+                raise TypeError("buffersize must be an integer or None")
+            if buffersize < 1:
+                raise ValueError("buffersize must be None or > 0")
+            if unordered:
+                raise ValueError("buffersize cannot be used with unordered=True")
         deadline = None if timeout is None else time.monotonic() + timeout
         items = zip(*iterables)
         if chunksize == 1:
-            futures = [self.submit(fn, *args) for args in items]
+            tasks: Iterator = (self.submit(fn, *args) for args in items)
         else:
-            futures = []
-            while True:
-                chunk = list(itertools.islice(items, chunksize))
-                if not chunk:
-                    break
-                futures.append(self.submit(_apply_chunk, fn, chunk))
+            tasks = (self.submit(_apply_chunk, fn, chunk)
+                     for chunk in iter(lambda: list(itertools.islice(items, chunksize)), []))
+        futures = collections.deque(tasks if buffersize is None else itertools.islice(tasks, buffersize))
 
         def results() -> Iterator:
             try:
-                order = cf.as_completed(futures, timeout=None if deadline is None else
-                                        max(0.0, deadline - time.monotonic())) if unordered else iter(futures)
-                for fut in order:
-                    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    value = fut.result(remaining)
-                    if chunksize == 1:
-                        yield value
-                    else:
-                        yield from value
+                if unordered:
+                    for fut in cf.as_completed(list(futures), timeout=_left(deadline)):
+                        futures.remove(fut)
+                        values = _take(fut, deadline, chunksize)
+                        del fut
+                        while values:
+                            yield values.pop()
+                    return
+                while futures:
+                    values = _take(futures.popleft(), deadline, chunksize)
+                    if buffersize is not None:
+                        futures.extend(itertools.islice(tasks, 1))
+                    while values:
+                        yield values.pop()
             finally:
                 for fut in futures:
                     fut.cancel()
         return results()
 
     def starmap(self, fn: Callable, iterable: Iterable, timeout: Optional[float] = None,
-                chunksize: int = 1, unordered: bool = False) -> Iterator:
+                chunksize: int = 1, buffersize: Optional[int] = None,
+                unordered: bool = False) -> Iterator:
         """``map`` with argument tuples (as ``mpi4py.futures``)."""
-        return self.map(fn, *zip(*iterable), timeout=timeout, chunksize=chunksize, unordered=unordered)
+        return self.map(fn, *zip(*iterable), timeout=timeout, chunksize=chunksize,
+                        buffersize=buffersize, unordered=unordered)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting tasks; with ``cancel_futures`` cancel those not placed yet; with ``wait``
-        wait until this executor's futures are done.  The runtime keeps running."""
+        """Stop accepting tasks (later ``submit`` raises RuntimeError); with ``cancel_futures``
+        cancel this executor's tasks not placed on a worker yet (their futures end cancelled);
+        with ``wait`` return once every future of this executor is done or cancelled.  Running
+        tasks are never interrupted.  The runtime keeps running (in ``comm`` mode it stops when
+        the ``with`` block ends).  Idempotent; raises nothing."""
         with self._lock:
             self._shutdown = True
             pending = list(self._pending)
@@ -212,7 +326,11 @@ class Executor(cf.Executor):
 
     @property
     def num_workers(self) -> int:
-        """Worker ranks this executor may use."""
+        """Worker ranks this executor may use; 0 once it is shut down or broken (as
+        ``MPIPoolExecutor.num_workers``)."""
+        with self._lock:
+            if self._shutdown or self._broken:
+                return 0
         rt = api._rt()
         allowed = self._allowed(rt)
         return len(allowed) if allowed else len(rt.worker_ranks)
