@@ -2,8 +2,10 @@
 and mpi4py's ``demo/futures/test_futures.py``, fetched at test time (nothing third-party is kept
 in this repository).
 
-The same tests also run against ``mpi4py.futures.MPIPoolExecutor`` in the same way (one MPI job
-of 3 ranks each, ``python -m mpi4py.futures`` vs ``python -m hoplite_mpi``, driven by
+The same tests also run against ``mpi4py.futures.MPIPoolExecutor`` in the same way (per
+executor one MPI job of 3 ranks for the pool tests, ``python -m mpi4py.futures`` vs
+``python -m hoplite_mpi``, and one SPMD job of 3 ranks for mpi4py's ``MPICommExecutor`` tests,
+``MPICommExecutor(comm, root)`` vs ``hm.Executor(comm=comm, root=root)``; both driven by
 ``tests/conformance/adapter.py``), and ``hm.Executor`` must pass every test that
 ``MPIPoolExecutor`` passes.  Tests that only apply to the stdlib's pools or read mpi4py's private
 state are excluded in both runs, each with its reason (``adapter.EXCLUDED``).
@@ -110,31 +112,65 @@ def _mpi4py_suite(cache) -> str:
 _runs: dict[str, dict] = {}
 
 
+def _job(args: list, out, env: dict) -> tuple:
+    """One MPI job of the adapter; returns (returncode or None on timeout, output tail)."""
+    try:
+        proc = run_job(RANKS, *args, "--json", str(out), "--test-timeout", str(TEST_TIMEOUT),
+                       timeout=JOB_TIMEOUT, env=env)
+        return proc.returncode, proc.stdout[-3000:] + proc.stderr[-6000:]
+    except pytest.fail.Exception as exc:     # run_job's timeout
+        return None, str(exc)[-9000:]
+
+
+def _read(path) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"results": {}, "running": None, "finished": False}
+
+
+_RANK = {"pass": 0, "skip": 1, "excluded": 1, "fail": 2, "error": 3}
+
+
 def _run(which: str, request, tmp_path_factory) -> dict:
-    """Run every suite test against ``which`` ("hoplite" or "mpi4py") in one MPI job, once."""
+    """Run every suite test against ``which`` ("hoplite" or "mpi4py"), once: the pool tests in
+    one job under ``python -m hoplite_mpi`` / ``python -m mpi4py.futures``, and mpi4py's
+    MPICommExecutor tests in one SPMD job (every rank runs them; a test passes if it passes on
+    every rank)."""
     if which not in _runs:
         cpython = _cpython_suite(request.config.cache)
         mpi4py_demo = _mpi4py_suite(request.config.cache)
-        out = tmp_path_factory.mktemp(f"conformance-{which}") / "results.json"
+        tmp = tmp_path_factory.mktemp(f"conformance-{which}")
         launcher = "hoplite_mpi" if which == "hoplite" else "mpi4py.futures"
         path = os.pathsep.join(p for p in (cpython, mpi4py_demo, os.environ.get("PYTHONPATH")) if p)
+        env = {"PYTHONPATH": path}
         t0 = time.monotonic()
-        try:
-            proc = run_job(RANKS, "-m", launcher, ADAPTER, "--executor", which, "--json", str(out),
-                           "--cpython", cpython, "--mpi4py", mpi4py_demo,
-                           "--test-timeout", str(TEST_TIMEOUT),
-                           timeout=JOB_TIMEOUT, env={"PYTHONPATH": path})
-            returncode, output = proc.returncode, proc.stdout[-3000:] + proc.stderr[-6000:]
-        except pytest.fail.Exception as exc:     # run_job's timeout
-            returncode, output = None, str(exc)[-9000:]
-        state = json.loads(out.read_text()) if out.exists() else {"results": {}, "running": None,
-                                                                  "finished": False}
+        rc1, out1 = _job(["-m", launcher, ADAPTER, "--executor", which, "--cpython", cpython,
+                          "--mpi4py", mpi4py_demo], tmp / "pool.json", env)
+        rc2, out2 = _job([ADAPTER, "--spmd", "--executor", which, "--mpi4py", mpi4py_demo],
+                         tmp / "spmd.json", env)
+        seconds = round(time.monotonic() - t0, 1)
+        pool = _read(tmp / "pool.json")
+        results = dict(pool["results"])
+        running = [pool["running"]] if pool["running"] else []
+        finished = pool["finished"]
+        for r in range(RANKS):
+            rank = _read(f"{tmp / 'spmd.json'}.rank{r}")
+            finished = finished and rank["finished"]
+            if rank["running"]:
+                running.append(f"{rank['running']} (rank {r})")
+            for test_id, rec in rank["results"].items():
+                old = results.get(test_id)
+                if old is None or _RANK.get(rec["outcome"], 3) > _RANK.get(old["outcome"], 3):
+                    results[test_id] = dict(rec, detail=f"rank {r}: {rec['detail']}")
         counts: dict[str, int] = {}
-        for rec in state["results"].values():
+        for rec in results.values():
             counts[rec["outcome"]] = counts.get(rec["outcome"], 0) + 1
-        _runs[which] = dict(state, returncode=returncode, output=output, counts=counts,
-                            seconds=round(time.monotonic() - t0, 1))
-        print(f"\nconformance {which}: {counts} in {_runs[which]['seconds']} s", file=sys.stderr)
+        returncode = rc1 if rc1 != 0 else rc2
+        _runs[which] = dict(results=results, running=running, finished=finished,
+                            returncode=returncode, output=f"{out1}\n--- SPMD job:\n{out2}",
+                            counts=counts, seconds=seconds)
+        print(f"\nconformance {which}: {counts} in {seconds} s", file=sys.stderr)
     return _runs[which]
 
 

@@ -2,6 +2,7 @@
 
     mpirun -n 3 python -m hoplite_mpi   adapter.py --executor hoplite --json OUT --cpython DIR --mpi4py DIR
     mpirun -n 3 python -m mpi4py.futures adapter.py --executor mpi4py  --json OUT --cpython DIR --mpi4py DIR
+    mpirun -n 3 python adapter.py --spmd --executor hoplite|mpi4py --json OUT --mpi4py DIR
 
 DIR for ``--cpython`` holds CPython's ``test_concurrent_futures.py`` (3.11, one file); DIR for
 ``--mpi4py`` is ``demo/futures`` of an unpacked mpi4py sdist (its ``test_futures.py`` finds
@@ -12,7 +13,9 @@ The same test classes run for both executors (so the counts can be compared): CP
 executor mixins (``ExecutorTest``, ``WaitTests``, ...), combined with a mixin whose
 ``executor_type`` is the executor under test, and mpi4py's ``ProcessPool*`` / ``MPICommExecutor``
 tests, with ``mpi4py.futures.MPIPoolExecutor`` / ``MPICommExecutor`` replaced by
-``hoplite_mpi.Executor`` for ``--executor hoplite``.  Tests that only make sense for the stdlib's
+``hoplite_mpi.Executor`` for ``--executor hoplite``.  With ``--spmd`` every rank runs mpi4py's
+``MPICommExecutorTest`` (``MPICommExecutor(comm, root)`` blocks entered by every rank of
+``COMM_WORLD``, so also its root/communicator tests that a shared pool skips).  Tests that only make sense for the stdlib's
 pools or read mpi4py's private state are skipped as "excluded: <reason>" in both runs
 (:data:`EXCLUDED`).  Each test's outcome is written to OUT (JSON) as soon as it ends, and a test
 that runs longer than ``--test-timeout`` seconds ends the job (its threads' stacks go to stderr)
@@ -72,6 +75,7 @@ EXCLUDED = {
     "mpi4py:ProcessPoolInitTest.test_get_comm_workers":
         "mpi4py.futures.get_comm_workers() is mpi4py's API for tasks (the pool's communicator)",
     "mpi4py:MPICommExecutorTest.test_get_comm_workers": "mpi4py.futures.get_comm_workers()",
+    "mpi4py-spmd:MPICommExecutorTest.test_get_comm_workers": "mpi4py.futures.get_comm_workers()",
     "mpi4py:ProcessPoolInitTest.test_run_name":
         "checks mpi4py's name for the main module on workers (futures._core.MAIN_RUN_NAME)",
     "mpi4py:ProcessPoolPickleTest.test_exc_unpickle":
@@ -113,10 +117,10 @@ class _FuturesProxy(types.ModuleType):
         return getattr(self._real, name)
 
 
-def _load_mpi4py(which: str) -> list[type]:
+def _load_mpi4py(which: str, spmd: bool = False) -> list[type]:
     from mpi4py import futures
     real_pool = futures._core.SharedPool
-    if which == "hoplite":
+    if which == "hoplite" and not spmd:
         # run mpi4py's tests as under `python -m mpi4py.futures` (a shared pool): their skip
         # conditions then match the MPIPoolExecutor run exactly
         futures._core.SharedPool = object()
@@ -134,9 +138,12 @@ def _load_mpi4py(which: str) -> list[type]:
 
         mod.futures = _FuturesProxy(futures, MPIPoolExecutor=hm.Executor,
                                     MPICommExecutor=comm_executor)
-        mod.ProcessPoolMixin.executor_type = hm.Executor
-        mod.SharedPoolInitTest.executor_type = hm.Executor
+        for cls_name in ("ProcessPoolMixin", "SharedPoolInitTest"):   # (deleted in SPMD runs)
+            if hasattr(mod, cls_name):
+                getattr(mod, cls_name).executor_type = hm.Executor
         mod.MPICommExecutorTest.MPICommExecutor = staticmethod(comm_executor)
+    if spmd:
+        return [type("MPICommExecutorTest", (mod.MPICommExecutorTest,), {"__module__": "mpi4py-spmd"})]
     out = []
     for name, obj in vars(mod).items():
         if isinstance(obj, type) and issubclass(obj, unittest.TestCase) and obj.__module__ == mod.__name__:
@@ -218,7 +225,13 @@ def main() -> int:
     ap.add_argument("--mpi4py", help="demo/futures directory of the mpi4py sdist")
     ap.add_argument("--test-timeout", type=float, default=90.0)
     ap.add_argument("-k", action="append", default=[], help="only tests whose id contains this")
+    ap.add_argument("--spmd", action="store_true",
+                    help="every rank runs mpi4py's MPICommExecutorTest (plain `mpirun python "
+                         "adapter.py`, no pool launcher); each rank writes JSON.rank<r>")
     args = ap.parse_args()
+    if args.spmd:
+        from mpi4py import MPI
+        args.json = f"{args.json}.rank{MPI.COMM_WORLD.Get_rank()}"
     for d in (args.cpython, args.mpi4py):
         if d and d not in sys.path:
             sys.path.insert(0, d)
@@ -228,10 +241,10 @@ def main() -> int:
     else:
         from mpi4py.futures import MPIPoolExecutor as executor_type
     classes = []
-    if args.cpython:
+    if args.cpython and not args.spmd:
         classes += _load_cpython(executor_type)
     if args.mpi4py:
-        classes += _load_mpi4py(args.executor)
+        classes += _load_mpi4py(args.executor, args.spmd)
     loader = unittest.TestLoader()
     suite = unittest.TestSuite()
     for cls in classes:
