@@ -179,6 +179,7 @@ class ObjectRef(cf.Future):
     # class-level defaults: __del__ must work on a ref whose __init__ did not run to the end
     _owner: Any = None
     _escaped = False
+    _original_errors = False     # (Executor futures) fail with a pickling error's own exception
 
     def __init__(self, object_id: int, task_id: Optional[int] = None) -> None:
         super().__init__()
@@ -221,6 +222,11 @@ class ObjectRef(cf.Future):
         self.set_result(_READY)
 
     def _set_failed(self, exc: BaseException) -> None:
+        if self._original_errors and isinstance(exc, SerializationError) and exc.original is not None:
+            # a return value that could not be pickled: concurrent.futures gives the pickler's
+            # own exception (the remote traceback stays attached as __cause__)
+            exc.original.__cause__ = exc.__cause__
+            exc = exc.original
         self.set_exception(exc)
 
     def result(self, timeout: Optional[float] = None) -> Any:
@@ -253,10 +259,14 @@ def _rebuild_ref(object_id: int) -> ObjectRef:
     return interned
 
 
-def _new_refs(rt: Any, first_id: int, n: int, task_id: Optional[int]) -> list[ObjectRef]:
+def _new_refs(rt: Any, first_id: int, n: int, task_id: Optional[int],
+              original_errors: bool = False) -> list[ObjectRef]:
     refs = []
     for oid in range(first_id, first_id + n):
-        ref = rt.register_ref(ObjectRef(oid, task_id))
+        ref = ObjectRef(oid, task_id)
+        if original_errors:
+            ref._original_errors = True
+        ref = rt.register_ref(ref)
         if rt.scheduler is None:      # not the driver: learn readiness from the directory
             rt.watch(oid)
         else:
@@ -538,9 +548,11 @@ class RemoteFunction:
 
 def submit_task(rt: Any, identity: tuple[bytes, bytes], name: str, args: tuple, kwargs: dict,
                 options: dict, allowed: Optional[tuple[int, ...]] = None,
-                init: Optional[tuple[bytes, bytes]] = None) -> Any:
+                init: Optional[tuple[bytes, bytes]] = None, original_errors: bool = False) -> Any:
     """Build a TaskSpec and hand it to the scheduler; returns the ref(s).  ``options`` were
-    checked by :func:`_check_options` already; only the pinned rank is checked here."""
+    checked by :func:`_check_options` already; only the pinned rank is checked here.
+    ``original_errors`` (Executor): a return value that cannot be pickled fails the ref with
+    the pickler's own exception instead of SerializationError."""
     pinned = options.get("rank")
     if pinned is not None and pinned not in rt.worker_ranks:
         raise ValueError(f"rank={pinned} is not a worker rank (worker ranks: {list(rt.worker_ranks)})")
@@ -565,7 +577,7 @@ def submit_task(rt: Any, identity: tuple[bytes, bytes], name: str, args: tuple, 
     sent.add(fn_id)
     if init:
         sent.add(init[0])
-    refs = _new_refs(rt, task_id, num_returns, task_id)
+    refs = _new_refs(rt, task_id, num_returns, task_id, original_errors)
     rt.submit(spec)
     del keep   # released after the submit: the scheduler now counts the task's use of them
     return refs[0] if num_returns == 1 else refs

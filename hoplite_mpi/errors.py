@@ -7,6 +7,7 @@ Every error a user can see derives from :class:`HopliteError`, except the standa
 from __future__ import annotations
 
 import concurrent.futures
+import pickle
 
 __all__ = [
     "HopliteError",
@@ -44,7 +45,28 @@ class SerializationError(HopliteError, TypeError):
     pickling error is chained as ``__cause__``.  Raised at call time by ``f.remote(...)`` and
     ``put``; delivered through the returned future by ``Executor.submit``.  Nothing was sent,
     so no other task or object is affected.
+
+    ``__cause__`` does not survive pickling, so when this error travels to another rank (a
+    return value that could not be pickled) the pickling error goes along as :attr:`original`,
+    if it can be pickled itself (else ``original`` is None).
     """
+
+    original: "BaseException | None" = None
+
+    def __reduce__(self):
+        original = self.original if self.original is not None else self.__cause__
+        if original is not None:
+            try:
+                pickle.dumps(original)
+            except Exception:
+                original = None
+        return (_rebuild_serialization_error, (self.args, original))
+
+
+def _rebuild_serialization_error(args: tuple, original: "BaseException | None") -> SerializationError:
+    exc = SerializationError(*args)
+    exc.original = original
+    return exc
 
 
 class ObjectDeletedError(HopliteError, KeyError):

@@ -189,7 +189,9 @@ class Executor(cf.Executor):
         Raises RuntimeError after shutdown, BrokenExecutor if the initializer failed, TypeError if
         ``fn`` is not callable; nothing is submitted then.  If ``fn`` or an argument cannot be
         pickled, nothing is submitted and the returned future is already failed with the
-        exception pickling raised (as ``concurrent.futures`` / ``mpi4py.futures`` deliver it).
+        exception pickling raised (as ``concurrent.futures`` / ``mpi4py.futures`` deliver it);
+        a return value that cannot be pickled fails the future with the pickler's exception
+        too (remote traceback as ``__cause__``).
         The executor keeps no reference to ``fn``, the arguments or the result once the future
         is done.
         """
@@ -210,7 +212,8 @@ class Executor(cf.Executor):
                     self._init_identity = api._fn_identity((self._initializer, self._initargs),
                                                            "the executor's initializer")
                 init = self._init_identity
-            ref = api.submit_task(rt, identity, name, args, kwargs, {}, self._allowed(rt), init)
+            ref = api.submit_task(rt, identity, name, args, kwargs, {}, self._allowed(rt), init,
+                                  original_errors=True)
         except SerializationError as exc:
             ref = api.ObjectRef(-1)
             # the pickler's own exception (SerializationError wraps it as __cause__)

@@ -45,12 +45,7 @@ ADAPTER = os.path.join(HERE, "conformance", "adapter.py")
 
 # Tests MPIPoolExecutor passes and hm.Executor does not yet, with why.  Listed, not excluded: they
 # still run and are reported; test_known_gaps_still_fail fails once one passes (then remove it).
-KNOWN_GAPS = {
-    "mpi4py:ProcessPoolPickleTest.test_bad_pickle":
-        "a return value whose pickling raises ZeroDivisionError: hm delivers SerializationError "
-        "(documented for @remote); the original exception needs a worker-side change "
-        "(hoplite_mpi/worker.py ships the SerializationError, whose __cause__ does not cross ranks)",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 # --- fetching the suites --------------------------------------------------------------------

@@ -129,6 +129,34 @@ def check_unpicklable_argument_gives_original_error():
     ex.shutdown()
 
 
+class BadReturn:
+    def __reduce__(self):
+        raise ZeroDivisionError("cannot pickle this result")
+
+
+def _bad_return():
+    return BadReturn()
+
+
+@check
+def check_unpicklable_result_gives_original_error():
+    # was: the future failed with hm.SerializationError (MPIPoolExecutor gives the pickler's error)
+    ex = hm.Executor()
+    exc = ex.submit(_bad_return).exception(timeout=T)
+    assert type(exc) is ZeroDivisionError, repr(exc)
+    assert isinstance(exc.__cause__, hm.RemoteTraceback), repr(exc.__cause__)
+    assert ex.submit(abs, -4).result(timeout=T) == 4
+    ex.shutdown()
+    # @remote keeps its documented SerializationError
+    ref = hm.remote(_bad_return).remote()
+    try:
+        hm.get(ref, timeout=T)
+    except hm.SerializationError as err:
+        assert isinstance(err.original, ZeroDivisionError), repr(err.original)
+    else:
+        raise AssertionError("get of an unpicklable result did not raise")
+
+
 @check
 def check_bootup_and_num_workers():
     ex = hm.Executor(max_workers=1)
