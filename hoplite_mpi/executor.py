@@ -61,12 +61,15 @@ class Executor(cf.Executor):
         initializer: called with ``*initargs`` once on each worker rank before its first task of
             this executor.  If it raises, that task and every later one fail with
             ``concurrent.futures.BrokenExecutor`` and ``submit`` raises it.
-        comm, root: ``MPICommExecutor`` mode (use as a context manager on every rank of ``comm``).
+        comm, root: ``MPICommExecutor`` mode (use as a context manager on every rank of ``comm``);
+            ``Executor(comm, root)``, MPICommExecutor's positional form, means the same.
         **kwargs: runtime options (see ``Config``) when this executor starts the runtime, and the
             spawn-only keywords of ``MPIPoolExecutor`` (accepted, ignored).
 
     Raises:
-        ValueError: ``max_workers <= 0``.  TypeError: ``initializer`` not callable, unknown keyword.
+        ValueError: ``max_workers <= 0``; ``comm`` not an intracommunicator or ``root`` not one
+            of its ranks.  TypeError: ``initializer`` not callable, unknown keyword.
+        Nothing is started when the constructor raises.
 
     Several executors may be alive at once; ``shutdown()`` of one waits for (or cancels) its own
     futures only and leaves the runtime running, except in ``comm`` mode where the executor owns
