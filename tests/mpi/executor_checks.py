@@ -7,13 +7,10 @@ hanging the job.  Results: one JSON object per check, rewritten after each check
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import gc
-import json
 import threading
 import time
-import traceback
 import weakref
 
 from mpi4py import MPI
@@ -202,26 +199,9 @@ def check_comm_executor_positional_and_nesting():
             raise AssertionError(f"root={root} accepted for COMM_SELF")
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", required=True)
-    parser.add_argument("--only", default="")
-    args = parser.parse_args()
-    names = [n for n in args.only.split(",") if n] or list(CHECKS)
-    results = []
-    for name in names:
-        t0 = time.monotonic()
-        try:
-            CHECKS[name]()
-            results.append({"check": name, "ok": True, "seconds": time.monotonic() - t0})
-        except BaseException:
-            results.append({"check": name, "ok": False, "seconds": time.monotonic() - t0,
-                            "error": traceback.format_exc()})
-        print(f"{name}: {'ok' if results[-1]['ok'] else 'FAILED'} ({time.monotonic() - t0:.2f} s)",
-              flush=True)
-        with open(args.json, "w") as fh:
-            json.dump(results, fh)
-
-
 if __name__ == "__main__":
-    main()
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import checkrun
+    checkrun.main(CHECKS)
