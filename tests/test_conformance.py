@@ -96,7 +96,10 @@ def _mpi4py_suite(cache) -> str:
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         members = [m for m in tar.getmembers()
                    if m.name.startswith((f"mpi4py-{version}/demo/futures/", f"mpi4py-{version}/test/"))]
-        tar.extractall(root, members=members, filter="data")
+        if hasattr(tarfile, "data_filter"):     # Python >= 3.10.12 / 3.11.4
+            tar.extractall(root, members=members, filter="data")
+        else:
+            tar.extractall(root, members=[m for m in members if m.isfile() or m.isdir()])
     if not (demo / "test_futures.py").is_file():
         pytest.skip(f"{name} has no demo/futures/test_futures.py")
     return str(demo)
@@ -105,6 +108,7 @@ def _mpi4py_suite(cache) -> str:
 # --- the two runs -----------------------------------------------------------------------------
 
 _runs: dict[str, dict] = {}
+_unavailable: list[str] = []      # why the suites cannot be had, once known
 
 
 def _job(args: list, out, env: dict) -> tuple:
@@ -132,9 +136,15 @@ def _run(which: str, request, tmp_path_factory) -> dict:
     one job under ``python -m hoplite_mpi`` / ``python -m mpi4py.futures``, and mpi4py's
     MPICommExecutor tests in one SPMD job (every rank runs them; a test passes if it passes on
     every rank)."""
+    if _unavailable:                 # (found once: do not try to download again per test)
+        pytest.skip(_unavailable[0])
     if which not in _runs:
-        cpython = _cpython_suite(request.config.cache)
-        mpi4py_demo = _mpi4py_suite(request.config.cache)
+        try:
+            cpython = _cpython_suite(request.config.cache)
+            mpi4py_demo = _mpi4py_suite(request.config.cache)
+        except pytest.skip.Exception as exc:
+            _unavailable.append(str(exc))
+            raise
         tmp = tmp_path_factory.mktemp(f"conformance-{which}")
         launcher = "hoplite_mpi" if which == "hoplite" else "mpi4py.futures"
         path = os.pathsep.join(p for p in (cpython, mpi4py_demo, os.environ.get("PYTHONPATH")) if p)
