@@ -46,7 +46,11 @@ def _setup_logging(config: Config, rank: int) -> None:
 
 
 def _start(comm: Any, root: int, options: dict) -> Any:
-    """Create and start the runtime on a private copy of ``comm`` (collective over ``comm``)."""
+    """Create and start the runtime on a private copy of ``comm`` (collective over ``comm``).
+
+    The runtime is published as this process's (``_runtime``) before its engine starts: a task
+    the engine runs at once may call the API (``hm.rank()``, ``hm.get``, ``f.remote``)."""
+    global _runtime
     from mpi4py import MPI
 
     from .runtime import Runtime
@@ -66,6 +70,8 @@ def _start(comm: Any, root: int, options: dict) -> Any:
     if rt.rank == 0 and rt.size > 1 and not rt.transport.ft:
         from .transport.mpi import ulfm_status
         log.warning("rank-loss tolerance: %s", ulfm_status())
+    with _init_lock:
+        _runtime = rt
     return rt.start()
 
 
@@ -90,7 +96,6 @@ def init(comm: Any = None, **options: Any) -> None:
         if _runtime is not None:
             return
         rt = _start(comm, 0, options)
-        _runtime = rt
     debug.install(rt)        # kill -USR1 / -USR2 <pid>: where this rank is (hoplite_mpi/debug.py)
     if rt.rank == 0:
         atexit.register(_finalize_after_rank_loss)   # (runs after shutdown: atexit is LIFO)
