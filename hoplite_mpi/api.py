@@ -103,12 +103,12 @@ def init(comm: Any = None, **options: Any) -> None:
         return
     rt.serve()
     _runtime = None
-    if rt.dead:
+    if rt.dead or rt.unclean:
         _exit_now(0)
     sys.exit(0)
 
 
-_ranks_died = False   # the driver saw a rank die (set by shutdown)
+_ranks_died = False   # the driver saw a rank die, or did not shut down cleanly (set by shutdown)
 
 
 def _exit_now(status: int) -> None:
@@ -144,7 +144,7 @@ def shutdown() -> None:
         _runtime = None
     rt.shutdown()
     global _ranks_died
-    _ranks_died = _ranks_died or bool(rt.dead)
+    _ranks_died = _ranks_died or bool(rt.dead) or rt.unclean
 
 
 def is_initialized() -> bool:

@@ -99,10 +99,12 @@ class Runtime(ObjectPlane):
         self.reduced: dict[int, list[int]] = {}            # rank 0: result id -> inputs used
         self._next_tag = 0
         self.sent_blobs: set = set()   # function ids already sent to the scheduler from here
-        self._acks: set[int] = set()
-        self._all_acked = threading.Event()
-        self.stopped = threading.Event()
+        self._closing = False          # (engine) Shutdown sent or received: quiescing
+        self._goodbyes: set[int] = set()   # ranks whose last message (Shutdown/ShutdownAck) came
+        self.stopped = threading.Event()   # the engine thread has ended
         self.closed = False
+        self.unclean = False    # the engine did not quiesce: MPI_Finalize could hang, exit without
+        self._waiters: "weakref.WeakSet[Future]" = weakref.WeakSet()   # failed at shutdown
         self.stats = defaultdict(int)
         # refs of this process, to complete when their object becomes ready
         self._refs: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
@@ -135,8 +137,8 @@ class Runtime(ObjectPlane):
             P.ObjectLost: self._on_object_lost,
             P.Heartbeat: lambda src, m: None,          # (any message counts as a sign of life)
             P.MemberDown: self._on_member_down,
-            P.Shutdown: lambda src, m: self._on_shutdown(src),
-            P.ShutdownAck: self._on_shutdown_ack,
+            P.Shutdown: lambda src, m: self._begin_close(),
+            P.ShutdownAck: lambda src, m: self._begin_close(),
         }
         self._engine = threading.Thread(target=self._loop, name=f"hoplite-engine-{self.rank}", daemon=True)
         self._notifier = threading.Thread(target=self._notify_loop, name="hoplite-notify", daemon=True)
@@ -149,16 +151,18 @@ class Runtime(ObjectPlane):
     # --- threads -> engine -------------------------------------------------------------------
 
     def call_soon(self, fn: Callable, *args: Any) -> None:
-        """Run ``fn(*args)`` on the engine thread (thread-safe, returns at once)."""
-        if self.closed:
+        """Run ``fn(*args)`` on the engine thread (thread-safe, returns at once).  Raises
+        RuntimeShutdownError once the runtime is shutting down (the engine runs no more calls)."""
+        if self._closing or self.closed:
             raise RuntimeShutdownError("the hoplite_mpi runtime is shut down")
         self._calls.put((fn, args))
         if self._sleeping:
             self.transport.wake()
 
     def call(self, fn: Callable, *args: Any, timeout: float | None = None) -> Any:
-        """Run ``fn(*args)`` on the engine thread and wait for its return value."""
-        fut: Future = Future()
+        """Run ``fn(*args)`` on the engine thread and wait for its return value (raises
+        RuntimeShutdownError if the runtime shuts down first)."""
+        fut = self.waiter()
 
         def run():
             try:
@@ -167,6 +171,13 @@ class Runtime(ObjectPlane):
                 fut.set_exception(exc)
         self.call_soon(run)
         return fut.result(timeout)
+
+    def waiter(self) -> Future:
+        """A Future that a thread may wait on without a timeout: if the runtime shuts down
+        before it completes, it fails with RuntimeShutdownError (so the thread returns)."""
+        fut: Future = Future()
+        self._waiters.add(fut)
+        return fut
 
     def shard_ranks(self, object_id: int) -> tuple[int, ...]:
         """Live ranks of the object's directory shard; when all its replicas died, the next live
@@ -192,7 +203,7 @@ class Runtime(ObjectPlane):
         beat = min(self.config.heartbeat, self.config.heartbeat_timeout / 4)
         next_beat = last_active + beat
         try:
-            while not self.stopped.is_set():
+            while not self._closing:
                 active = False
                 while True:
                     try:
@@ -201,14 +212,25 @@ class Runtime(ObjectPlane):
                         break
                     self._guarded(fn, *args)
                     active = True
-                for source, batch in transport.receive():
+                    if self._closing:          # (this call was the driver's shutdown)
+                        break
+                # (once closing, this rank's last messages are out: nothing below may send more)
+                for source, batch in ([] if self._closing else transport.receive()):
                     active = True
                     if source in self.dead:    # declared dead (hung): whatever it still says is void
                         continue
+                    if self._closing:          # (a Shutdown earlier in this round)
+                        self._note_goodbye(source, batch)
+                        continue
                     if heard is not None:
                         heard[source] = time.monotonic()   # any batch is a sign of life
-                    for msg in batch:
+                    for i, msg in enumerate(batch):
                         self._handle(source, msg)
+                        if self._closing:      # nothing after a Shutdown is acted on
+                            self._note_goodbye(source, batch[i:])
+                            break
+                if self._closing:
+                    break
                 for rank in transport.failures():
                     active = True
                     self._guarded(self._rank_lost, rank)
@@ -220,8 +242,12 @@ class Runtime(ObjectPlane):
                 # time (a request answered by this rank's own shard) then cannot keep the engine
                 # from MPI, heartbeats and death notices
                 for _ in range(len(self._local)):
+                    if self._closing:
+                        break
                     active = True
                     self._handle(self.rank, self._local.popleft())
+                if self._closing:
+                    break
                 if transport.progress():
                     active = True
                 self._flush()
@@ -239,11 +265,13 @@ class Runtime(ObjectPlane):
                     if self._calls.empty() and transport.wait(delay):
                         last_active = time.monotonic()   # rung: the message may lag its doorbell
                     self._sleeping = False
+            self._quiesce()
         except BaseException:
             log.exception("rank %d: progress engine failed", self.rank)
+            self.unclean = True
             raise
         finally:
-            self._flush()
+            self.stopped.set()
 
     def _handle(self, source: int, msg: Any) -> None:
         self.stats[type(msg).__name__] += 1
@@ -494,7 +522,10 @@ class Runtime(ObjectPlane):
             infos.append(info)
             if info.inline is None:
                 stored.append((oid, frames))
-        self.call_soon(self._report, spec, tuple(infos), stored)
+        try:
+            self.call_soon(self._report, spec, tuple(infos), stored)
+        except RuntimeShutdownError:    # the job ended while the task ran: nobody wants it
+            pass
 
     def _report(self, spec: P.TaskSpec, infos: tuple, stored: list) -> None:
         for oid, frames in stored:
@@ -675,7 +706,6 @@ class Runtime(ObjectPlane):
             for token, (remaining, errors, done) in list(self._broadcasts.items()):
                 if rank in remaining:
                     self._on_fetched(rank, P.Fetched(token, rank))   # a dead target needs nothing
-            self._check_acks()
 
     def _shard_primary(self, shard: int) -> int:
         """The rank that answers requests for ``shard`` now (-1 if all its ranks are dead)."""
@@ -720,6 +750,23 @@ class Runtime(ObjectPlane):
                 self.send(self.shard_ranks(oid)[0], P.DirLookup(oid, self.rank))
 
     # --- shutdown --------------------------------------------------------------------------
+    #
+    # A rank may free the communicator (and later call MPI_Finalize) only when no message to it
+    # is still on its way and none of its own is unfinished: under ULFM, a message that arrives
+    # for a communicator its receiver has already freed (e.g. a Free that a shard sent while
+    # handling a deletion just before its Shutdown) left MPI_Finalize's barrier hanging on
+    # every rank.  So shutdown is a barrier-free handshake over the runtime's communicator:
+    #
+    #   driver:  Shutdown -> every live rank, then quiesce
+    #   others:  on Shutdown, ShutdownAck -> every other live rank, then quiesce
+    #   quiesce: send nothing more; cancel posted receives; receive and drop every message (any
+    #            tag) until each live peer's last message (its Shutdown/ShutdownAck) has come and
+    #            every own send has completed
+    #
+    # MPI's non-overtaking order (one source, one communicator, a receive matching any tag) means
+    # nothing from a peer can follow its last message.  Ranks that die meanwhile are not waited
+    # for.  If a peer never answers (hung), the rank gives up after ``Config.shutdown_timeout``
+    # and is marked ``unclean`` (the process then exits without MPI_Finalize).
 
     def serve(self) -> None:
         """Block until the driver shuts the runtime down (worker ranks)."""
@@ -727,46 +774,88 @@ class Runtime(ObjectPlane):
         self._close()
 
     def shutdown(self) -> None:
-        """Driver: stop every rank (waits up to ``Config.shutdown_timeout`` for their acks)."""
+        """Driver: stop every rank; returns once this rank has quiesced (see above) or after
+        ``Config.shutdown_timeout``.  Threads waiting on this runtime get RuntimeShutdownError."""
         if self.closed:
             return
-        others = set(range(self.size)) - {self.rank} - self.dead
-        if not others:
-            self._all_acked.set()
-        self.call_soon(self._send_all, [(r, P.Shutdown()) for r in others])
-        if self._engine.is_alive():
-            self._all_acked.wait(self.config.shutdown_timeout)
-        others -= self.dead
-        if not others <= self._acks:
-            log.warning("rank 0: ranks %s did not acknowledge shutdown", sorted(others - self._acks))
-        self.stopped.set()
+        try:
+            self.call_soon(self._begin_close)
+        except RuntimeShutdownError:
+            pass
         self._close()
 
-    def _on_shutdown_ack(self, source: int, msg: P.ShutdownAck) -> None:
-        self._acks.add(source)
-        self._check_acks()
-
-    def _check_acks(self) -> None:
-        if len(self._acks | self.dead) >= self.size - 1:
-            self._all_acked.set()
-
-    def _on_shutdown(self, source: int) -> None:
+    def _begin_close(self) -> None:
+        """(engine) The driver ends the job (rank 0: the user called shutdown; others: its
+        Shutdown, or a peer's ShutdownAck that overtook it, arrived): send this rank's last
+        message to every live peer and stop the engine loop (:meth:`_quiesce` follows)."""
+        if self._closing:
+            return
+        last = P.Shutdown() if self.rank == 0 else P.ShutdownAck(self.rank)
+        for rank in range(self.size):
+            if rank != self.rank and rank not in self.dead:
+                self.send(rank, last)
+        self._local.clear()
         if self.worker is not None:
             self.worker.close()
-        self.send(source, P.ShutdownAck(self.rank))
         self._flush()
-        self.stopped.set()
+        self._closing = True
+
+    def _note_goodbye(self, source: int, batch: list) -> None:
+        if any(type(m) in (P.Shutdown, P.ShutdownAck) for m in batch):
+            self._goodbyes.add(source)
+
+    def _quiesce(self) -> None:
+        """(engine, after :meth:`_begin_close`) Drop whatever still arrives until every live peer
+        has sent its last message and this rank's sends have completed."""
+        transport = self.transport
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        delay = 2.5e-5
+        while True:
+            active = False
+            for source, batch in transport.drain():
+                active = True
+                self._note_goodbye(source, batch)
+            for rank in transport.failures():
+                self.dead.add(rank)        # (nothing to repair: only not to wait for it)
+            if transport.quiesce():
+                active = True
+            waiting = set(range(self.size)) - {self.rank} - self.dead - self._goodbyes
+            if not waiting and transport.idle():
+                return
+            if time.monotonic() > deadline:
+                log.warning("rank %d: shutdown: no last message from rank(s) %s after %.0f s "
+                            "(or own sends unfinished); leaving without MPI_Finalize",
+                            self.rank, sorted(waiting), self.config.shutdown_timeout)
+                self.unclean = True
+                return
+            delay = 2.5e-5 if active else min(0.01, delay * 2)
+            transport.wait(delay)
+
+    def _fail_waiters(self) -> None:
+        """Threads blocked in get/wait/result/broadcast/call return with RuntimeShutdownError."""
+        error = RuntimeShutdownError("the hoplite_mpi runtime was shut down while this call waited")
+        with self._refs_lock:
+            refs = list(self._refs.values())
+        for fut in refs + list(self._waiters):
+            try:
+                if not fut.done():
+                    fut.set_exception(error)
+            except Exception:     # completed meanwhile (notifier thread)
+                pass
 
     def _close(self) -> None:
+        """Wait for the engine to end, fail what still waits, free the communicator."""
         if self.closed:
             return
         self.closed = True
-        self._engine.join(timeout=5)
-        # let the last sends (acks) complete before the communicator goes away
-        deadline = time.monotonic() + 2
-        while self.transport._sends and time.monotonic() < deadline:
-            self.transport.progress()
+        self._engine.join(timeout=self.config.shutdown_timeout + 10)
+        if self._engine.is_alive():     # still in MPI: finalizing now could hang or crash
+            log.warning("rank %d: the progress engine did not stop", self.rank)
+            self.unclean = True
         self._notify.put(None)
+        self._fail_waiters()
+        if self.unclean:
+            return
         self.transport.close()
         try:
             self.comm.Free()

@@ -102,6 +102,23 @@ class Transport(abc.ABC):
     def wake(self) -> None:
         """End a :meth:`wait` in progress (thread-safe)."""
 
+    # --- shutdown (see Runtime._quiesce) ---------------------------------------------------
+
+    def drain(self) -> list[tuple[int, list]]:
+        """While shutting down: receive every message that has arrived, whatever its tag; data
+        messages are dropped, control batches returned as by :meth:`receive`."""
+        return self.receive()
+
+    def quiesce(self) -> bool:
+        """While shutting down: start nothing new (no further chunks), withdraw posted receives,
+        drive own sends to completion (dropping those to dead ranks); returns whether anything
+        completed."""
+        return self.progress()
+
+    def idle(self) -> bool:
+        """Whether no operation of this rank is in flight any more."""
+        return not self.busy()
+
     @abc.abstractmethod
     def close(self) -> None:
         """Cancel what is still in flight and release the communicator."""

@@ -42,11 +42,12 @@ DRAIN_SECONDS = 30.0
 
 class _Stream:
     __slots__ = ("peer", "tag", "chunks", "next", "inflight", "on_chunk", "on_done", "on_error", "send",
-                 "available")
+                 "available", "withdrawn")
 
     def __init__(self, peer, tag, chunks, send, on_chunk, on_done, on_error, available=None):
         self.peer, self.tag, self.chunks, self.send = peer, tag, chunks, send
         self.available = available
+        self.withdrawn = False        # (shutdown) its posted receives were cancelled
         self.next = 0
         self.inflight: deque = deque()
         self.on_chunk, self.on_done, self.on_error = on_chunk, on_done, on_error
@@ -266,6 +267,68 @@ class MPITransport(Transport):
         if self._drains:
             self._drain()
         return progressed
+
+    # --- shutdown ---------------------------------------------------------------------------
+
+    def drain(self) -> list[tuple[int, list]]:
+        """Receive every message that has arrived, of any tag (control batches are returned,
+        data chunks received into scratch space and dropped): a message left unreceived on a
+        communicator that is then freed made MPI_Finalize hang under ULFM."""
+        got = []
+        status = self._status
+        while True:
+            try:
+                msg = self.comm.improbe(MPI.ANY_SOURCE, MPI.ANY_TAG, status)
+            except MPI.Exception as exc:
+                if not self._acknowledge(exc):
+                    raise
+                continue
+            if msg is None:
+                return got
+            source, tag = status.Get_source(), status.Get_tag()
+            try:
+                if tag == Tag.CONTROL:
+                    got.append((source, msg.recv()))
+                else:
+                    msg.Recv([bytearray(max(1, status.Get_count(MPI.BYTE))), MPI.BYTE])
+            except MPI.Exception as exc:
+                if not self._acknowledge(exc):
+                    raise
+
+    def quiesce(self) -> bool:
+        progressed = False
+        if self._sends:
+            before = len(self._sends)
+            self._sends = [r for r in self._sends if not _done(r)]
+            progressed = len(self._sends) != before
+        keep = []
+        for s in self._streams:
+            if s.peer in self.failed:
+                for req, _ in s.inflight:
+                    _cancel(req)
+                s.inflight.clear()
+                progressed = True
+                continue
+            if not s.send and not s.withdrawn:
+                for req, _ in s.inflight:      # posted receives: cancel (a matched one completes)
+                    try:
+                        req.Cancel()
+                    except MPI.Exception:
+                        pass
+                s.withdrawn = True
+            still = deque()
+            for req, nbytes in s.inflight:
+                if not _done(req):
+                    still.append((req, nbytes))
+            progressed |= len(still) != len(s.inflight)
+            s.inflight = still
+            if still:
+                keep.append(s)
+        self._streams = keep
+        return progressed
+
+    def idle(self) -> bool:
+        return not self._sends and not self._streams
 
     def busy(self) -> bool:
         # pending control sends count: a large pickled batch goes by rendezvous and needs this

@@ -1,0 +1,61 @@
+"""Jobs end, and every rank leaves within seconds of the driver's end (issue 10).
+
+Under Open MPI's ULFM (``mpirun --with-ft ulfm``), a message that reaches a rank after it has
+freed the runtime's communicator (or that it leaves unreceived there) makes MPI_Finalize hang on
+every rank (a plain mpi4py program does it too; without ULFM it ends).  At shutdown the ranks
+therefore exchange their last messages and drain what is still on its way (runtime.py,
+"shutdown").  Each job here runs several times and every run must end within a bound.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+
+from conftest import HERE, run_job
+from test_faults import _no_ulfm
+
+JOBS = os.path.join(HERE, "mpi", "shutdown_jobs.py")
+AFTER_END = 8.0     # seconds from the driver's last line to the job's exit (loaded 2-core host)
+
+ulfm = pytest.mark.skipif(bool(_no_ulfm()), reason=_no_ulfm() or "-")
+
+
+def _timed(n: int, *program: str, env: dict | None = None, timeout: float = 90):
+    proc = run_job(n, *program, timeout=timeout, env=env, ft=True)
+    ended = time.time()
+    m = re.search(r"^END ([0-9.]+)$", proc.stdout, re.M)
+    assert m, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc, ended - float(m.group(1))
+
+
+@ulfm
+@pytest.mark.parametrize("run", range(4))
+def test_job_with_dropped_refs_ends_under_ulfm(run):
+    proc, after = _timed(4, JOBS, "dropped", timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[1, 2, 3]" in proc.stdout
+    assert after < AFTER_END, f"the ranks left {after:.1f} s after the driver's end"
+
+
+@ulfm
+@pytest.mark.parametrize("run", range(3))
+def test_seed_tasks_on_8_ranks_ends_under_ulfm(run):
+    code = ("import sys, time; from hoplite_mpi.examples import seed_tasks; sys.argv = ['seed_tasks']; "
+            "status = seed_tasks.main(); print('END', time.time(), flush=True); sys.exit(status)")
+    proc, after = _timed(8, "-m", "hoplite_mpi", "-c", code, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "results match the sequential run" in proc.stdout
+    assert after < AFTER_END, f"the ranks left {after:.1f} s after the driver's end"
+
+
+@ulfm
+def test_job_ends_promptly_after_a_rank_loss():
+    proc, after = _timed(4, JOBS, "loss", env={"HOPLITE_MPI_KILL": "2:task:3"}, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"SUM {sum(2 * i for i in range(40))}" in proc.stdout
+    assert "rank 2 died" in proc.stderr
+    assert after < AFTER_END, f"the ranks left {after:.1f} s after the driver's end"
+
