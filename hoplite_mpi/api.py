@@ -21,7 +21,8 @@ import numpy as np
 
 from . import debug
 from .config import Config
-from .errors import HopliteError, NotInitializedError, ObjectDeletedError, SerializationError
+from .errors import (HopliteError, NotInitializedError, ObjectDeletedError, RuntimeShutdownError,
+                     SerializationError)
 from .ids import format_id
 from .protocol import ObjectInfo, TaskSpec
 from .serialization import deserialize, dumps, rebuild_error, serialize
@@ -50,7 +51,7 @@ def _start(comm: Any, root: int, options: dict) -> Any:
 
     The runtime is published as this process's (``_runtime``) before its engine starts: a task
     the engine runs at once may call the API (``hm.rank()``, ``hm.get``, ``f.remote``)."""
-    global _runtime
+    global _runtime, _shut_down
     from mpi4py import MPI
 
     from .runtime import Runtime
@@ -72,6 +73,7 @@ def _start(comm: Any, root: int, options: dict) -> Any:
         log.warning("rank-loss tolerance: %s", ulfm_status())
     with _init_lock:
         _runtime = rt
+        _shut_down = False
     return rt.start()
 
 
@@ -109,6 +111,7 @@ def init(comm: Any = None, **options: Any) -> None:
 
 
 _ranks_died = False   # the driver saw a rank die, or did not shut down cleanly (set by shutdown)
+_shut_down = False    # shutdown() ended this process's runtime (API calls: RuntimeShutdownError)
 
 
 def _exit_now(status: int) -> None:
@@ -136,12 +139,13 @@ def shutdown() -> None:
 
     Idempotent; does nothing on a rank that is not the driver or without a runtime.
     """
-    global _runtime
+    global _runtime, _shut_down
     with _init_lock:
         rt = _runtime
         if rt is None or rt.rank != 0:
             return
         _runtime = None
+        _shut_down = True
     rt.shutdown()
     global _ranks_died
     _ranks_died = _ranks_died or bool(rt.dead) or rt.unclean
@@ -155,6 +159,8 @@ def is_initialized() -> bool:
 def _rt() -> Any:
     rt = _runtime
     if rt is None:
+        if _shut_down:
+            raise RuntimeShutdownError("the hoplite_mpi runtime was shut down (hoplite_mpi.shutdown())")
         raise NotInitializedError("hoplite_mpi is not initialised: call hoplite_mpi.init() first "
                                   "(or run the script with `python -m hoplite_mpi`)")
     return rt
@@ -366,7 +372,7 @@ def get(refs: Union[ObjectRef, Sequence[ObjectRef]], timeout: Optional[float] = 
         pending = {}
         for ref in items:
             if rt.local_frames(ref.id) is None and ref.id not in pending:
-                fut: cf.Future = cf.Future()
+                fut = rt.waiter()
                 pending[ref.id] = fut
                 rt.call_soon(rt.fetch, ref.id, fut.set_result)
         values = []
@@ -417,6 +423,8 @@ def wait(refs: Sequence[ObjectRef], num_returns: int = 1, timeout: Optional[floa
             more, _ = cf.wait([r for r in refs if r not in done], remaining,
                               return_when=cf.FIRST_COMPLETED)
             done |= more
+    if rt.closed:
+        raise RuntimeShutdownError("the hoplite_mpi runtime was shut down while wait() waited")
     ready = [r for r in refs if r in done][:num_returns]
     chosen = set(ready)
     return ready, [r for r in refs if r not in chosen]
@@ -633,7 +641,7 @@ def broadcast(ref: ObjectRef, ranks: Optional[Sequence[int]] = None, timeout: Op
         for r in targets:
             if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < rt.size:
                 raise ValueError(f"broadcast target {r!r} is not a rank (0..{rt.size - 1})")
-    fut: cf.Future = cf.Future()
+    fut = rt.waiter()
     rt.call_soon(rt.start_broadcast, ref.id, targets, fut.set_result)
     with _Blocking(rt, [ref]):
         try:

@@ -59,3 +59,14 @@ def test_job_ends_promptly_after_a_rank_loss():
     assert "rank 2 died" in proc.stderr
     assert after < AFTER_END, f"the ranks left {after:.1f} s after the driver's end"
 
+
+def test_threads_waiting_across_shutdown_get_runtime_shutdown_error():
+    proc, after = _timed(2, JOBS, "waiters", timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = re.search(r"^WAITERS (.*) after ([0-9.]+) s$", proc.stdout, re.M)
+    assert m, proc.stdout[-2000:]
+    assert m.group(1) == str(sorted((name, "RuntimeShutdownError")
+                                    for name in ("broadcast", "get", "result", "wait"))), m.group(1)
+    assert float(m.group(2)) < 10
+    assert "AFTER RuntimeShutdownError" in proc.stdout     # not NotInitializedError
+    assert after < AFTER_END      # the worker running the 30 s task does not hold the job up
