@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import HERE, run_job
+from conftest import HERE, ROOT, run_job
 from test_faults import _no_ulfm
 
 JOBS = os.path.join(HERE, "mpi", "shutdown_jobs.py")
@@ -70,3 +72,21 @@ def test_threads_waiting_across_shutdown_get_runtime_shutdown_error():
     assert float(m.group(2)) < 10
     assert "AFTER RuntimeShutdownError" in proc.stdout     # not NotInitializedError
     assert after < AFTER_END      # the worker running the 30 s task does not hold the job up
+
+
+def test_runtime_is_published_before_its_engine_runs_tasks(tmp_path):
+    # issue 10, C: a task that ran before init() had published the runtime on its rank failed
+    # with NotInitializedError; checked here in one process (1 rank, no mpirun)
+    script = tmp_path / "published.py"
+    script.write_text(
+        "import hoplite_mpi as hm\nfrom hoplite_mpi import api, runtime\n"
+        "start = runtime.Runtime.start\n"
+        "def checked(self):\n    print('PUBLISHED', api._runtime is self, flush=True)\n"
+        "    return start(self)\n"
+        "runtime.Runtime.start = checked\n"
+        "hm.init()\n"
+        "print('RANK', hm.get(hm.remote(lambda: hm.rank()).remote(), timeout=60))\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PUBLISHED True" in proc.stdout and "RANK 0" in proc.stdout
