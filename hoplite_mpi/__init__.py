@@ -8,7 +8,7 @@ from .api import (ObjectRef, RemoteFunction, allreduce, broadcast, delete, get, 
 from .config import Config
 from .errors import (BrokenExecutor, HopliteError, NotInitializedError, ObjectDeletedError,
                      ObjectLostError, RankLostError, RemoteTraceback, RuntimeShutdownError, SerializationError,
-                     TaskError, TransferError)
+                     TaskError, TransferError, WorkerCrashedError)
 from .executor import Executor
 
 __version__ = "0.1.0"
@@ -19,4 +19,5 @@ __all__ = [
     "broadcast", "reduce", "allreduce", "reduced_inputs",
     "HopliteError", "NotInitializedError", "ObjectDeletedError", "ObjectLostError", "RankLostError", "RemoteTraceback",
     "RuntimeShutdownError", "SerializationError", "TaskError", "TransferError", "BrokenExecutor",
+    "WorkerCrashedError",
 ]

@@ -17,6 +17,7 @@ __all__ = [
     "ObjectLostError",
     "RankLostError",
     "TransferError",
+    "WorkerCrashedError",
     "RemoteTraceback",
     "TaskError",
     "RuntimeShutdownError",
@@ -127,6 +128,23 @@ class TransferError(HopliteError):
 
     def __str__(self) -> str:
         return f"transfer of object {self.object_id} from rank {self.rank} failed: {self.detail}"
+class WorkerCrashedError(RankLostError):
+    """The task itself ended its worker rank's process (``os._exit``), at every attempt
+    (``max_retries + 1``; a rank so ended is lost to the job, as after any rank loss): the cause
+    is the task, not the rank (Ray's ``WorkerCrashedError`` as against a node's death).
+
+    Attributes: those of :class:`RankLostError`, and ``status`` (the exit status it asked for).
+    """
+
+    def __init__(self, task: str, rank: int, attempts: int, status: int) -> None:
+        super().__init__(task, rank, attempts, f"the task called os._exit({status})")
+        self.args = (task, rank, attempts, status)
+        self.status = status
+
+    def __str__(self) -> str:
+        return (f"task {self.task} ended its worker process with os._exit({self.status}) on rank "
+                f"{self.rank}, at each of {self.attempts} attempt(s): the task, not the rank, "
+                "is the cause (each attempt cost the job that rank)")
 
 
 class RemoteTraceback(Exception):

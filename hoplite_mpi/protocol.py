@@ -370,13 +370,23 @@ class MemberDown:
 
 
 @message
+class TaskExit:
+    """Worker -> rank 0: the running task ``task_id`` called ``os._exit(status)``, so this rank
+    is about to end; rank 0 echoes it back once it has taken note (the rank then exits)."""
+
+    task_id: int
+    rank: int
+    status: int
+
+
+@message
 class Shutdown:
-    """Driver -> every rank: stop after acknowledging."""
+    """Driver -> every live rank: the job ends; the driver's last message (runtime.py, shutdown)."""
 
 
 @message
 class ShutdownAck:
-    """Rank -> driver: engine stopped accepting work."""
+    """Rank -> every other live rank, on Shutdown: this rank's last message on the communicator."""
 
     rank: int
 

@@ -32,15 +32,15 @@ from . import faults
 from . import protocol as P
 from .config import Config
 from .directory import DirectoryShard, shard_map
-from .errors import ObjectDeletedError, RuntimeShutdownError
+from .errors import ObjectDeletedError, RuntimeShutdownError, WorkerCrashedError
 from .ids import IdGenerator, format_id, shard_of
 from .protocol import ObjectInfo
-from .scheduler import Scheduler
+from .scheduler import Scheduler, TaskState
 from .serialization import frame_sizes, rebuild_error, serialize_error, to_bytes
 from .collectives import ReduceCoordinator, chain_length
 from .plane import ObjectPlane
 from .store import ObjectStore
-from .worker import Worker, _context, current_task_id
+from .worker import Worker, _context, current_task_id, guard_exit
 
 log = logging.getLogger("hoplite_mpi")
 
@@ -75,6 +75,9 @@ class Runtime(ObjectPlane):
         if self.rank in self.worker_ranks:
             self.worker = Worker(self.rank, config.worker_threads, self.fetch_info,
                                  self._task_finished, lambda oid: self.local_frames(oid) is not None)
+            if self.rank != 0:
+                guard_exit(self._task_exits)
+        self._exit_noted = threading.Event()     # (worker) rank 0 took note of a TaskExit
         # engine state (engine thread only)
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._sleeping = False
@@ -137,6 +140,7 @@ class Runtime(ObjectPlane):
             P.ObjectLost: self._on_object_lost,
             P.Heartbeat: lambda src, m: None,          # (any message counts as a sign of life)
             P.MemberDown: self._on_member_down,
+            P.TaskExit: self._on_task_exit,
             P.Shutdown: lambda src, m: self._begin_close(),
             P.ShutdownAck: lambda src, m: self._begin_close(),
         }
@@ -659,6 +663,40 @@ class Runtime(ObjectPlane):
                         self.send(other, P.MemberDown(rank))   # (the hung rank too: it exits)
                 self._flush()                     # before the hung rank is excluded from sends
                 self._rank_lost(rank)
+
+    def _task_exits(self, task_id: int, status: int) -> None:
+        """(task thread, worker) The task called ``os._exit(status)``: tell rank 0 and wait (up
+        to 2 s) until it has taken note, so that it learns this before it learns of the death."""
+        try:
+            self.call_soon(self.send, 0, P.TaskExit(task_id, self.rank, status))
+        except RuntimeShutdownError:
+            return
+        self._exit_noted.wait(2.0)
+
+    def _on_task_exit(self, source: int, msg: P.TaskExit) -> None:
+        if self.scheduler is None:      # (worker) rank 0's echo: exit now
+            self._exit_noted.set()
+            return
+        self.send(source, msg)
+        sched = self.scheduler
+        task = sched.tasks.get(msg.task_id)
+        name = f"{task.spec.name or 'task'} {format_id(msg.task_id)}" if task else format_id(msg.task_id)
+        log.warning("rank 0: task %s called os._exit(%d) on rank %d: that rank is lost", name,
+                    msg.status, source)
+        self.stats["worker_crashes"] += 1
+        if task is None or task.rank != source or task.state != TaskState.RUNNING:
+            return
+        spec = task.spec
+        left = set(sched.workers) - sched.lost_ranks - {source}
+        if not (task.attempts > spec.max_retries or not left
+                or sched._no_rank_left(spec, sched.lost_ranks | {source})):
+            return      # re-run elsewhere once the rank's death is known (a retry)
+        # its last attempt: it fails as the task's own doing, not as a rank loss
+        error = to_bytes(serialize_error(
+            WorkerCrashedError(name, source, task.attempts, msg.status), self.rank))
+        infos = tuple(ObjectInfo(oid, frame_sizes(error), (), error, True) for oid in spec.return_ids)
+        self._send_all([(r, P.DirAdd(i)) for i in infos for r in self.shard_ranks(i.object_id)])
+        self._scheduled(sched.task_done(P.TaskDone(msg.task_id, source, infos)))
 
     def _on_member_down(self, source: int, msg: P.MemberDown) -> None:
         if msg.rank == self.rank:

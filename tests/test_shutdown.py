@@ -90,3 +90,18 @@ def test_runtime_is_published_before_its_engine_runs_tasks(tmp_path):
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "PUBLISHED True" in proc.stdout and "RANK 0" in proc.stdout
+
+
+@ulfm
+def test_a_task_that_calls_os_exit_fails_as_the_tasks_doing_at_once():
+    # issue 10, D: os._exit(3) was noticed only by the heartbeat (11 s later, ULFM never reports
+    # a non-zero exit), the job's status became 3, and the error blamed the rank
+    proc, after = _timed(4, JOBS, "exit", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]     # the driver's status, not the task's 3
+    m = re.search(r"^EXIT WorkerCrashedError after ([0-9.]+) s: (.*)$", proc.stdout, re.M)
+    assert m, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert float(m.group(1)) < 8, m.group(0)      # (heartbeat_timeout is 10 s)
+    assert "os._exit(3)" in m.group(2) and "2 attempt(s)" in m.group(2)
+    assert f"SUM {sum(2 * i for i in range(10))}" in proc.stdout    # the last worker goes on
+    assert proc.stderr.count("called os._exit(3)") == 2
+    assert after < AFTER_END

@@ -8,6 +8,8 @@ long the ranks took to leave after it.
 - ``waiters``: four threads wait without a timeout (get, wait, result, broadcast) on a 30 s task
   when the main thread calls hm.shutdown(); each must return with RuntimeShutdownError.
 - ``loss``: a worker rank is killed (HOPLITE_MPI_KILL) while the job runs.
+- ``exit``: a task calls os._exit(3) at each of its 2 attempts (max_retries=1): it must fail with
+  WorkerCrashedError within seconds, the job go on with the last worker, and exit with status 0.
 """
 import sys
 import threading
@@ -71,6 +73,21 @@ elif case == "waiters":
         print("AFTER returned")
     except BaseException as exc:
         print("AFTER", type(exc).__name__)
+elif case == "exit":
+    import os
+
+    @hm.remote(max_retries=1)
+    def die(status):
+        os._exit(status)
+    t0 = time.monotonic()
+    try:
+        hm.get(die.remote(3), timeout=120)
+        print("EXIT returned")
+    except hm.WorkerCrashedError as exc:
+        print("EXIT WorkerCrashedError after %.1f s: %s" % (time.monotonic() - t0, exc))
+    except BaseException as exc:
+        print("EXIT other", type(exc).__name__, exc)
+    print("SUM", sum(hm.get([double.remote(i) for i in range(10)], timeout=120)))
 elif case == "loss":
     print("SUM", sum(hm.get([double.remote(i) for i in range(40)], timeout=120)))
 print("END", time.time(), flush=True)
