@@ -325,10 +325,16 @@ class MPITransport(Transport):
             if still:
                 keep.append(s)
         self._streams = keep
+        if self._drains:     # (new messages of a drained stream are taken by drain() now)
+            for d in self._drains:
+                d[3][:] = [(r, b) for r, b in d[3] if not _done(r)]
+            before = len(self._drains)
+            self._drains = [d for d in self._drains if d[3] and d[0] not in self.failed]
+            progressed |= len(self._drains) != before
         return progressed
 
     def idle(self) -> bool:
-        return not self._sends and not self._streams
+        return not self._sends and not self._streams and not self._drains
 
     def busy(self) -> bool:
         # pending control sends count: a large pickled batch goes by rendezvous and needs this
