@@ -58,6 +58,10 @@ def engine_state(rt: Any) -> str:
              "receiving: " + ", ".join(f"{format_id(o)} from {r}" for o, r in list(rt._receiving.items())[:20]),
              f"pulls deferred until the copy starts: {_ids(rt._deferred)}",
              f"reduce steps running here: {_ids(rt._reduce_steps)}"]
+    if getattr(rt, "_closing", False):      # shutting down: whose last message is still awaited
+        waiting = sorted(set(range(rt.size)) - {rt.rank} - rt.dead - rt._goodbyes)
+        lines.append(f"shutting down: last message still awaited from {waiting}, "
+                     f"own operations in flight: {not rt.transport.idle()}")
     sections = [("streams", _streams), ("directory", _directory), ("store", _store)]
     if rt.scheduler is not None:
         sections.append(("scheduler", _scheduler))

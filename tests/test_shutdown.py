@@ -54,6 +54,17 @@ def test_seed_tasks_on_8_ranks_ends_under_ulfm(run):
 
 
 @ulfm
+@pytest.mark.parametrize("delay", ["0.02", "0.2"])
+def test_shutdown_during_a_transfer_ends_promptly(delay):
+    proc, after = _timed(4, JOBS, "inflight", delay, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "INFLIGHT {'broadcast': " in proc.stdout, proc.stdout[-2000:]
+    assert "INFLIGHT {'broadcast': 'RuntimeShutdownError'}" in proc.stdout or \
+        "INFLIGHT {'broadcast': 'returned'}" in proc.stdout        # (it may have finished first)
+    assert after < AFTER_END
+
+
+@ulfm
 def test_job_ends_promptly_after_a_rank_loss():
     proc, after = _timed(4, JOBS, "loss", env={"HOPLITE_MPI_KILL": "2:task:3"}, timeout=90)
     assert proc.returncode == 0, proc.stderr[-3000:]

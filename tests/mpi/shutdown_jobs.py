@@ -8,6 +8,9 @@ long the ranks took to leave after it.
 - ``waiters``: four threads wait without a timeout (get, wait, result, broadcast) on a 30 s task
   when the main thread calls hm.shutdown(); each must return with RuntimeShutdownError.
 - ``loss``: a worker rank is killed (HOPLITE_MPI_KILL) while the job runs.
+- ``inflight``: hm.shutdown() while a 64 MiB broadcast is being streamed (posted receives are
+  withdrawn, sends in flight completed by the receivers' drain); the broadcast raises
+  RuntimeShutdownError.
 - ``exit``: a task calls os._exit(3) at each of its 2 attempts (max_retries=1): it must fail with
   WorkerCrashedError within seconds, the job go on with the last worker, and exit with status 0.
 """
@@ -73,6 +76,28 @@ elif case == "waiters":
         print("AFTER returned")
     except BaseException as exc:
         print("AFTER", type(exc).__name__)
+elif case == "inflight":
+    import numpy as np
+
+    @hm.remote
+    def big(n):
+        return np.ones(n, dtype=np.float64)
+    ref = big.options(rank=1).remote(8 << 20)
+    hm.wait([ref], timeout=120)
+    outcome = {}
+
+    def bc():
+        try:
+            hm.broadcast(ref)
+            outcome["broadcast"] = "returned"
+        except BaseException as exc:
+            outcome["broadcast"] = type(exc).__name__
+    t = threading.Thread(target=bc, daemon=True)
+    t.start()
+    time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 0.05)
+    hm.shutdown()
+    t.join(10)
+    print("INFLIGHT", outcome)
 elif case == "exit":
     import os
 
