@@ -129,9 +129,10 @@ class TransferError(HopliteError):
     def __str__(self) -> str:
         return f"transfer of object {self.object_id} from rank {self.rank} failed: {self.detail}"
 class WorkerCrashedError(RankLostError):
-    """The task itself ended its worker rank's process (``os._exit``), at every attempt
-    (``max_retries + 1``; a rank so ended is lost to the job, as after any rank loss): the cause
-    is the task, not the rank (Ray's ``WorkerCrashedError`` as against a node's death).
+    """The task itself ended its worker rank's process (``os._exit``): the cause is the task,
+    not the rank (Ray's ``WorkerCrashedError`` as against a node's death).  It is not retried
+    (``max_retries`` is for ranks that die under a task): the exit would most likely happen again,
+    and the rank it ended is lost to the job (MPI cannot replace it), as after any rank loss.
 
     Attributes: those of :class:`RankLostError`, and ``status`` (the exit status it asked for).
     """
@@ -143,8 +144,8 @@ class WorkerCrashedError(RankLostError):
 
     def __str__(self) -> str:
         return (f"task {self.task} ended its worker process with os._exit({self.status}) on rank "
-                f"{self.rank}, at each of {self.attempts} attempt(s): the task, not the rank, "
-                "is the cause (each attempt cost the job that rank)")
+                f"{self.rank} (attempt {self.attempts}): the task, not the rank, is the cause; "
+                "not retried, and the job goes on without that rank")
 
 
 class RemoteTraceback(Exception):

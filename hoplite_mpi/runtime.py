@@ -687,11 +687,9 @@ class Runtime(ObjectPlane):
         if task is None or task.rank != source or task.state != TaskState.RUNNING:
             return
         spec = task.spec
-        left = set(sched.workers) - sched.lost_ranks - {source}
-        if not (task.attempts > spec.max_retries or not left
-                or sched._no_rank_left(spec, sched.lost_ranks | {source})):
-            return      # re-run elsewhere once the rank's death is known (a retry)
-        # its last attempt: it fails as the task's own doing, not as a rank loss
+        # Not retried (unlike a rank's death): the exit is the task's own doing and would most
+        # likely happen again, and a rank so ended cannot be replaced; retries would cost the
+        # job one rank after another.  It fails now, as a task's exception does.
         error = to_bytes(serialize_error(
             WorkerCrashedError(name, source, task.attempts, msg.status), self.rank))
         infos = tuple(ObjectInfo(oid, frame_sizes(error), (), error, True) for oid in spec.return_ids)
