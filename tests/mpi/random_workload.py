@@ -48,8 +48,8 @@ T = 120.0   # seconds: the bound of every get/wait/broadcast that must succeed
 
 # Known bugs, produced only with --include-known (name -> what it is)
 KNOWN = {
-    "identity_large_reduce": "a task returning its large (> 64 KiB) numpy argument, then reduced "
-                             "(MPI_ERR_TRUNCATE)",
+    "identity_large_reduce": "a task returning its numpy argument, then reduced (MPI_ERR_TRUNCATE; "
+                             "reported for > 64 KiB, seen here for 3 elements too: seed 13)",
     "reduce_empty": "reduce of empty arrays",
     "reduce_dup": "the same ref twice in one reduce ([a, a])",
     "reduce_noncommutative": "reduce with a non-commutative op (subtract)",
@@ -611,12 +611,22 @@ class Workload:
         x = self.pick(lambda n: not n.errors)
         if x is None:
             return
-        users = [self.nodes[u].ref for u in x.users if not self.nodes[u].deleted and not self.nodes[u].dropped]
-        if users:   # a task still to read x would see it deleted: wait for them first
-            hm.wait(users, num_returns=len(users), timeout=self.T)
+        self.wait_users(x)   # a task still to read x would see it deleted: wait for them first
         hm.delete(x.ref)
         x.deleted = True
         self.expect_deleted(x)
+
+    def wait_users(self, x):
+        users = list({self.nodes[u].ref: None for u in x.users
+                      if not self.nodes[u].deleted and not self.nodes[u].dropped})
+        if users:
+            t0 = time.monotonic()
+            ready, pending = hm.wait(users, num_returns=len(users), timeout=self.T)
+            if pending:
+                self.fail(f"node {x.i}: wait for its users timed out after {time.monotonic() - t0:.0f} s; "
+                          f"pending {[self.nodes[u].i for u in x.users if self.nodes[u].ref in pending]}",
+                          node=self.nodes[[u for u in x.users if self.nodes[u].ref in pending][0]])
+                self.T = 10.0
 
     def expect_deleted(self, x):
         how = self.rng.choice(["get", "get", "task", "broadcast"])
@@ -651,9 +661,7 @@ class Workload:
         x = self.pick()
         if x is None:
             return
-        users = [self.nodes[u].ref for u in x.users if not self.nodes[u].deleted and not self.nodes[u].dropped]
-        if users:
-            hm.wait(users, num_returns=len(users), timeout=self.T)
+        self.wait_users(x)
         x.dropped = True
         x.ref = None
 
@@ -706,9 +714,9 @@ class Workload:
                 opts.pop("inline_threshold", None) if rng.random() < 0.5 else None
                 ref = t_build.options(**opts).remote(spec)
                 n = self.add(ref, f"t_build{opts} array {spec}", value=build(spec), pinned=opts.get("rank"))
-                # (serialized size: a little more than nbytes; half the threshold as a margin)
-                big = build(spec).nbytes > self.cfg.inline_threshold // 2
-                if rng.random() < 0.3 and (known or not big):
+                # KNOWN identity_large_reduce: seen at every size (seed 13: complex256[3]); a
+                # received array re-serialized has a 1-byte longer pickle head than the others
+                if rng.random() < 0.3 and known:
                     ref2 = t_apply.options(**self.task_options()).remote("id", n.ref)
                     n = self.add(ref2, f"t_apply id of {n.i} (array)", value=n.value, deps=[n.i])
             inputs.append(n)
