@@ -29,18 +29,19 @@ SMALL = {"HOPLITE_MPI_CHUNK_SIZE": "8192", "HOPLITE_MPI_INLINE_THRESHOLD": "2048
 
 # (ranks, first seed, seeds in the job, extra args, env)
 CI_JOBS = [
-    (2, 100, 8, (), {}),
-    (3, 200, 8, (), {}),
-    (4, 300, 10, (), {}),
-    (8, 400, 3, (), {}),
+    (2, 100, 20, (), {}),
+    (3, 200, 20, (), {}),
+    (4, 300, 25, (), {}),
+    (8, 400, 8, (), {}),
     (2, 500, 1, (), {}),
     (3, 510, 1, (), {}),
     (4, 520, 1, (), {}),
-    (4, 600, 6, ("--big",), SMALL),
-    (4, 700, 2, ("--big",), {}),
+    (4, 600, 12, ("--big",), SMALL),
+    (2, 650, 8, ("--big",), SMALL),
+    (4, 700, 3, ("--big",), {}),
 ]
 # ULFM jobs with one kill each: (ranks, seed); the kill is drawn from the seed
-KILL_JOBS = [(4, 800), (4, 801), (4, 802)]
+KILL_JOBS = [(4, 800), (4, 801), (4, 802), (4, 803), (3, 804)]
 POINTS = ("task", "serve", "chunk", "dir", "reduce", "combine")
 
 
@@ -79,6 +80,13 @@ def kill_for(seed: int, n: int) -> str:
     return f"{rng.randint(1, n - 1)}:{rng.choice(POINTS)}:{rng.randint(1, 6)}"
 
 
+KILL_BUGS = ("open bugs found by this tester under kills (/work/findings-diff/README.md): re-runs fail "
+             "with 'function was never sent'; results whose lineage has a task pinned to the dead "
+             "rank fail with ValueError, not ObjectLostError; a nested task with puts hangs after "
+             "its rank died")
+
+
+@pytest.mark.xfail(reason=KILL_BUGS, strict=False)
 @pytest.mark.parametrize("n,seed", KILL_JOBS, ids=[f"n{n}-seed{s}" for n, s in KILL_JOBS])
 def test_random_workload_with_a_killed_rank(n, seed, request):
     from test_faults import _no_ulfm
@@ -113,6 +121,7 @@ def test_soak(soak_job, request):
     run_seeds(n, seed, seeds, args, env, request.config.getoption("--include-known"))
 
 
+@pytest.mark.xfail(reason=KILL_BUGS, strict=False)
 def test_soak_with_kills(request):
     count = request.config.getoption("--soak")
     if not count:
