@@ -41,7 +41,7 @@ CI_JOBS = [
     (4, 700, 3, ("--big",), {}),
 ]
 # ULFM jobs with one kill each: (ranks, seed); the kill is drawn from the seed
-KILL_JOBS = [(4, 800), (4, 801), (4, 802), (4, 803), (3, 804)]
+KILL_JOBS = [(4, 800), (4, 801), (3, 804)]
 POINTS = ("task", "serve", "chunk", "dir", "reduce", "combine")
 
 
