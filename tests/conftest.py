@@ -103,3 +103,10 @@ def assert_check_ok(results: dict, name: str) -> None:
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak", type=int, default=0, metavar="N",
+                     help="tests/test_random_workload.py: also run N more random-workload seeds")
+    parser.addoption("--include-known", action="store_true", default=False,
+                     help="tests/test_random_workload.py: also generate the known bugs (KNOWN)")
