@@ -32,7 +32,7 @@ from . import faults
 from . import protocol as P
 from .config import Config
 from .directory import DirectoryShard, shard_map
-from .errors import ObjectDeletedError, RuntimeShutdownError, WorkerCrashedError
+from .errors import ObjectDeletedError, RankLostError, RuntimeShutdownError, WorkerCrashedError
 from .ids import IdGenerator, format_id, shard_of
 from .protocol import ObjectInfo
 from .scheduler import Scheduler, TaskState
@@ -506,7 +506,7 @@ class Runtime(ObjectPlane):
             return
         try:
             out = self.scheduler.submit(spec)
-        except ValueError as exc:   # refused (nothing registered): its results fail with exc
+        except (ValueError, RankLostError) as exc:   # refused (nothing registered): results fail with exc
             error = to_bytes(serialize_error(exc, self.rank))
             infos = [ObjectInfo(oid, frame_sizes(error), (), error, True) for oid in spec.return_ids]
             self._send_all([(r, P.DirAdd(i)) for i in infos for r in self.shard_ranks(i.object_id)])
@@ -571,6 +571,9 @@ class Runtime(ObjectPlane):
         coord = ReduceCoordinator(reduce_id, inputs, op, num, target, result_id, self.ids.next, k_of,
                                   allreduce, self.shard_ranks)
         self._reduces[reduce_id] = coord
+        if target in self.dead:       # (the target died before the reduce was asked for)
+            self._coordinated(coord, coord.rank_lost(target))
+            return
         for oid in dict.fromkeys(inputs):
             self._when_ready(oid, lambda info, c=coord: self._coordinated(c, c.input_ready(info)))
 

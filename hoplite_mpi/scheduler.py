@@ -123,18 +123,24 @@ class Scheduler:
         """A new task.
 
         Raises:
-            ValueError: a pinned/allowed rank that is not a worker, or a function never sent.
-            Nothing is registered then.
+            RankLostError: pinned to a rank that died (or every allowed rank died) before.
+            ValueError: a pinned/allowed rank that never was a worker, or a function never sent.
+            Nothing is registered then, but the function itself (a submitter sends it with its
+            first task only, so later tasks of it must still find it).
         """
-        if spec.rank is not None and spec.rank not in self.inflight:
-            dead = " (it died)" if spec.rank in self.lost_ranks else ""
-            raise ValueError(f"rank {spec.rank} is not a worker rank{dead} (workers: {self.workers})")
-        if spec.allowed is not None and (not spec.allowed or not set(spec.allowed) <= self.inflight.keys() | self.lost_ranks
-                                         or not set(spec.allowed) - self.lost_ranks):
-            raise ValueError(f"allowed ranks {spec.allowed} are not all worker ranks (workers: {self.workers})")
         for key, blob in ((spec.fn_id, spec.fn_blob), (spec.init_id, spec.init_blob)):
             if key is not None and blob is not None:
                 self.blobs[key] = blob
+        name = f"{spec.name or 'task'} {format_id(spec.task_id)}"
+        if spec.rank is not None and spec.rank not in self.inflight:
+            if spec.rank in self.lost_ranks:
+                raise RankLostError(name, spec.rank, 0, "pinned to it; it died before the task was submitted")
+            raise ValueError(f"rank {spec.rank} is not a worker rank (workers: {self.workers})")
+        if spec.allowed is not None and (not spec.allowed or not set(spec.allowed) <= self.inflight.keys() | self.lost_ranks):
+            raise ValueError(f"allowed ranks {spec.allowed} are not all worker ranks (workers: {self.workers})")
+        if spec.allowed is not None and not set(spec.allowed) - self.lost_ranks:
+            raise RankLostError(name, max(spec.allowed), 0,
+                                f"every allowed rank {spec.allowed} died before the task was submitted")
         if spec.fn_id not in self.blobs or (spec.init_id is not None and spec.init_id not in self.blobs):
             raise ValueError(f"task {format_id(spec.task_id)}: function was never sent")
         if spec.fn_blob is not None or spec.init_blob is not None:

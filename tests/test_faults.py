@@ -175,3 +175,16 @@ def test_a_pinned_result_whose_replica_was_in_flight_is_rebuilt_elsewhere():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["exact"] and got["dead"] == [2], got
+
+
+def test_requests_naming_a_rank_that_already_died_fail_with_typed_errors(tmp_path):
+    # found by the random-workload tester: a reduce to a dead target waited for ever; a task
+    # pinned to a dead rank failed with ValueError; the next task of its function failed with
+    # "function was never sent"
+    script = os.path.join(os.path.dirname(__file__), "mpi", "dead_rank_requests.py")
+    proc = run_job(4, "-m", "hoplite_mpi", script, timeout=BOUND, ft=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["reduce_to_dead"][0] == "HopliteError" and "rank 3" in got["reduce_to_dead"][1], got
+    assert got["pinned_to_dead"][0] == "RankLostError", got
+    assert got["same_function_elsewhere"] == ["ok", "42"], got

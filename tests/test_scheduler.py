@@ -646,7 +646,8 @@ def test_tasks_pinned_to_a_dead_rank_fail_and_their_dependents_too():
     assert _error_text(s, 20) == _lost(20, 1, 0, "pinned to it")
     assert _error_text(s, 30) == _lost(20, 1, 0, "pinned to it")   # the dependent gets b's error
     assert s.pending() == 0
-    with pytest.raises(ValueError, match=r"rank 1 is not a worker rank \(it died\)"):
+    from hoplite_mpi.errors import RankLostError
+    with pytest.raises(RankLostError, match=r"lost with rank 1 .*died before the task was submitted"):
         s.submit(spec(40, rank=1))
 
 
@@ -657,7 +658,8 @@ def test_allowed_ranks_shrink_and_fail_when_all_are_dead():
     assert s.rank_lost(1) == [(2, run(a, blobs=FIRST))]
     s.rank_lost(2)
     assert _error_text(s, 10) == _lost(10, 2, 2, "pinned to it")
-    with pytest.raises(ValueError, match="allowed ranks"):
+    from hoplite_mpi.errors import RankLostError
+    with pytest.raises(RankLostError, match="every allowed rank"):
         s.submit(spec(20, allowed=(1, 2)))
     b = spec(30, allowed=(1, 3))                              # one of them still alive
     assert s.submit(b) == [(3, run(b, blobs=FIRST))]
@@ -767,3 +769,16 @@ def test_a_lost_result_of_a_pinned_task_is_rebuilt_on_another_rank():
     assert rank == 2 and msg.spec.task_id == 10 and msg.spec.rank is None
     s.task_done(done(msg.spec, 2, big(10, 2, 1 << 20)))
     assert s.completed[-1] == big(10, 2, 1 << 20) and s.stats["rebuilt"] == 1
+
+
+def test_a_refused_first_task_still_registers_its_function():
+    # (issue 10, found by the random-workload tester) the submitter sends a function with its
+    # first task only; if that task is refused (pinned to a dead rank), the next task of the
+    # same function failed with "function was never sent"
+    from hoplite_mpi.errors import RankLostError
+    s = make(workers=(1, 2))
+    s.rank_lost(1)
+    with pytest.raises(RankLostError):
+        s.submit(first(10, rank=1))
+    b = spec(20)                                  # no blob: it was sent with the refused task
+    assert s.submit(b) == [(2, run(b, blobs=FIRST))]
