@@ -761,6 +761,13 @@ class Runtime(ObjectPlane):
                 info = self.describe(oid, entry.frames, self.rank)
                 for r in self.shard_ranks(oid):
                     self.send(r, P.DirAdd(info))
+        # small values known here (put here, or read): a worker's put lives only in its own
+        # cache and its shard, so a put whose shard died would be lost for good (a lookup of it
+        # waited for ever in the new shard; found by the random-workload tester)
+        for oid, info in list(self._known.items()):
+            if shard_of(oid, n) in moved and oid not in self._deleted:
+                for r in self.shard_ranks(oid):
+                    self.send(r, P.DirAdd(info))
         for oid in list(self._lookups):
             if shard_of(oid, n) in changed:
                 self.send(self.shard_ranks(oid)[0], P.DirLookup(oid, self.rank))

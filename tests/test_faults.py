@@ -188,3 +188,5 @@ def test_requests_naming_a_rank_that_already_died_fail_with_typed_errors(tmp_pat
     assert got["reduce_to_dead"][0] == "HopliteError" and "rank 3" in got["reduce_to_dead"][1], got
     assert got["pinned_to_dead"][0] == "RankLostError", got
     assert got["same_function_elsewhere"] == ["ok", "42"], got
+    # a worker's small puts whose shard died stay readable (they lived only in the dead shard)
+    assert got["puts_on_dead_shard"] > 0 and got["small_puts_read_after_their_shard_died"] == ["ok", "True"], got

@@ -2,7 +2,9 @@
 workload tester): rank 3 SIGKILLs itself, then the driver asks for a reduce to rank 3 (it must
 fail with HopliteError, not wait for ever), a task pinned to rank 3 (RankLostError), and a
 second task of a function whose first task was that refused one (it must run: the function
-travelled with the refused task only).  Prints one JSON line."""
+travelled with the refused task only).  Before the kill, rank 1 puts small values; those whose
+directory shard was rank 3 must still be readable from rank 2 afterwards (the shard moves, and
+rank 1 re-registers the values it put).  Prints one JSON line."""
 from __future__ import annotations
 
 import json
@@ -32,6 +34,16 @@ def first_use(x):
     return x + 1
 
 
+@hm.remote
+def put_small(n):
+    return [hm.put(b"small %d" % i) for i in range(n)]
+
+
+@hm.remote
+def read_all(box):
+    return hm.get(box[0], timeout=T)
+
+
 def outcome(fn):
     try:
         return ["ok", repr(fn())]
@@ -42,6 +54,9 @@ def outcome(fn):
 def main():
     hm.init()
     rt = hm.api._rt()
+    from hoplite_mpi.ids import shard_of
+    puts = hm.get(put_small.options(rank=1).remote(16), timeout=T)
+    on_dead_shard = sum(rt.shards[shard_of(r.id, len(rt.shards))][0] == 3 for r in puts)
     suicide.options(rank=3).remote()
     deadline = time.monotonic() + T
     while 3 not in rt.dead:              # (a bounded wait for the death notice)
@@ -52,6 +67,10 @@ def main():
                                                            rank=3), timeout=T)),
         "pinned_to_dead": outcome(lambda: hm.get(first_use.options(rank=3).remote(1), timeout=T)),
         "same_function_elsewhere": outcome(lambda: hm.get(first_use.remote(41), timeout=T)),
+        "small_puts_read_after_their_shard_died": outcome(
+            lambda: hm.get(read_all.options(rank=2).remote([puts]), timeout=T)
+            == [b"small %d" % i for i in range(16)]),
+        "puts_on_dead_shard": on_dead_shard,
     }
     print(json.dumps(got), flush=True)
 
