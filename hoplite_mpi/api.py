@@ -379,8 +379,12 @@ def get(refs: Union[ObjectRef, Sequence[ObjectRef]], timeout: Optional[float] = 
         for ref in items:
             got = rt.local_frames(ref.id)
             if got is None:
+                fut = pending.get(ref.id)
+                if fut is None:   # held here a moment ago: its copy was lost (being rebuilt)
+                    fut = pending[ref.id] = rt.waiter()
+                    rt.call_soon(rt.fetch, ref.id, fut.set_result)
                 try:
-                    got = pending[ref.id].result(_remaining(deadline))
+                    got = fut.result(_remaining(deadline))
                 except cf.TimeoutError:
                     raise cf.TimeoutError(f"get() timed out after {timeout} s fetching "
                                           f"{format_id(ref.id)}") from None

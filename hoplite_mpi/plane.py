@@ -338,7 +338,9 @@ class ObjectPlane:
         def reply(got: Any) -> None:
             error = "deleted" if got is DELETED else None
             if isinstance(got, ObjectInfo) and got.error:
-                error = repr(rebuild_error(got.inline))
+                exc = rebuild_error(got.inline)     # (an error object is a value: held fine)
+                if isinstance(exc, TransferError):  # (but the copy itself failed)
+                    error = repr(exc)
             self.send(source, P.Fetched(msg.token, self.rank, error))
         oid = msg.object_id
         if msg.pulled and self.local_frames(oid) is None and self.store.get(oid) is None:

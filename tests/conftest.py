@@ -108,5 +108,6 @@ def python() -> str:
 def pytest_addoption(parser):
     parser.addoption("--soak", type=int, default=0, metavar="N",
                      help="tests/test_random_workload.py: also run N more random-workload seeds")
-    parser.addoption("--include-known", action="store_true", default=False,
-                     help="tests/test_random_workload.py: also generate the known bugs (KNOWN)")
+    parser.addoption("--without-fixed", action="store_true", default=False,
+                     help="tests/test_random_workload.py: leave out the inputs of the bugs found "
+                          "and fixed (FIXED in tests/mpi/random_workload.py)")

@@ -8,7 +8,7 @@ arrays around the default 1 MiB chunk size, and ULFM jobs in which a worker rank
 
     python -m pytest -q tests/test_random_workload.py                   # the CI set
     python -m pytest -q tests/test_random_workload.py --soak 200        # + 200 more seeds
-    python -m pytest -q tests/test_random_workload.py --include-known   # also the KNOWN bugs
+    python -m pytest -q tests/test_random_workload.py --without-fixed   # without the FIXED bugs' inputs
 
 A failing seed's message carries the one-line replay command the job printed.
 """
@@ -50,12 +50,12 @@ def job_timeout(n: int, seeds: int, big: bool) -> float:
     return 90 + seeds * (8 if n <= 4 else 25) * (3 if big else 1)
 
 
-def run_seeds(n, seed, seeds, args, env, include_known, kill=None):
-    known = ("--include-known",) if include_known else ()
+def run_seeds(n, seed, seeds, args, env, without_fixed, kill=None):
+    known = ("--without-fixed",) if without_fixed else ()
     env = dict(env)
     if kill:
         env["HOPLITE_MPI_KILL"] = kill
-    ft = bool(kill) or include_known      # without ULFM by default: see KNOWN drop_before_end
+    ft = True       # the default launch (ULFM): every job must also end on its own
     proc = run_job(n, "-m", "hoplite_mpi", WORKLOAD, "--seed", str(seed), "--seeds", str(seeds),
                    "--ops", str(OPS), *args, *known,
                    timeout=job_timeout(n, seeds, "--big" in args) * (2 if kill else 1), env=env, ft=ft)
@@ -72,7 +72,7 @@ def run_seeds(n, seed, seeds, args, env, include_known, kill=None):
                          ids=[f"n{j[0]}-seed{j[1]}x{j[2]}{'-big' if j[3] else ''}{'-small' if j[4] else ''}"
                               for j in CI_JOBS])
 def test_random_workload(n, seed, seeds, args, env, request):
-    run_seeds(n, seed, seeds, args, env, request.config.getoption("--include-known"))
+    run_seeds(n, seed, seeds, args, env, request.config.getoption("--without-fixed"))
 
 
 def kill_for(seed: int, n: int) -> str:
@@ -80,19 +80,12 @@ def kill_for(seed: int, n: int) -> str:
     return f"{rng.randint(1, n - 1)}:{rng.choice(POINTS)}:{rng.randint(1, 6)}"
 
 
-KILL_BUGS = ("open bugs found by this tester under kills (/work/findings-diff/README.md): re-runs fail "
-             "with 'function was never sent'; results whose lineage has a task pinned to the dead "
-             "rank fail with ValueError, not ObjectLostError; a nested task with puts hangs after "
-             "its rank died")
-
-
-@pytest.mark.xfail(reason=KILL_BUGS, strict=False)
 @pytest.mark.parametrize("n,seed", KILL_JOBS, ids=[f"n{n}-seed{s}" for n, s in KILL_JOBS])
 def test_random_workload_with_a_killed_rank(n, seed, request):
     from test_faults import _no_ulfm
     if _no_ulfm():
         pytest.skip(_no_ulfm())
-    run_seeds(n, seed, 1, (), {}, request.config.getoption("--include-known"), kill=kill_for(seed, n))
+    run_seeds(n, seed, 1, (), {}, request.config.getoption("--without-fixed"), kill=kill_for(seed, n))
 
 
 def soak_jobs(count: int) -> list[tuple]:
@@ -118,10 +111,9 @@ def pytest_generate_tests(metafunc):
 
 def test_soak(soak_job, request):
     n, seed, seeds, args, env = soak_job
-    run_seeds(n, seed, seeds, args, env, request.config.getoption("--include-known"))
+    run_seeds(n, seed, seeds, args, env, request.config.getoption("--without-fixed"))
 
 
-@pytest.mark.xfail(reason=KILL_BUGS, strict=False)
 def test_soak_with_kills(request):
     count = request.config.getoption("--soak")
     if not count:
@@ -132,7 +124,7 @@ def test_soak_with_kills(request):
     failures = []
     for seed in range(20000, 20000 + max(1, count // 10)):
         try:
-            run_seeds(4, seed, 1, (), {}, request.config.getoption("--include-known"),
+            run_seeds(4, seed, 1, (), {}, request.config.getoption("--without-fixed"),
                       kill=kill_for(seed, 4))
         except (AssertionError, pytest.fail.Exception) as exc:
             failures.append(f"seed {seed} kill {kill_for(seed, 4)}: {str(exc)[:2000]}")
