@@ -62,6 +62,9 @@ def run_seeds(n, seed, seeds, args, env, without_fixed, kill=None):
     out = proc.stdout + proc.stderr
     failed = re.findall(r"^SEED \d+ FAIL.*$", proc.stdout, re.M)
     details = "\n".join(line for line in proc.stdout.splitlines() if not line.startswith("SEED "))
+    # every rank must also shut down cleanly (quiesced, then MPI_Finalize), not after the 30 s
+    # give-up (a drained stream's receives that could never match kept every rank waiting)
+    assert kill or "leaving without MPI_Finalize" not in proc.stderr, proc.stderr[-4000:]
     assert not failed and proc.returncode == 0 and f"DONE {seeds} seeds, 0 failed" in proc.stdout, (
         f"exit {proc.returncode}; " + ("\n".join(failed) or "no failing seed reported") + "\n"
         + details[-6000:] + "\n--- stderr ---\n" + proc.stderr[-4000:])

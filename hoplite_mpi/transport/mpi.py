@@ -170,8 +170,10 @@ class MPITransport(Transport):
         mpi_tag = self.data_tag(tag)
         for s in self._streams:
             if not s.send and s.peer == peer and s.tag == mpi_tag:
+                # (the peer refused before sending anything: cancel the posted receives, they can
+                # match nothing; a drain would wait for them in vain)
                 self._streams.remove(s)
-                self._end(s, failure.detail, failure.dead, failure.mpi_error)
+                _fail(s, failure.detail, failure.dead, failure.mpi_error)
                 return
 
     def stop_send_stream(self, peer, tag) -> None:
@@ -196,6 +198,9 @@ class MPITransport(Transport):
         for d in self._drains:
             peer, tag, _, reqs = d
             reqs[:] = [(r, b) for r, b in reqs if not _done(r)]
+            if reqs and now > d[2]:     # silent for DRAIN_SECONDS: what is posted will not match
+                for r, _ in reqs:
+                    _cancel_only(r)
             while peer not in self.failed:
                 try:
                     msg = self.comm.improbe(peer, tag, status)
@@ -327,6 +332,8 @@ class MPITransport(Transport):
         self._streams = keep
         if self._drains:     # (new messages of a drained stream are taken by drain() now)
             for d in self._drains:
+                for r, _ in d[3]:   # posted receives: cancel (a matched one completes)
+                    _cancel_only(r)
                 d[3][:] = [(r, b) for r, b in d[3] if not _done(r)]
             before = len(self._drains)
             self._drains = [d for d in self._drains if d[3] and d[0] not in self.failed]
@@ -400,6 +407,14 @@ def _fail(s: _Stream, detail: str, dead: bool = True, mpi_error: int = 0) -> Non
     except Exception:   # (the engine goes on; the runtime logs its own errors)
         import logging
         logging.getLogger("hoplite_mpi").exception("error handler of a stream with rank %d failed", s.peer)
+
+
+def _cancel_only(req) -> None:
+    """Ask MPI to cancel ``req`` and keep it (it completes, cancelled or matched, on a Test)."""
+    try:
+        req.Cancel()
+    except MPI.Exception:
+        pass
 
 
 def _cancel(req) -> None:
