@@ -646,18 +646,21 @@ def broadcast(ref: ObjectRef, ranks: Optional[Sequence[int]] = None, timeout: Op
             if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < rt.size:
                 raise ValueError(f"broadcast target {r!r} is not a rank (0..{rt.size - 1})")
     fut = rt.waiter()
+    deadline = None if timeout is None else time.monotonic() + timeout
     rt.call_soon(rt.start_broadcast, ref.id, targets, fut.set_result)
     with _Blocking(rt, [ref]):
         try:
             errors = fut.result(timeout)
+            if not errors:   # the object exists: its ref completes too (the notifier may lag)
+                exc = cf.Future.exception(ref, _remaining(deadline))
         except cf.TimeoutError:
             raise cf.TimeoutError(f"broadcast of {ref.hex()} not complete after {timeout} s") from None
     if errors:
         if all(e == "deleted" for e in errors.values()):
             raise ObjectDeletedError(ref.hex())
         raise HopliteError(f"broadcast of {ref.hex()} failed on ranks {errors}")
-    if ref.done() and not ref.cancelled() and ref.exception() is not None:
-        raise ref.exception()
+    if exc is not None:      # an error object: every target holds it, the call raises it
+        raise exc
 
 
 def _collective(refs: Sequence[ObjectRef], op: Any, num: Optional[int], rank_: Optional[int],

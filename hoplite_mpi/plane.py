@@ -138,10 +138,29 @@ class ObjectPlane:
             return
         entry = self.store.get(oid)
         if entry is not None:      # being produced here (a reduce step): wait for it
-            entry.on_complete.append(lambda e: callback(e.frames))
+            waiting = self._producing.get(oid)
+            if waiting is None:
+                waiting = self._producing[oid] = []
+                entry.on_complete.append(lambda e: self._produced(oid, e))
+            waiting.append(callback)
             return
         self._fetching[oid] = [callback]
         self._ask_sender(oid)
+
+    def _produced(self, oid: int, entry: Any) -> None:
+        for callback in self._producing.pop(oid, ()):
+            callback(entry.frames)
+
+    def _drop_unfinished_result(self, oid: int) -> None:
+        """A failed reduce's result entry here will never be complete (its final step was
+        aborted; the result is an error object in the directory): drop it, and send the readers
+        that waited for it to the directory (they get the error object)."""
+        entry = self.store.get(oid)
+        if entry is not None and not entry.complete:
+            entry.on_complete.clear()
+            self.store.delete(oid)
+        for callback in self._producing.pop(oid, ()):
+            self._request(oid, callback)
 
     def _ask_sender(self, oid: int) -> None:
         """Ask the object's shard for a sender for this rank (answered by :meth:`_on_sender`)."""
@@ -380,6 +399,10 @@ class ObjectPlane:
         for step in list(self._reduce_steps.values()):
             if step.msg.reduce_id == msg.reduce_id:
                 step.abort()
+                if step.msg.final and not msg.result_id:      # the reduce failed
+                    self._drop_unfinished_result(step.msg.out_id)
+                    if step.msg.adopt:       # (a re-planned one: the result entry itself)
+                        self._drop_unfinished_result(step.msg.adopt)
         for rank in msg.forward:     # (after the final step stopped giving out its output)
             self.send(rank, P.ReduceAbort(msg.reduce_id))
         if msg.result_id:            # where the result stands now: the next attempt goes on from there
@@ -628,9 +651,11 @@ class _ReduceStep:
                 f"reduce step on rank {self.rt.rank} lost its input from rank {failure.rank}: "
                 f"{failure.detail}")), lost=failure.rank)
             return
-        log.error("rank %d: reduce step %s: a child's stream from rank %d failed (not a rank "
-                  "loss; a bug, please report it): %s", self.rt.rank, format_id(self.msg.out_id),
-                  failure.rank, failure.detail)
+        refused = "no longer holds" in failure.detail   # (freed: this reduce is being torn down)
+        (log.debug if refused else log.error)(
+            "rank %d: reduce step %s: a child's stream from rank %d failed%s: %s", self.rt.rank,
+            format_id(self.msg.out_id), failure.rank,
+            "" if refused else " (not a rank loss; a bug, please report it)", failure.detail)
         self.rt.stats["transfer_errors"] += 1
         if failure.tag >= 0:
             self.rt.send(failure.rank, P.StreamCancel(failure.tag))

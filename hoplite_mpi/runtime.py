@@ -87,6 +87,7 @@ class Runtime(ObjectPlane):
         self._deleted: set[int] = set()
         self._lookups: dict[int, list[Callable]] = {}
         self._fetching: dict[int, list[Callable]] = {}   # object id -> callbacks (DirPull sent)
+        self._producing: dict[int, list[Callable]] = {}  # object id -> callbacks (made here)
         self._deferred: dict[int, list] = {}               # object id -> Pulls to serve later
         self._receiving: dict[int, int] = {}               # object id -> rank streaming it here
         self._replicated: set[int] = set()                 # (primary shard) replicas requested

@@ -237,6 +237,32 @@ def check_order_dependent_ops_are_refused_at_call_time():
     assert hm.get(hm.reduce(refs, np.bitwise_xor), timeout=T)[0] == 10 ^ 1 ^ 2
 
 
+@check
+def check_a_failed_reduce_result_can_be_broadcast_and_read_on_its_target():
+    # (found by the soak) the target's aborted final step left an incomplete result entry there:
+    # a broadcast (or a get on the target) of the failed result waited for it for ever.  (A
+    # broadcast started *before* the reduce fails can still hang: see README, known limitations)
+    for _ in range(3):
+        first = as_array.options(rank=worker(0)).remote(np.ones((7, 146), np.longdouble))
+        # the failing input comes last: the target's accumulator step has started by then
+        refs = [hm.put(np.ones((7, 146), np.longdouble, order="F")), first, fail_after.remote(first)]
+        red = hm.reduce(refs, "sum", rank=worker(1))
+        hm.wait([red], timeout=T)
+        for attempt in (lambda: hm.broadcast(red, timeout=T), lambda: hm.get(red, timeout=T),
+                        lambda: hm.get(read_boxed.options(rank=worker(1)).remote([red]), timeout=T)):
+            try:
+                attempt()
+            except KeyError as exc:
+                assert "last input failed" in str(exc), str(exc)
+            else:
+                raise AssertionError("a failed reduce's result did not raise its input's error")
+
+
+@hm.remote
+def fail_after(x):
+    raise KeyError("last input failed")
+
+
 @hm.remote
 def read_boxed(box):
     return hm.get(box[0], timeout=T)
