@@ -403,7 +403,6 @@ class Workload:
         return self.spec_seed
 
     def add(self, ref, desc, value=None, errors=None, deps=(), nested=(), pinned=None):
-        if os.environ.get("RW_TRACE"): print(f"NODE {len(self.nodes)} {ref.hex()} {desc}", flush=True)
         node = Node(len(self.nodes), ref, desc, value, errors, deps, nested, pinned)
         node.ref_id = ref.id   # noqa (slots: set below)
         self.nodes.append(node)
