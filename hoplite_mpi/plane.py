@@ -25,6 +25,8 @@ import numpy as np
 
 from . import faults
 from . import protocol as P
+from .collectives import portable_error
+from .debug import engine_state
 from .errors import HopliteError, ObjectDeletedError, TransferError
 from .ids import format_id
 from .protocol import ObjectInfo
@@ -242,24 +244,32 @@ class ObjectPlane:
             return
         self._transfer_failed(oid, failure)
 
+    def _transfer_error(self, oid: int, failure: PeerFailure) -> tuple:
+        """The error object (frames) of a stream of ``oid`` that failed for another reason than
+        a death.  Unless the peer merely no longer held the object (``refused``), that is a bug
+        of ours: counted, logged with this rank's state, and the sender told to post no more."""
+        if failure.refused:
+            log.debug("rank %d: rank %d no longer holds %s", self.rank, failure.rank, format_id(oid))
+        else:
+            self.stats["transfer_errors"] += 1
+            if failure.tag >= 0:
+                self.send(failure.rank, P.StreamCancel(failure.tag))   # it posts no more chunks
+            log.error("rank %d: transfer of %s from rank %d failed (not a rank loss; a bug, "
+                      "please report it): %s\n%s", self.rank, format_id(oid), failure.rank,
+                      failure.detail, engine_state(self))
+        return to_bytes(local_error(TransferError(format_id(oid), failure.rank, failure.detail,
+                                                  failure.mpi_error)))
+
     def _transfer_failed(self, oid: int, failure: PeerFailure) -> None:
         """A pull from a live rank failed for another reason than its death (a bug of ours):
         every reader of the object on this rank gets :class:`TransferError`; the incomplete copy
         is dropped, so a later fetch starts afresh.  Both ranks stay in the job."""
-        from .debug import engine_state
-        self.stats["transfer_errors"] += 1
-        if failure.tag >= 0:
-            self.send(failure.rank, P.StreamCancel(failure.tag))   # it posts no more chunks
-        log.error("rank %d: transfer of %s from rank %d failed (not a rank loss; a bug, please "
-                  "report it): %s\n%s", self.rank, format_id(oid), failure.rank, failure.detail,
-                  engine_state(self))
+        error = self._transfer_error(oid, failure)
         self._receiving.pop(oid, None)
         entry = self.store.get(oid)
         if entry is not None and not entry.complete:
             entry.pooled = False     # (receives still in flight write into its buffers)
             self.store.delete(oid)
-        error = to_bytes(local_error(TransferError(format_id(oid), failure.rank, failure.detail,
-                                                   failure.mpi_error)))
         info = ObjectInfo(oid, frame_sizes(error), (), error, True)
         for callback in self._fetching.pop(oid, ()):
             callback(info)
@@ -269,7 +279,8 @@ class ObjectPlane:
         if msg.reason or oid not in self._fetching:
             # a mismatched copy (a bug), or a reduce step's child pull: fail that stream
             self.transport.fail_stream(source, msg.tag, PeerFailure(
-                source, msg.reason or f"rank {source} no longer holds {format_id(oid)}", dead=False))
+                source, msg.reason or f"rank {source} no longer holds {format_id(oid)}", dead=False,
+                refused=not msg.reason))
             return
         # The sender dropped its copy (deleted/freed): cancel our receive and ask the shard anew.
         self.transport.cancel_stream(source, msg.tag)
@@ -292,7 +303,6 @@ class ObjectPlane:
                 self._deferred.setdefault(oid, []).append((source, msg))
             return
         if msg.sizes and tuple(msg.sizes) != tuple(entry.sizes):
-            from .debug import engine_state
             reason = (f"rank {self.rank} holds {format_id(oid)} with frame sizes {entry.sizes}, "
                       f"rank {source} expects {tuple(msg.sizes)}")
             log.error("rank %d: refused a pull (a bug, please report it): %s\n%s", self.rank,
@@ -598,7 +608,6 @@ class _ReduceStep:
         self._release()
 
     def _op_failed(self, exc: BaseException) -> None:
-        from .collectives import portable_error
         self._report(local_error(portable_error(
             exc, f"reduce op np.{self.op.__name__} failed on rank {self.rt.rank}")))
 
@@ -651,16 +660,8 @@ class _ReduceStep:
                 f"reduce step on rank {self.rt.rank} lost its input from rank {failure.rank}: "
                 f"{failure.detail}")), lost=failure.rank)
             return
-        refused = "no longer holds" in failure.detail   # (freed: this reduce is being torn down)
-        (log.debug if refused else log.error)(
-            "rank %d: reduce step %s: a child's stream from rank %d failed%s: %s", self.rt.rank,
-            format_id(self.msg.out_id), failure.rank,
-            "" if refused else " (not a rank loss; a bug, please report it)", failure.detail)
-        self.rt.stats["transfer_errors"] += 1
-        if failure.tag >= 0:
-            self.rt.send(failure.rank, P.StreamCancel(failure.tag))
-        self._report(local_error(TransferError(format_id(self.msg.out_id), failure.rank,
-                                               failure.detail, failure.mpi_error)))
+        # (refused: the child's output was freed, this reduce is being torn down)
+        self._report(self.rt._transfer_error(self.msg.out_id, failure))
 
     def _report(self, error: Any, lost: int = -1) -> None:
         if self.reported:

@@ -17,17 +17,19 @@ class PeerFailure(Exception):
     ``MPI_ERR_PROC_FAILED_PENDING``, ``MPI_ERR_REVOKED``, or the rank was declared dead); False
     for any other MPI error (``MPI_ERR_TRUNCATE``, ...), which is a bug of ours, not a death: the
     objects of that transfer fail with :class:`~hoplite_mpi.errors.TransferError` and the rank
-    stays in the job.  ``mpi_error`` is the MPI error class (0 when not from MPI).
+    stays in the job.  ``mpi_error`` is the MPI error class (0 when not from MPI).  ``refused``:
+    the peer sent nothing because it no longer holds the object (freed: not a bug).
     """
 
     def __init__(self, rank: int, detail: str = "", dead: bool = True, mpi_error: int = 0,
-                 tag: int = -1) -> None:
+                 tag: int = -1, refused: bool = False) -> None:
         super().__init__(rank, detail)
         self.rank = rank
         self.detail = detail
         self.dead = dead
         self.mpi_error = mpi_error
         self.tag = tag      # the stream's transport tag (for :meth:`Transport.stop_send_stream`)
+        self.refused = refused
 
 
 class Transport(abc.ABC):

@@ -98,11 +98,17 @@ class MPITransport(Transport):
         self.bell.wake()
 
     def receive(self) -> list[tuple[int, list]]:
+        return self._receive_arrived(Tag.CONTROL)
+
+    def _receive_arrived(self, tag: int) -> list[tuple[int, list]]:
+        """Receive every message with ``tag`` (``MPI.ANY_TAG``: any) that has arrived: control
+        batches are returned, data chunks received into scratch space and dropped.  A probe or
+        receive that reports a dead rank is acknowledged and the loop goes on."""
         got = []
         status = self._status
         while True:
             try:
-                msg = self.comm.improbe(MPI.ANY_SOURCE, Tag.CONTROL, status)
+                msg = self.comm.improbe(MPI.ANY_SOURCE, tag, status)
             except MPI.Exception as exc:
                 if not self._acknowledge(exc):
                     raise
@@ -111,7 +117,10 @@ class MPITransport(Transport):
                 return got
             source = status.Get_source()
             try:
-                got.append((source, msg.recv()))
+                if status.Get_tag() == Tag.CONTROL:
+                    got.append((source, msg.recv()))
+                else:
+                    msg.Recv([bytearray(max(1, status.Get_count(MPI.BYTE))), MPI.BYTE])
             except MPI.Exception as exc:   # the sender died before its message was complete
                 if not self._acknowledge(exc):
                     raise
@@ -173,7 +182,7 @@ class MPITransport(Transport):
                 # (the peer refused before sending anything: cancel the posted receives, they can
                 # match nothing; a drain would wait for them in vain)
                 self._streams.remove(s)
-                _fail(s, failure.detail, failure.dead, failure.mpi_error)
+                _fail(s, failure.detail, failure.dead, failure.mpi_error, failure.refused)
                 return
 
     def stop_send_stream(self, peer, tag) -> None:
@@ -191,7 +200,7 @@ class MPITransport(Transport):
             s.inflight.clear()
         _fail(s, detail, dead, mpi_error)
 
-    def _drain(self) -> None:
+    def _progress_drains(self) -> None:
         now = time.monotonic()
         status = self._status
         keep = []
@@ -270,7 +279,7 @@ class MPITransport(Transport):
                     keep.append(s)
             self._streams = keep
         if self._drains:
-            self._drain()
+            self._progress_drains()
         return progressed
 
     # --- shutdown ---------------------------------------------------------------------------
@@ -279,26 +288,7 @@ class MPITransport(Transport):
         """Receive every message that has arrived, of any tag (control batches are returned,
         data chunks received into scratch space and dropped): a message left unreceived on a
         communicator that is then freed made MPI_Finalize hang under ULFM."""
-        got = []
-        status = self._status
-        while True:
-            try:
-                msg = self.comm.improbe(MPI.ANY_SOURCE, MPI.ANY_TAG, status)
-            except MPI.Exception as exc:
-                if not self._acknowledge(exc):
-                    raise
-                continue
-            if msg is None:
-                return got
-            source, tag = status.Get_source(), status.Get_tag()
-            try:
-                if tag == Tag.CONTROL:
-                    got.append((source, msg.recv()))
-                else:
-                    msg.Recv([bytearray(max(1, status.Get_count(MPI.BYTE))), MPI.BYTE])
-            except MPI.Exception as exc:
-                if not self._acknowledge(exc):
-                    raise
+        return self._receive_arrived(MPI.ANY_TAG)
 
     def quiesce(self) -> bool:
         progressed = False
@@ -396,17 +386,17 @@ def _done(req) -> bool:
         return True
 
 
-def _fail(s: _Stream, detail: str, dead: bool = True, mpi_error: int = 0) -> None:
+def _fail(s: _Stream, detail: str, dead: bool = True, mpi_error: int = 0,
+          refused: bool = False) -> None:
     """End stream ``s`` (its peer is gone, or ``dead=False``: an MPI error that is not a death):
     drop its requests, report the failure."""
     for req, _ in s.inflight:
         _cancel(req)
     s.inflight.clear()
     try:
-        s.on_error(PeerFailure(s.peer, detail, dead, mpi_error, s.tag))
+        s.on_error(PeerFailure(s.peer, detail, dead, mpi_error, s.tag, refused))
     except Exception:   # (the engine goes on; the runtime logs its own errors)
-        import logging
-        logging.getLogger("hoplite_mpi").exception("error handler of a stream with rank %d failed", s.peer)
+        log.exception("error handler of a stream with rank %d failed", s.peer)
 
 
 def _cancel_only(req) -> None:
