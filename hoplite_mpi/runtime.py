@@ -1,20 +1,11 @@
-"""One rank's runtime: MPI set-up, roles by rank, the progress engine thread, shutdown.
+"""One rank's runtime: roles by rank over a progress :class:`~.engine.Engine`, and shutdown.
 
 Roles: rank 0 runs the driver (the user's program) and the :class:`~.scheduler.Scheduler`; ranks
 1..N-1 run tasks (:class:`~.worker.Worker`); with one rank, rank 0 runs tasks too.  Every rank has
 an :class:`~.store.ObjectStore` and a :class:`~.directory.DirectoryShard`.
 
-The engine thread owns all state and all MPI calls.  Other threads (the driver, task threads) hand
-it work with :meth:`Runtime.call_soon`.  One loop iteration::
-
-    run queued calls -> receive control batches -> handle messages -> drive data streams
-      -> flush one batch per destination -> sleep with exponential backoff if nothing happened
-
-For ``HOT_WINDOW`` seconds after any activity (or while data streams are in flight) the engine polls
-by yielding the core; after that it backs off exponentially up to ``Config.backoff_max`` seconds
-between polls instead of spinning (the ranks are usually oversubscribed).  A call from another
-thread, or a control message from a rank on the same host (its doorbell, :mod:`.transport.doorbell`),
-wakes a sleeping engine at once.
+The engine thread owns all state and all transport calls (see :mod:`.engine` for the loop and its
+idle policy).  Other threads (the driver, task threads) hand it work with :meth:`Runtime.call_soon`.
 """
 from __future__ import annotations
 
@@ -24,7 +15,6 @@ import queue
 import threading
 import time
 import weakref
-from collections import defaultdict, deque
 from concurrent.futures import Future
 from typing import Any, Callable, Optional
 
@@ -38,32 +28,46 @@ from .protocol import ObjectInfo
 from .scheduler import Scheduler, TaskState
 from .serialization import frame_sizes, rebuild_error, serialize_error, to_bytes
 from .collectives import ReduceCoordinator, chain_length
+from .engine import Engine
 from .plane import ObjectPlane
 from .store import ObjectStore
 from .worker import Worker, _context, current_task_id, guard_exit
 
 log = logging.getLogger("hoplite_mpi")
 
-# seconds after the last activity during which an engine polls by yielding the core (no sleep):
-# a reply usually follows within a round trip.  Measured on 4 ranks / 2 cores: a 1,000-task chain
-# took ~7 s with plain exponential backoff and ~1 s with this window; idle cost is unaffected.
-HOT_WINDOW = 0.005
-
 
 class Runtime(ObjectPlane):
     """The runtime of one rank over communicator ``comm`` (which it owns: pass a ``Dup``)."""
 
-    def __init__(self, comm: Any, config: Config, transport: Any = None) -> None:
-        from .transport.mpi import MPITransport
-
+    def __init__(self, comm: Any, config: Config, transport: Any = None, *,
+                 clock: Callable[[], float] = time.monotonic, threads: bool = True,
+                 worker: Optional[Callable[..., Any]] = None,
+                 exit_process: Callable[[int], None] = os._exit) -> None:
+        """``transport``: default an MPI transport over ``comm``.  For tests and simulation
+        (:mod:`hoplite_mpi.sim`): ``clock`` (seconds, monotonic), ``threads=False`` (no engine
+        and notifier threads: the caller drives :meth:`step` and reads :attr:`ready`),
+        ``worker`` (a factory with :class:`~.worker.Worker`'s signature) and ``exit_process``
+        (called where a rank must end: declared dead, or the driver lost)."""
+        if transport is None:
+            from .transport.mpi import MPITransport
+            transport = MPITransport(comm, config.window)
         self.comm = comm
         self.config = config
-        self.transport = transport or MPITransport(comm, config.window)
+        self.transport = transport
         self.rank = self.transport.rank
         self.size = self.transport.size
+        self.clock = clock
+        self.threads = threads
+        self.exit_process = exit_process
+        self.engine = engine = Engine(transport, clock, config.backoff_max)
+        self.send = engine.send
+        self._send_all = engine.send_all
+        self._flush = engine.flush
+        self._guarded = engine.guarded
         self.ids = IdGenerator(self.rank)
-        faults.arm(self.rank)
-        self.dead: set[int] = set()                        # ranks lost (ULFM)
+        if threads:
+            faults.arm(self.rank)
+        self.dead = engine.dead                            # ranks lost (ULFM)
         self.store = ObjectStore()
         self.shards = shard_map(self.size, min(config.replication, self.size))
         self.directory = DirectoryShard(self.rank)
@@ -73,16 +77,13 @@ class Runtime(ObjectPlane):
             self.scheduler = Scheduler(self.worker_ranks, self.shard_ranks, config.tasks_per_worker)
         self.worker: Optional[Worker] = None
         if self.rank in self.worker_ranks:
-            self.worker = Worker(self.rank, config.worker_threads, self.fetch_info,
-                                 self._task_finished, lambda oid: self.local_frames(oid) is not None)
-            if self.rank != 0:
+            self.worker = (worker or Worker)(self.rank, config.worker_threads, self.fetch_info,
+                                             self._task_finished,
+                                             lambda oid: self.local_frames(oid) is not None)
+            if self.rank != 0 and threads:
                 guard_exit(self._task_exits)
         self._exit_noted = threading.Event()     # (worker) rank 0 took note of a TaskExit
         # engine state (engine thread only)
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        self._sleeping = False
-        self._outbox: dict[int, list] = defaultdict(list)
-        self._local: deque = deque()
         self._known: dict[int, ObjectInfo] = {}
         self._deleted: set[int] = set()
         self._lookups: dict[int, list[Callable]] = {}
@@ -92,7 +93,6 @@ class Runtime(ObjectPlane):
         self._receiving: dict[int, int] = {}               # object id -> rank streaming it here
         self._replicated: set[int] = set()                 # (primary shard) replicas requested
         self._want: dict[int, int] = {}                     # (primary shard) copies, if not config
-        self._heard: dict[int, float] = {}                 # rank 0: worker -> last message time
         self._freed_here: set[int] = set()
         self._broadcasts: dict[int, tuple] = {}
         self._reduces: dict[int, ReduceCoordinator] = {}   # rank 0: reduces in progress
@@ -103,18 +103,18 @@ class Runtime(ObjectPlane):
         self.reduced: dict[int, list[int]] = {}            # rank 0: result id -> inputs used
         self._next_tag = 0
         self.sent_blobs: set = set()   # function ids already sent to the scheduler from here
-        self._closing = False          # (engine) Shutdown sent or received: quiescing
         self._goodbyes: set[int] = set()   # ranks whose last message (Shutdown/ShutdownAck) came
+        self._quiesce_deadline: Optional[float] = None
         self.stopped = threading.Event()   # the engine thread has ended
         self.closed = False
         self.unclean = False    # the engine did not quiesce: MPI_Finalize could hang, exit without
         self._waiters: "weakref.WeakSet[Future]" = weakref.WeakSet()   # failed at shutdown
-        self.stats = defaultdict(int)
+        self.stats = engine.stats
         # refs of this process, to complete when their object becomes ready
         self._refs: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
         self._refs_lock = threading.Lock()
         self._notify: queue.SimpleQueue = queue.SimpleQueue()
-        self._handlers = {
+        handlers = {
             P.SubmitTask: lambda src, m: self._submit(m.spec),
             P.RunTask: lambda src, m: self.worker.enqueue(m),
             P.TaskDone: lambda src, m: self._scheduled(self.scheduler.task_done(m)),
@@ -145,24 +145,48 @@ class Runtime(ObjectPlane):
             P.Shutdown: lambda src, m: self._begin_close(),
             P.ShutdownAck: lambda src, m: self._begin_close(),
         }
-        self._engine = threading.Thread(target=self._loop, name=f"hoplite-engine-{self.rank}", daemon=True)
+        for msg_type, handler in handlers.items():
+            engine.on(msg_type, handler)
+        engine.on_peer_failure(self._rank_lost)
+        engine.on_leftover = self._note_goodbye
+        engine.track_heard = self.scheduler is not None
+        if self.transport.ft:
+            engine.every(min(config.heartbeat, config.heartbeat_timeout / 4), self._heartbeat)
+        self._engine = threading.Thread(target=self._run, name=f"hoplite-engine-{self.rank}", daemon=True)
         self._notifier = threading.Thread(target=self._notify_loop, name="hoplite-notify", daemon=True)
 
+    @property
+    def _closing(self) -> bool:
+        return self.engine.closing
+
     def start(self) -> "Runtime":
-        self._engine.start()
-        self._notifier.start()
+        if self.threads:
+            self._engine.start()
+            self._notifier.start()
         return self
+
+    def step(self) -> bool:
+        """(``threads=False``) One iteration of the engine loop; returns whether anything
+        happened.  After shutdown began, one step of quiescence (see :meth:`_quiesce`)."""
+        if self.stopped.is_set():
+            return False
+        if not self.engine.closing:
+            return self.engine.step()
+        if self._quiesce_deadline is None:
+            self._quiesce_deadline = self.clock() + self.config.shutdown_timeout
+        active, done = self._quiesce_step()
+        if done:
+            self.stopped.set()
+        return active
 
     # --- threads -> engine -------------------------------------------------------------------
 
     def call_soon(self, fn: Callable, *args: Any) -> None:
         """Run ``fn(*args)`` on the engine thread (thread-safe, returns at once).  Raises
         RuntimeShutdownError once the runtime is shutting down (the engine runs no more calls)."""
-        if self._closing or self.closed:
+        if self.closed:
             raise RuntimeShutdownError("the hoplite_mpi runtime is shut down")
-        self._calls.put((fn, args))
-        if self._sleeping:
-            self.transport.wake()
+        self.engine.call_soon(fn, *args)
 
     def call(self, fn: Callable, *args: Any, timeout: float | None = None) -> Any:
         """Run ``fn(*args)`` on the engine thread and wait for its return value (raises
@@ -198,78 +222,10 @@ class Runtime(ObjectPlane):
 
     # --- engine loop ---------------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        transport = self.transport
-        tmin, tmax = 2.5e-5, self.config.backoff_max
-        hot_window = HOT_WINDOW
-        delay = tmin
-        last_active = time.monotonic()
-        heard = self._heard if self.scheduler is not None else None
-        beat = min(self.config.heartbeat, self.config.heartbeat_timeout / 4)
-        next_beat = last_active + beat
+    def _run(self) -> None:
+        """The engine thread: the loop, then shutdown's quiescence."""
         try:
-            while not self._closing:
-                active = False
-                while True:
-                    try:
-                        fn, args = self._calls.get_nowait()
-                    except queue.Empty:
-                        break
-                    self._guarded(fn, *args)
-                    active = True
-                    if self._closing:          # (this call was the driver's shutdown)
-                        break
-                # (once closing, this rank's last messages are out: nothing below may send more)
-                for source, batch in ([] if self._closing else transport.receive()):
-                    active = True
-                    if source in self.dead:    # declared dead (hung): whatever it still says is void
-                        continue
-                    if self._closing:          # (a Shutdown earlier in this round)
-                        self._note_goodbye(source, batch)
-                        continue
-                    if heard is not None:
-                        heard[source] = time.monotonic()   # any batch is a sign of life
-                    for i, msg in enumerate(batch):
-                        self._handle(source, msg)
-                        if self._closing:      # nothing after a Shutdown is acted on
-                            self._note_goodbye(source, batch[i:])
-                            break
-                if self._closing:
-                    break
-                for rank in transport.failures():
-                    active = True
-                    self._guarded(self._rank_lost, rank)
-                now = time.monotonic()
-                if now >= next_beat:
-                    next_beat = now + beat
-                    self._guarded(self._heartbeat, now)
-                # only the messages queued so far: one that makes another local message each
-                # time (a request answered by this rank's own shard) then cannot keep the engine
-                # from MPI, heartbeats and death notices
-                for _ in range(len(self._local)):
-                    if self._closing:
-                        break
-                    active = True
-                    self._handle(self.rank, self._local.popleft())
-                if self._closing:
-                    break
-                if transport.progress():
-                    active = True
-                self._flush()
-                if active:
-                    delay = tmin
-                    last_active = time.monotonic()
-                else:
-                    # Exponential backoff; poll often while streams are in flight or shortly after
-                    # activity (a reply usually follows within a round trip), rarely when idle.
-                    if transport.busy() or time.monotonic() - last_active < hot_window:
-                        time.sleep(0)          # yield the core, but answer within microseconds
-                        continue
-                    delay = min(tmax, delay * 2)
-                    self._sleeping = True      # set before the last look at the queue: no lost wake-up
-                    if self._calls.empty() and transport.wait(delay):
-                        last_active = time.monotonic()   # rung: the message may lag its doorbell
-                    self._sleeping = False
+            self.engine.run()
             self._quiesce()
         except BaseException:
             log.exception("rank %d: progress engine failed", self.rank)
@@ -277,37 +233,6 @@ class Runtime(ObjectPlane):
             raise
         finally:
             self.stopped.set()
-
-    def _handle(self, source: int, msg: Any) -> None:
-        self.stats[type(msg).__name__] += 1
-        self._guarded(self._handlers[type(msg)], source, msg)
-
-    def _guarded(self, fn: Callable, *args: Any) -> None:
-        """Run one step of the engine; a bug or bad input in one message must not stop the
-        engine (every other task and transfer of this rank depends on it)."""
-        try:
-            fn(*args)
-        except Exception:
-            self.stats["engine_errors"] += 1
-            log.exception("rank %d: error while handling %s", self.rank,
-                          type(args[-1]).__name__ if args else getattr(fn, "__name__", fn))
-
-    def send(self, dest: int, msg: Any) -> None:
-        """Queue a message (engine thread); batches go out at the end of the loop iteration."""
-        if dest == self.rank:
-            self._local.append(msg)
-        else:
-            self._outbox[dest].append(msg)
-
-    def _send_all(self, out: list) -> None:
-        for dest, msg in out:
-            self.send(dest, msg)
-
-    def _flush(self) -> None:
-        if self._outbox:
-            outbox, self._outbox = self._outbox, defaultdict(list)
-            for dest, batch in outbox.items():
-                self.transport.send(dest, batch)
 
     def _scheduled(self, out: list) -> None:
         """Send a scheduler's messages and deliver the objects it completed to local refs."""
@@ -357,6 +282,19 @@ class Runtime(ObjectPlane):
             self._notify.put([object_id])
         else:
             self._lookup(object_id, lambda info: self._notify.put([info if info is not None else object_id]))
+
+    def take_ready(self) -> list:
+        """(``threads=False``) What completed since the last call, in order: an ObjectInfo per
+        object that became ready (``error`` set for an error object), an object id per object
+        found deleted.  (With threads, the notifier thread completes the refs instead.)"""
+        out: list = []
+        while True:
+            try:
+                batch = self._notify.get_nowait()
+            except queue.Empty:
+                return out
+            if batch is not None:
+                out.extend(batch)
 
     def _notify_loop(self) -> None:
         """Completes futures outside the engine thread (user callbacks may block or call get)."""
@@ -658,7 +596,7 @@ class Runtime(ObjectPlane):
         if self.closed:
             return
         for rank in range(1, self.size):
-            heard = self._heard.setdefault(rank, now)
+            heard = self.engine.heard.setdefault(rank, now)
             if rank not in self.dead and now - heard > self.config.heartbeat_timeout:
                 log.warning("rank 0: no message from rank %d for %.1f s: declaring it dead",
                             rank, now - heard)
@@ -705,7 +643,7 @@ class Runtime(ObjectPlane):
             log.error("rank %d: rank 0 declared this rank dead (no heartbeat for %.0f s); exiting",
                       self.rank, self.config.heartbeat_timeout)
             logging.shutdown()
-            os._exit(0)
+            self.exit_process(0)
         self._rank_lost(msg.rank)
 
     def _rank_lost(self, rank: int) -> None:
@@ -715,7 +653,7 @@ class Runtime(ObjectPlane):
         if rank == 0:
             log.error("rank %d: rank 0 (the driver) died; exiting", self.rank)
             logging.shutdown()
-            os._exit(1)
+            self.exit_process(1)
         log.warning("rank %d: rank %d died; going on without it", self.rank, rank)
         self.stats["ranks_lost"] += 1
         n = len(self.shards)
@@ -841,42 +779,49 @@ class Runtime(ObjectPlane):
         for rank in range(self.size):
             if rank != self.rank and rank not in self.dead:
                 self.send(rank, last)
-        self._local.clear()
+        self.engine.discard_local()
         if self.worker is not None:
             self.worker.close()
         self._flush()
-        self._closing = True
+        self.engine.stop()
 
     def _note_goodbye(self, source: int, batch: list) -> None:
         if any(type(m) in (P.Shutdown, P.ShutdownAck) for m in batch):
             self._goodbyes.add(source)
 
     def _quiesce(self) -> None:
-        """(engine, after :meth:`_begin_close`) Drop whatever still arrives until every live peer
-        has sent its last message and this rank's sends have completed."""
-        transport = self.transport
-        deadline = time.monotonic() + self.config.shutdown_timeout
+        """(engine thread, after :meth:`_begin_close`) Drop whatever still arrives until every
+        live peer has sent its last message and this rank's sends have completed."""
+        self._quiesce_deadline = self.clock() + self.config.shutdown_timeout
         delay = 2.5e-5
         while True:
-            active = False
-            for source, batch in transport.drain():
-                active = True
-                self._note_goodbye(source, batch)
-            for rank in transport.failures():
-                self.dead.add(rank)        # (nothing to repair: only not to wait for it)
-            if transport.quiesce():
-                active = True
-            waiting = set(range(self.size)) - {self.rank} - self.dead - self._goodbyes
-            if not waiting and transport.idle():
-                return
-            if time.monotonic() > deadline:
-                log.warning("rank %d: shutdown: no last message from rank(s) %s after %.0f s "
-                            "(or own sends unfinished); leaving without MPI_Finalize",
-                            self.rank, sorted(waiting), self.config.shutdown_timeout)
-                self.unclean = True
+            active, done = self._quiesce_step()
+            if done:
                 return
             delay = 2.5e-5 if active else min(0.01, delay * 2)
-            transport.wait(delay)
+            self.transport.wait(delay)
+
+    def _quiesce_step(self) -> tuple[bool, bool]:
+        """One round of quiescence: (whether anything happened, whether it is over)."""
+        transport = self.transport
+        active = False
+        for source, batch in transport.drain():
+            active = True
+            self._note_goodbye(source, batch)
+        for rank in transport.failures():
+            self.dead.add(rank)        # (nothing to repair: only not to wait for it)
+        if transport.quiesce():
+            active = True
+        waiting = set(range(self.size)) - {self.rank} - self.dead - self._goodbyes
+        if not waiting and transport.idle():
+            return active, True
+        if self.clock() > self._quiesce_deadline:
+            log.warning("rank %d: shutdown: no last message from rank(s) %s after %.0f s "
+                        "(or own sends unfinished); leaving without MPI_Finalize",
+                        self.rank, sorted(waiting), self.config.shutdown_timeout)
+            self.unclean = True
+            return active, True
+        return active, False
 
     def _fail_waiters(self) -> None:
         """Threads blocked in get/wait/result/broadcast/call return with RuntimeShutdownError."""
@@ -895,7 +840,8 @@ class Runtime(ObjectPlane):
         if self.closed:
             return
         self.closed = True
-        self._engine.join(timeout=self.config.shutdown_timeout + 10)
+        if self.threads:
+            self._engine.join(timeout=self.config.shutdown_timeout + 10)
         if self._engine.is_alive():     # still in MPI: finalizing now could hang or crash
             log.warning("rank %d: the progress engine did not stop", self.rank)
             self.unclean = True
