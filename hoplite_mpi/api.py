@@ -361,7 +361,7 @@ def get(refs: Union[ObjectRef, Sequence[ObjectRef]], timeout: Optional[float] = 
     deadline = None if timeout is None else time.monotonic() + timeout
     with _Blocking(rt, items):
         for ref in items:
-            if ref.id in rt._deleted:
+            if rt.is_deleted(ref.id):
                 raise ObjectDeletedError(format_id(ref.id))
             try:
                 cf.Future.result(ref, _remaining(deadline))  # readiness (or the task's error)
@@ -703,7 +703,7 @@ def _check_op_now(rt: Any, refs: Sequence[ObjectRef], ufunc: Any, what: str) -> 
     cannot combine in place (otherwise the coordinator fails the result at the first input)."""
     from .collectives import check_op_dtype
     for ref in refs:
-        info = rt._info(ref.id) if ref.done() else None   # (a read of engine state: a hint)
+        info = rt.info(ref.id) if ref.done() else None   # (a read of engine state: a hint)
         head = None if info is None or info.error else (
             info.inline[0] if info.inline is not None else info.head)
         if head is None or len(info.sizes) != 2:

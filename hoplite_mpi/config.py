@@ -20,7 +20,7 @@ class Config:
 
     Attributes:
         chunk_size: bytes per point-to-point data message of an object transfer (default 1 MiB;
-            256 KiB-1 MiB measured best on one host, see DESIGN.md).
+            256 KiB-1 MiB measured best on one host, benchmarks/RESULTS.md).
         window: chunks of one transfer in flight at once (posted ``Isend``/``Irecv``).
         inline_threshold: objects of at most this many serialized bytes travel inside control
             messages (completion, directory replies) instead of a chunked transfer (Hoplite: 64 KiB).

@@ -53,13 +53,14 @@ def engine_state(rt: Any) -> str:
     engine runs, so it is a best-effort snapshot (a section that changed under it says so)."""
     lines = [f"---- hoplite_mpi rank {rt.rank} state ----",
              f"dead ranks: {sorted(rt.dead)}",
-             f"waiting for a directory lookup: {_ids(rt._lookups)}",
-             f"fetching: {_ids(rt._fetching)}",
-             "receiving: " + ", ".join(f"{format_id(o)} from {r}" for o, r in list(rt._receiving.items())[:20]),
-             f"pulls deferred until the copy starts: {_ids(rt._deferred)}",
-             f"reduce steps running here: {_ids(rt._reduce_steps)}"]
-    if getattr(rt, "_closing", False):      # shutting down: whose last message is still awaited
-        waiting = sorted(set(range(rt.size)) - {rt.rank} - rt.dead - rt._goodbyes)
+             f"waiting for a directory lookup: {_ids(rt.lookups.waiting)}",
+             f"fetching: {_ids(rt.fetcher.fetching)}",
+             "receiving: " + ", ".join(f"{format_id(o)} from {r}"
+                                       for o, r in list(rt.fetcher.receiving.items())[:20]),
+             f"pulls deferred until the copy starts: {_ids(rt.server.deferred)}",
+             f"reduce steps running here: {_ids(rt.steps.running)}"]
+    if rt.engine.closing:      # shutting down: whose last message is still awaited
+        waiting = rt.shutdown_role.waiting()
         lines.append(f"shutting down: last message still awaited from {waiting}, "
                      f"own operations in flight: {not rt.transport.idle()}")
     sections = [("streams", _streams), ("directory", _directory), ("store", _store)]

@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from .protocol import DirAdd, DirDelete, DirLookup, DirPartial, DirPull, DirReply, Free, ObjectInfo
+from .protocol import DirAdd, DirDelete, DirLookup, DirPartial, DirPull, DirReply, DirSender, Free, ObjectInfo
 
 Outbox = list  # list[tuple[int, object]]
 
@@ -153,7 +153,7 @@ class DirectoryShard:
         broadcast): among complete and partial copies that feed nobody yet (chain tails), the
         one closest to a complete copy; complete copies first.  Inline objects need no sender."""
         if object_id in self._deleted:
-            return [(requester, DirReply(object_id, None, True))]
+            return [(requester, DirSender(object_id, None))]
         entry = self._entries.setdefault(object_id, _Entry())
         info = entry.info
         if info is None:
@@ -161,9 +161,9 @@ class DirectoryShard:
             return []
         if info.inline is not None:
             entry.readers.add(requester)
-            return [(requester, DirReply(object_id, info, True))]
+            return [(requester, DirSender(object_id, info))]
         if requester in info.holders:              # it has a complete copy already
-            return [(requester, DirReply(object_id, replace(info, holders=(requester,)), True))]
+            return [(requester, DirSender(object_id, replace(info, holders=(requester,))))]
         old = entry.partial.pop(requester, None)   # asked again (its sender failed): re-place it
         if old is not None:
             self._feeds(entry, old, -1)
@@ -172,14 +172,14 @@ class DirectoryShard:
                       and not self._fed_by(entry, r, requester)]
         if not candidates:
             if requester in info.holders:
-                return [(requester, DirReply(object_id, replace(info, holders=(requester,)), True))]
+                return [(requester, DirSender(object_id, replace(info, holders=(requester,))))]
             entry.pulling.append(requester)   # only the requester itself had it: wait
             return []
         sender = min(candidates, key=lambda r: (entry.downstream.get(r, 0) > 0,
                                                 self._depth(entry, r), entry.downstream.get(r, 0)))
         entry.partial[requester] = sender
         self._feeds(entry, sender, +1)
-        return [(requester, DirReply(object_id, replace(info, holders=(sender,)), True))]
+        return [(requester, DirSender(object_id, replace(info, holders=(sender,))))]
 
     def lookup(self, object_id: int, requester: int) -> Outbox:
         """Answer at once if the object is known (or deleted), else when it is added."""
@@ -212,7 +212,7 @@ class DirectoryShard:
         if entry is None:
             return []
         out: Outbox = [(rank, DirReply(object_id, None)) for rank in entry.waiting]
-        out += [(rank, DirReply(object_id, None, True)) for rank in entry.pulling]
+        out += [(rank, DirSender(object_id, None)) for rank in entry.pulling]
         if entry.info is not None:
             # holders drop their copies; ranks that read a small value drop their cached copy
             holders = set(entry.info.holders) | set(entry.partial) | entry.readers

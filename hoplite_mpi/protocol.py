@@ -1,4 +1,4 @@
-"""Messages between ranks: one frozen slotted dataclass per kind.
+"""Messages between ranks: one slotted dataclass per kind (immutable by convention).
 
 Control messages travel in batches (a ``list`` of messages per MPI message, tag ``Tag.CONTROL``) so
 that one loop iteration of a progress engine sends at most one message per destination.  Object
@@ -8,7 +8,8 @@ Data flow (rank 0 = driver + scheduler; W = worker ranks; D = the directory shar
 
     driver --submit--> Scheduler --RunTask(spec, dep infos)--> W --TaskDone(infos)--> Scheduler
                                                                W --DirAdd(info)-----> D
-    any rank --DirLookup--> D --DirReply(info)--> any rank --Pull--> holder ==chunks==> any rank
+    any rank --DirLookup--> D --DirReply(info)--> any rank
+    any rank --DirPull--> D --DirSender(info: the sender)--> any rank --Pull--> sender ==chunks==> any rank
 """
 from __future__ import annotations
 
@@ -177,12 +178,21 @@ class DirPartial:
 
 @message
 class DirReply:
-    """Shard -> requester: ``info`` is None when the object was deleted.  ``pull``: the answer to
-    a DirPull (``info.holders`` is then the chosen sender)."""
+    """Shard -> requester, the answer to a DirLookup: ``info`` is None when the object was
+    deleted."""
 
     object_id: int
     info: Optional[ObjectInfo]
-    pull: bool = False
+
+
+@message
+class DirSender:
+    """Shard -> requester, the answer to a DirPull: ``info.holders`` is the one chosen sender (a
+    complete or partial copy, Hoplite §3.3), or ``info`` carries the value inline, or is None
+    (the object was deleted)."""
+
+    object_id: int
+    info: Optional[ObjectInfo]
 
 
 @message
@@ -390,7 +400,3 @@ class ShutdownAck:
 
     rank: int
 
-
-ALL_MESSAGES = (SubmitTask, RunTask, TaskDone, TaskBlocked, DirAdd, DirLookup,
-                DirPull, DirPartial, DirReply, DirDelete, Free, Pull, PullRefused, Fetch, Fetched,
-                ReduceStep, ReduceLate, ReduceStepDone, ReduceAbort, ReduceResume, ReduceRequest, Shutdown, ShutdownAck)

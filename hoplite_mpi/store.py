@@ -3,7 +3,7 @@
 An entry is created complete (``put``, a task's return value) or empty (``allocate``, the receiving
 end of a transfer) and then filled in order; ``progress`` counts the bytes received so far, in the
 order of :func:`chunk_plan`.  A partially received entry can already be read up to ``progress``
-(the next issue relays partial copies, Hoplite §3.3).
+(a partial copy serves what it has and forwards chunks as they arrive, Hoplite §3.3: objects/serve.py).
 
 State left after errors: every method either does what it says or raises ``KeyError`` and leaves
 the store unchanged.
@@ -33,6 +33,15 @@ def chunk_plan(sizes: Sequence[int], chunk_size: int) -> list[tuple[int, int, in
         for start in range(0, size, chunk_size):
             plan.append((i, start, min(size, start + chunk_size)))
     return plan
+
+
+def chunk_ends(plan: list) -> list[int]:
+    """Cumulative byte offsets at the end of each chunk of ``plan`` (for ``bisect``)."""
+    ends, total = [], 0
+    for _, a, b in plan:
+        total += b - a
+        ends.append(total)
+    return ends
 
 
 @dataclass

@@ -7,7 +7,7 @@ import pytest
 
 from hoplite_mpi.directory import DirectoryShard, shard_map
 from hoplite_mpi.ids import IdGenerator, format_id, origin_rank, shard_of
-from hoplite_mpi.protocol import DirAdd, DirDelete, DirLookup, DirReply, Free, ObjectInfo, Pull
+from hoplite_mpi.protocol import DirAdd, DirDelete, DirLookup, DirReply, DirSender, Free, ObjectInfo, Pull
 
 X = 1001
 Y = 1002
@@ -230,13 +230,13 @@ def test_after_rank_loss_pulls_wait_for_a_rebuilt_copy_and_are_answered_by_its_a
     assert shard.lookup(X, 3) == []                           # no copy: both wait
     assert shard.pull(X, 4) == []
     rebuilt = info(holders=(2,))
-    assert shard.add(rebuilt) == [(3, DirReply(X, rebuilt)), (4, DirReply(X, rebuilt, True))]
+    assert shard.add(rebuilt) == [(3, DirReply(X, rebuilt)), (4, DirSender(X, rebuilt))]
 
 
 def test_a_dead_sender_is_not_chosen_again_and_its_receivers_are_re_placed(shard):
     shard.add(info(holders=(1, 2)))
-    assert shard.pull(X, 3) == [(3, DirReply(X, info(holders=(1,)), True))]   # tail of chain at 1
-    assert shard.pull(X, 4) == [(4, DirReply(X, info(holders=(2,)), True))]
+    assert shard.pull(X, 3) == [(3, DirSender(X, info(holders=(1,))))]   # tail of chain at 1
+    assert shard.pull(X, 4) == [(4, DirSender(X, info(holders=(2,))))]
     shard.rank_lost(1)
     # receiver 3 lost its sender and asks again: it gets rank 2's chain tail (rank 4) or rank 2
     (dest, reply), = shard.pull(X, 3)

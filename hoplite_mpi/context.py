@@ -1,0 +1,99 @@
+"""What the components of one rank's runtime share, and the rank-loss event they all receive.
+
+A component (``objects/*``, ``roles/*``, ``refs``) gets a :class:`Context` instead of the
+runtime: the rank's identity, its engine's ``send``/``call_soon``, the store, the config, the
+clock, the shard map and membership, and the other components by name (their public methods
+only; no component touches another's fields).  Everything here runs on the engine thread unless
+a method says otherwise.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .ids import shard_of
+from .protocol import DirAdd
+
+
+@dataclass
+class Loss:
+    """A rank died (ULFM) or was declared dead: what every component is told, in the order the
+    runtime calls them (see :meth:`hoplite_mpi.runtime.Runtime.rank_lost`).
+
+    ``moved``: shards whose every replica is dead now (a live rank took them over: what was
+    registered there must be registered again).  ``changed``: shards whose primary was the dead
+    rank (requests waiting there must be sent again)."""
+
+    rank: int
+    moved: set = field(default_factory=set)
+    changed: set = field(default_factory=set)
+
+
+class Context:
+    """Shared by the components of one rank (see the module docstring).
+
+    Attributes:
+        rank, size: this rank and the number of ranks.  dead: ranks lost (the engine's set).
+        shards: the shard map (``directory.shard_map``).  stats: counters.
+        catalog, lookups, fetcher, server, broadcasts, steps, shard, refs: the components every
+            rank has.  driver, coordinator: rank 0 only (else None).  tasks: ranks that run
+            tasks (else None).
+        rank_lost: ``rank_lost(rank)`` (the runtime's), for a component that learns of a death
+            first.  engine_state: ``() -> str``, the rank's state for error logs.
+    """
+
+    def __init__(self, engine: Any, config: Any, store: Any, ids: Any, shards: list) -> None:
+        self.engine = engine
+        self.transport = engine.transport
+        self.rank: int = engine.rank
+        self.size: int = engine.size
+        self.clock = engine.clock
+        self.dead: set[int] = engine.dead
+        self.stats = engine.stats
+        self.send = engine.send
+        self.send_all = engine.send_all
+        self.call_soon = engine.call_soon
+        self.config = config
+        self.store = store
+        self.ids = ids
+        self.shards = shards
+        self._tags = itertools.count(1)
+        self.catalog: Any = None
+        self.lookups: Any = None
+        self.fetcher: Any = None
+        self.server: Any = None
+        self.broadcasts: Any = None
+        self.steps: Any = None
+        self.shard: Any = None
+        self.refs: Any = None
+        self.driver: Any = None
+        self.coordinator: Any = None
+        self.tasks: Any = None
+        self.rank_lost: Callable[[int], None] = lambda rank: None
+        self.engine_state: Callable[[], str] = lambda: ""
+
+    def next_tag(self) -> int:
+        """A fresh transport tag for a data stream received by this rank."""
+        return next(self._tags)
+
+    def shard_ranks(self, object_id: int) -> tuple[int, ...]:
+        """Live ranks of the object's directory shard; when all its replicas died, the next live
+        rank after them takes the shard over (rebuilt on rank loss)."""
+        ranks = self.shards[shard_of(object_id, len(self.shards))]
+        if not self.dead:
+            return ranks
+        live = tuple(r for r in ranks if r not in self.dead)
+        if live:
+            return live
+        return (next(r % self.size for r in range(ranks[-1] + 1, ranks[-1] + self.size)
+                     if r % self.size not in self.dead),)
+
+    def shard_primary(self, shard: int) -> int:
+        """The rank that answers requests for ``shard`` now (-1 if all its ranks are dead)."""
+        return next((r for r in self.shards[shard] if r not in self.dead), -1)
+
+    def publish(self, info: Any, replicas: int = 0) -> None:
+        """Register ``info`` (this rank holds the object, or its value is inline) at its shard."""
+        for rank in self.shard_ranks(info.object_id):
+            self.send(rank, DirAdd(info, replicas))

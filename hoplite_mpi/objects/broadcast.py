@@ -1,0 +1,89 @@
+"""Broadcast fetches: make every target rank hold a complete copy of an object.
+
+The driver sends each target a ``Fetch`` and, in the same step, a ``DirPull`` on its behalf to the
+object's shard, so the shard and the target wake up together; each target pulls through the
+shard's chain of (partial) copies, so the copies form a pipelined tree built at run time (Hoplite
+§3.3), and answers ``Fetched``.  Replicas (``Config.replication``) are made the same way, with
+``REPLICA_TOKEN``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .. import faults
+from .. import protocol as P
+from ..context import Loss
+from ..errors import TransferError
+from ..protocol import ObjectInfo
+from ..serialization import rebuild_error
+from ..store import DELETED
+
+
+class Broadcasts:
+    """Broadcasts this rank started: ``token -> (targets remaining, errors, done callback)``."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.running: dict[int, tuple] = {}
+
+    def start(self, object_id: int, ranks: list[int], done: Callable[[dict], None]) -> None:
+        """Make every rank of ``ranks`` hold a complete copy; ``done({rank: error})`` after.
+        Dead ranks are skipped (and a target that dies meanwhile is no longer waited for)."""
+        ctx = self.ctx
+        ranks = [r for r in ranks if r not in ctx.dead]
+        token = ctx.ids.next()
+        self.running[token] = (set(ranks), {}, done)
+        shard = ctx.shard_ranks(object_id)[0]
+        for rank in ranks:
+            if rank == ctx.rank:
+                self.on_fetch(ctx.rank, P.Fetch(object_id, token))
+            else:
+                # The DirPull goes out from here together with the Fetch: the shard and the
+                # target wake up at the same time instead of one after the other (an idle rank
+                # polls only every backoff_max seconds).
+                ctx.send(shard, P.DirPull(object_id, rank))
+                ctx.send(rank, P.Fetch(object_id, token, pulled=True))
+        if not ranks:
+            self.on_fetched(ctx.rank, P.Fetched(token, ctx.rank))
+
+    def on_fetch(self, source: int, msg: P.Fetch) -> None:
+        """(target) Get a copy, then answer ``Fetched`` (with an error text if it failed)."""
+        ctx = self.ctx
+        if msg.token == P.REPLICA_TOKEN:
+            faults.reached("replica")
+
+        def reply(got: Any) -> None:
+            error = "deleted" if got is DELETED else None
+            if isinstance(got, ObjectInfo) and got.error:
+                exc = rebuild_error(got.inline)     # (an error object is a value: held fine)
+                if isinstance(exc, TransferError):  # (but the copy itself failed)
+                    error = repr(exc)
+            ctx.send(source, P.Fetched(msg.token, ctx.rank, error))
+        oid = msg.object_id
+        if msg.pulled and ctx.catalog.local_frames(oid) is None and ctx.store.get(oid) is None:
+            # our DirPull was sent by the driver: wait for the shard's answer (it may be here)
+            ctx.fetcher.await_sender(oid, reply)
+            return
+        ctx.fetcher.fetch(oid, reply)
+
+    def on_fetched(self, source: int, msg: P.Fetched) -> None:
+        if msg.token == P.REPLICA_TOKEN:   # a background replica is complete (it registered itself)
+            return
+        state = self.running.get(msg.token)
+        if state is None:
+            if self.ctx.coordinator is not None:   # an allreduce's copies
+                self.ctx.coordinator.fetched(msg)
+            return
+        remaining, errors, done = state
+        remaining.discard(msg.rank)
+        if msg.error:
+            errors[msg.rank] = msg.error
+        if not remaining:
+            del self.running[msg.token]
+            done(errors)
+
+    def rank_lost(self, loss: Loss) -> None:
+        """A dead target needs nothing."""
+        for token, (remaining, errors, done) in list(self.running.items()):
+            if loss.rank in remaining:
+                self.on_fetched(loss.rank, P.Fetched(token, loss.rank))

@@ -1,0 +1,262 @@
+"""Getting a complete copy of an object onto this rank (receiver-driven, Hoplite §3.3).
+
+A rank that needs an object asks the object's directory shard for a sender (``DirPull``); the
+shard answers (``DirSender``) with the tail of the shortest chain of complete or partial copies and
+records this rank as a new partial copy fed by that sender.  This rank then ``Pull``s from the
+sender, which streams the prefix it has and forwards each chunk as it arrives, so simultaneous
+receivers form a pipeline S -> R1 -> R2 -> ..., and finished receivers become senders for later
+ones.  A pull whose sender dies resumes from another sender, keeping the bytes received.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+from concurrent.futures import Future
+from typing import Any, Callable, Optional
+
+from .. import faults
+from .. import protocol as P
+from ..context import Loss
+from ..errors import ObjectDeletedError, TransferError
+from ..ids import format_id, shard_of
+from ..protocol import ObjectInfo
+from ..serialization import frame_sizes, local_error, rebuild_error, to_bytes
+from ..store import DELETED, chunk_plan, chunk_ends
+from ..transport.base import PeerFailure
+
+log = logging.getLogger("hoplite_mpi")
+
+
+class Fetcher:
+    """Copies being fetched (``fetching``: DirPull sent), produced here (``producing``: a reduce
+    step's output that readers wait for) and received (``receiving``: object -> sending rank)."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.fetching: dict[int, list[Callable]] = {}
+        self.producing: dict[int, list[Callable]] = {}
+        self.receiving: dict[int, int] = {}
+
+    # --- entry points ------------------------------------------------------------------------
+
+    def fetch(self, object_id: int, callback: Callable[[Any], None]) -> None:
+        """Call ``callback(frames | info-with-inline | DELETED)`` once this rank holds the object
+        (an ObjectInfo with ``error`` set if the copy failed: :class:`TransferError`)."""
+        catalog = self.ctx.catalog
+        local = catalog.local_frames(object_id)
+        if local is not None:
+            callback(local)
+            return
+        info = catalog.info(object_id)
+        if info is not None:
+            self.fetch_from(info, callback)
+        else:
+            self.request(object_id, callback)
+
+    def fetch_info(self, info: ObjectInfo, timeout: float | None = None) -> list:
+        """Blocking (any thread but the engine): the frames of the object ``info`` describes.
+
+        Raises:
+            ObjectDeletedError: it was deleted.  TransferError: the copy failed (a bug).
+            concurrent.futures.TimeoutError: not here within ``timeout`` seconds.
+        """
+        fut: Future = Future()
+        self.ctx.call_soon(self.fetch_from, info, fut.set_result)
+        got = fut.result(timeout)
+        if got is DELETED:
+            raise ObjectDeletedError(format_id(info.object_id))
+        if isinstance(got, ObjectInfo):
+            if got.error:       # the transfer failed (TransferError)
+                raise rebuild_error(got.inline)
+            return got.inline
+        return got
+
+    def fetch_from(self, info: ObjectInfo, callback: Callable) -> None:
+        if info.inline is not None:
+            callback(info)
+            return
+        self.request(info.object_id, callback)
+
+    def await_sender(self, oid: int, callback: Callable) -> None:
+        """Wait for the answer to a DirPull someone else sent for this rank (a broadcast)."""
+        self.fetching.setdefault(oid, []).append(callback)
+
+    def request(self, oid: int, callback: Callable) -> None:
+        """Get a complete copy here: wait for one being received/produced, else ask the shard
+        for a sender (DirPull) and pull from it."""
+        ctx = self.ctx
+        local = ctx.catalog.local_frames(oid)
+        if local is not None:
+            callback(local)
+            return
+        waiting = self.fetching.get(oid)
+        if waiting is not None:    # being fetched (received) here: its outcome is ours
+            waiting.append(callback)
+            return
+        entry = ctx.store.get(oid)
+        if entry is not None:      # being produced here (a reduce step): wait for it
+            waiting = self.producing.get(oid)
+            if waiting is None:
+                waiting = self.producing[oid] = []
+                entry.on_complete.append(lambda e: self._produced(oid, e))
+            waiting.append(callback)
+            return
+        self.fetching[oid] = [callback]
+        self.ask_sender(oid)
+
+    def _produced(self, oid: int, entry: Any) -> None:
+        for callback in self.producing.pop(oid, ()):
+            callback(entry.frames)
+
+    def drop_unfinished_result(self, oid: int) -> None:
+        """A failed reduce's result entry here will never be complete (its final step was
+        aborted; the result is an error object in the directory): drop it, and send the readers
+        that waited for it to the directory (they get the error object)."""
+        store = self.ctx.store
+        entry = store.get(oid)
+        if entry is not None and not entry.complete:
+            entry.on_complete.clear()
+            store.delete(oid)
+        for callback in self.producing.pop(oid, ()):
+            self.request(oid, callback)
+
+    def ask_sender(self, oid: int) -> None:
+        """Ask the object's shard for a sender for this rank (answered by :meth:`on_sender`)."""
+        self.ctx.send(self.ctx.shard_ranks(oid)[0], P.DirPull(oid, self.ctx.rank))
+
+    # --- the shard's answer and the stream ---------------------------------------------------
+
+    def on_sender(self, source: int, msg: P.DirSender) -> None:
+        """The shard's answer to a DirPull: a sender (or the value, or 'deleted')."""
+        ctx, oid, info = self.ctx, msg.object_id, msg.info
+        catalog = ctx.catalog
+        # keep what the answer tells even if nobody here waits yet: a DirPull the driver sent for
+        # us (broadcast) can be answered before its Fetch arrives
+        catalog.remember(info, oid)
+        callbacks = self.fetching.get(oid)
+        if callbacks is None:
+            if info is None or catalog.local_frames(oid) is not None or ctx.store.get(oid) is not None:
+                return
+            callbacks = self.fetching[oid] = []
+        if info is None or info.inline is not None or catalog.local_frames(oid) is not None:
+            del self.fetching[oid]
+            got = DELETED if info is None else (catalog.local_frames(oid) or info)
+            for callback in callbacks:
+                callback(got)
+            return
+        sender = info.holders[0]
+        if sender == ctx.rank:           # only we had it (it was freed meanwhile): ask again later
+            self.ask_sender(oid)
+            return
+        entry = ctx.store.get(oid)
+        if entry is None:
+            entry = ctx.store.allocate(oid, info.sizes)
+            entry.on_complete.append(lambda e: self._fetched(oid, info.head))
+        self.receive(oid, entry, sender, oid, self.pull_failed)
+        ctx.server.serve_deferred(oid)
+
+    def receive(self, into: int, entry: Any, sender: int, source_id: int,
+                on_error: Callable[[int, PeerFailure], None]) -> None:
+        """Pull ``source_id`` from ``sender`` into store entry ``into`` (from its progress on)."""
+        ctx = self.ctx
+        plan = chunk_plan(entry.sizes, ctx.config.chunk_size)
+        skip = bisect.bisect_right(chunk_ends(plan), entry.progress)
+        chunks = [memoryview(entry.frames[f])[a:b] for f, a, b in plan[skip:]]
+        if not chunks:
+            ctx.store.advance(into, 0)
+            return
+        tag = ctx.next_tag()
+        ctx.stats["pulls"] += 1
+        self.receiving[into] = sender
+
+        def failed(failure: PeerFailure) -> None:
+            self.receiving.pop(into, None)
+            on_error(into, failure)
+        ctx.transport.recv_stream(sender, tag, chunks, lambda n: self._chunk_in(into, n), failed)
+        ctx.send(sender, P.Pull(source_id, tag, entry.progress, entry.sizes))
+
+    def _chunk_in(self, into: int, nbytes: int) -> None:
+        faults.reached("chunk")
+        store = self.ctx.store
+        if store.get(into) is None:    # deleted or freed while it was arriving: let it end
+            self.receiving.pop(into, None)
+            return
+        if store.advance(into, nbytes):
+            self.receiving.pop(into, None)
+
+    def _fetched(self, oid: int, head: Optional[bytes]) -> None:
+        ctx = self.ctx
+        entry = ctx.store.get(oid)
+        if entry is None:
+            return
+        ctx.publish(ObjectInfo(oid, entry.sizes, (ctx.rank,), head=head))   # a sender for others
+        for callback in self.fetching.pop(oid, ()):
+            callback(entry.frames)
+
+    # --- failures ----------------------------------------------------------------------------
+
+    def pull_failed(self, oid: int, failure: PeerFailure) -> None:
+        """A pull of ``oid`` into this rank failed: resume from another sender after a death,
+        else fail the readers with TransferError."""
+        if failure.dead:
+            log.warning("rank %d: pull of %s from rank %d failed: %s", self.ctx.rank,
+                        format_id(oid), failure.rank, failure.detail)
+            self.ask_sender(oid)   # keep the bytes, resume from another sender
+            return
+        self._transfer_failed(oid, failure)
+
+    def transfer_error(self, oid: int, failure: PeerFailure) -> bytes:
+        """The error object (bytes) of a stream of ``oid`` that failed for another reason than a
+        death.  Unless the peer merely no longer held the object (``refused``), that is a bug of
+        ours: counted, logged with this rank's state, and the sender told to post no more."""
+        ctx = self.ctx
+        if failure.refused:
+            log.debug("rank %d: rank %d no longer holds %s", ctx.rank, failure.rank, format_id(oid))
+        else:
+            ctx.stats["transfer_errors"] += 1
+            if failure.tag >= 0:
+                ctx.send(failure.rank, P.StreamCancel(failure.tag))   # it posts no more chunks
+            log.error("rank %d: transfer of %s from rank %d failed (not a rank loss; a bug, "
+                      "please report it): %s\n%s", ctx.rank, format_id(oid), failure.rank,
+                      failure.detail, ctx.engine_state())
+        return to_bytes(local_error(TransferError(format_id(oid), failure.rank, failure.detail,
+                                                  failure.mpi_error)))
+
+    def _transfer_failed(self, oid: int, failure: PeerFailure) -> None:
+        """A pull from a live rank failed for another reason than its death (a bug of ours):
+        every reader of the object on this rank gets :class:`TransferError`; the incomplete copy
+        is dropped, so a later fetch starts afresh.  Both ranks stay in the job."""
+        error = self.transfer_error(oid, failure)
+        self.receiving.pop(oid, None)
+        store = self.ctx.store
+        entry = store.get(oid)
+        if entry is not None and not entry.complete:
+            entry.pooled = False     # (receives still in flight write into its buffers)
+            store.delete(oid)
+        info = ObjectInfo(oid, frame_sizes(error), (), error, True)
+        for callback in self.fetching.pop(oid, ()):
+            callback(info)
+
+    def on_pull_refused(self, source: int, msg: P.PullRefused) -> None:
+        ctx, oid = self.ctx, msg.object_id
+        if msg.reason or oid not in self.fetching:
+            # a mismatched copy (a bug), or a reduce step's child pull: fail that stream
+            ctx.transport.fail_stream(source, msg.tag, PeerFailure(
+                source, msg.reason or f"rank {source} no longer holds {format_id(oid)}", dead=False,
+                refused=not msg.reason))
+            return
+        # The sender dropped its copy (deleted/freed): cancel our receive and ask the shard anew.
+        ctx.transport.cancel_stream(source, msg.tag)
+        self.receiving.pop(oid, None)
+        entry = ctx.store.get(oid)
+        if entry is not None and not entry.complete:
+            ctx.store.delete(oid)
+        self.ask_sender(oid)
+
+    def rank_lost(self, loss: Loss) -> None:
+        """A DirPull may have gone to the dead shard (e.g. after a stream from it failed before
+        the failure was known here): ask the new shard, unless a live sender streams to us."""
+        n = len(self.ctx.shards)
+        for oid in list(self.fetching):
+            if shard_of(oid, n) in loss.changed and oid not in self.receiving:
+                self.ask_sender(oid)

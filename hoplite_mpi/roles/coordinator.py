@@ -1,0 +1,95 @@
+"""The reduce coordinator role (rank 0): the shell around the pure
+:class:`~hoplite_mpi.collectives.ReduceCoordinator` (Hoplite §3.4 tree-chain reduce).
+
+Inputs are placed as they become ready (:meth:`Driver.when_ready`); steps report back
+(``ReduceStepDone``); after a rank loss the coordinator re-plans and the new attempt goes on from
+the bytes of the result already given out (``ReduceResume``).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .. import protocol as P
+from ..collectives import ReduceCoordinator, chain_length
+from ..context import Loss
+from ..ids import format_id
+
+log = logging.getLogger("hoplite_mpi")
+
+
+class Coordination:
+    """``running``: reduce id (and ids of its earlier attempts) -> coordinator; ``reduced``:
+    result id -> the input ids it was computed from (``hm.reduced_inputs``)."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.running: dict[int, ReduceCoordinator] = {}
+        self.reduced: dict[int, list[int]] = {}
+
+    def start(self, reduce_id: int, inputs: list[int], op: bytes, num: int, target: int,
+              result_id: int, allreduce: bool) -> None:
+        """Coordinate a reduce: inputs are placed as they become ready."""
+        ctx = self.ctx
+
+        def k_of(nbytes: int) -> int:
+            return chain_length(nbytes, ctx.config.link_bandwidth, ctx.config.link_latency)
+        coord = ReduceCoordinator(reduce_id, inputs, op, num, target, result_id, ctx.ids.next, k_of,
+                                  allreduce, ctx.shard_ranks)
+        self.running[reduce_id] = coord
+        if target in ctx.dead:       # (the target died before the reduce was asked for)
+            self._coordinated(coord, coord.rank_lost(target))
+            return
+        self._watch_inputs(coord)
+
+    def on_request(self, source: int, msg: P.ReduceRequest) -> None:
+        """A reduce asked for by a task (hm.reduce on a worker)."""
+        self.start(msg.reduce_id, list(msg.inputs), msg.op, msg.num, msg.target,
+                   msg.reduce_id + 1, msg.allreduce)
+
+    def _watch_inputs(self, coord: ReduceCoordinator) -> None:
+        for oid in dict.fromkeys(coord.inputs):
+            self.ctx.driver.when_ready(oid, lambda info, c=coord: self._coordinated(c, c.input_ready(info)))
+
+    def on_step_done(self, source: int, msg: P.ReduceStepDone) -> None:
+        ctx = self.ctx
+        if msg.lost >= 0 and msg.lost not in ctx.dead and ctx.transport.ft:
+            # a step saw ``lost`` die (ULFM) before this rank did: act on it now (every reduce
+            # it takes part in is re-planned; this message's attempt is then an old one)
+            ctx.rank_lost(msg.lost)
+        coord = self.running.get(msg.reduce_id)
+        if coord is not None:
+            self._coordinated(coord, coord.step_done(msg))
+
+    def on_resume(self, source: int, msg: P.ReduceResume) -> None:
+        coord = self.running.get(msg.reduce_id)
+        if coord is not None:
+            self._coordinated(coord, coord.resume(msg.reduce_id, msg.progress))
+
+    def fetched(self, msg: P.Fetched) -> None:
+        """A copy of an allreduce's result reached its rank (``msg.token`` is the reduce id)."""
+        coord = self.running.get(msg.token)
+        if coord is not None:
+            self._coordinated(coord, coord.fetched(msg.rank, msg.error))
+
+    def _coordinated(self, coord: ReduceCoordinator, out: list) -> None:
+        ctx = self.ctx
+        ctx.send_all(out)
+        if coord.wants_inputs and not coord.done:     # re-planned after a rank loss
+            coord.wants_inputs = False
+            ctx.stats["reduces_replanned"] += 1
+            ctx.stats["reduce_bytes_kept"] += coord.start    # result bytes not computed again
+            log.warning("rank 0: reduce %s re-planned without the dead rank(s) %s (from byte %d)",
+                        format_id(coord.result_id), sorted(coord.dead), coord.start)
+            self.running[coord.reduce_id] = coord
+            self._watch_inputs(coord)
+        if coord.done and self.running.pop(coord.reduce_id, None) is not None:
+            for rid in coord.attempts:
+                self.running.pop(rid, None)
+            self.reduced[coord.result_id] = list(coord.used)
+            ctx.refs.notify([coord.result])
+            ctx.driver.object_known(coord.result)
+
+    def rank_lost(self, loss: Loss) -> None:
+        for coord in {id(c): c for c in self.running.values()}.values():
+            self._coordinated(coord, coord.rank_lost(loss.rank))
