@@ -83,9 +83,9 @@ class Coordination:
                         format_id(coord.result_id), sorted(coord.dead), coord.start)
             self.running[coord.reduce_id] = coord
             self._watch_inputs(coord)
-        if coord.done and self.running.pop(coord.reduce_id, None) is not None:
-            for rid in coord.attempts:
-                self.running.pop(rid, None)
+        # (every attempt's id: a re-planned reduce waiting for the target's ReduceResume is still
+        # filed under its previous attempt's id; found by the simulation, seed 120)
+        if coord.done and [rid for rid in coord.attempts if self.running.pop(rid, None) is not None]:
             self.reduced[coord.result_id] = list(coord.used)
             ctx.refs.notify([coord.result])
             ctx.driver.object_known(coord.result)

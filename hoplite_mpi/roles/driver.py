@@ -65,7 +65,9 @@ class Driver:
             for info in infos:
                 self.ctx.publish(info)
             self.ctx.refs.notify(list(infos))
-            return
+            for info in infos:   # (known here too: re-registered if their shard dies, and tasks
+                self.scheduled(self.scheduler.object_known(info))   # using them fail at once;
+            return                                                  # simulation seed 222)
         self.scheduled(out)
 
     def on_submit(self, source: int, msg: P.SubmitTask) -> None:
