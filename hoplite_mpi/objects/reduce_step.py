@@ -82,14 +82,14 @@ class ReduceStep:
             frames = frames.inline
         if frames is None or frames is DELETED:
             if info.inline is None:
-                raise RuntimeError(f"reduce input {format_id(info.object_id)} is not on rank {self.ctx.rank}")
+                raise HopliteError(f"reduce input {format_id(info.object_id)} is not on rank {self.ctx.rank}")
             frames = info.inline
         arr = deserialize(frames)
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
         head = serialize(np.empty(arr.shape, arr.dtype))[0]
         if len(head) != self.sizes[0]:
-            raise RuntimeError("reduce: unexpected header size")
+            raise HopliteError("reduce: unexpected header size (a bug, please report it)")
         return bytes(head), arr.reshape(-1).view(np.uint8)
 
     def start(self) -> None:
