@@ -27,6 +27,7 @@ class Freeing:
         ctx = self.ctx
         driver = ctx.driver
         for oid in object_ids:
+            ctx.server.forget_partial(oid)
             held = ctx.store.delete(oid) is not None
             ctx.server.refuse_deferred(oid, held)
             ctx.catalog.forget(oid)
