@@ -203,8 +203,9 @@ class ReduceCoordinator:
         want = self.inputs.count(oid) - self.used.count(oid)
         if self.done or len(self.used) >= self.num or want <= 0:
             return []
-        if info.holders and set(info.holders) <= self.dead:
+        if info.inline is None and info.holders and set(info.holders) <= self.dead:
             return []       # a copy that died: the runtime asks the directory (or lineage) again
+        # (an inline value needs no holder: it is placed on a live rank, the target if none)
         if info.error:
             return self._fail_with(info.inline)
         out: Outbox = []

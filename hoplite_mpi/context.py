@@ -80,7 +80,11 @@ class Context:
     def shard_ranks(self, object_id: int) -> tuple[int, ...]:
         """Live ranks of the object's directory shard; when all its replicas died, the next live
         rank after them takes the shard over (rebuilt on rank loss)."""
-        ranks = self.shards[shard_of(object_id, len(self.shards))]
+        return self.shard_live(shard_of(object_id, len(self.shards)))
+
+    def shard_live(self, shard: int) -> tuple[int, ...]:
+        """:meth:`shard_ranks` of shard number ``shard``."""
+        ranks = self.shards[shard]
         if not self.dead:
             return ranks
         live = tuple(r for r in ranks if r not in self.dead)
@@ -90,8 +94,9 @@ class Context:
                      if r % self.size not in self.dead),)
 
     def shard_primary(self, shard: int) -> int:
-        """The rank that answers requests for ``shard`` now (-1 if all its ranks are dead)."""
-        return next((r for r in self.shards[shard] if r not in self.dead), -1)
+        """The rank that answers requests for ``shard`` now (the successor that took it over
+        when all its ranks are dead, as :meth:`shard_ranks`; simulation seed 218)."""
+        return self.shard_live(shard)[0]
 
     def publish(self, info: Any, replicas: int = 0) -> None:
         """Register ``info`` (this rank holds the object, or its value is inline) at its shard."""

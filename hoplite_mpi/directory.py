@@ -15,7 +15,9 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from .protocol import DirAdd, DirDelete, DirLookup, DirPartial, DirPull, DirReply, DirSender, Free, ObjectInfo
+from .ids import origin_rank
+from .protocol import (DirAdd, DirDelete, DirLookup, DirPartial, DirPull, DirReply, DirSender,
+                       Free, ObjectInfo, ObjectLost)
 
 Outbox = list  # list[tuple[int, object]]
 
@@ -54,6 +56,7 @@ class DirectoryShard:
         self._deleted: set[int] = set()             # deleted by the user: answered for ever
         self._freed: set[int] = set()               # freed automatically: remembered a while
         self._freed_order: deque = deque()
+        self._dead: set[int] = set()                # ranks lost (see rank_lost)
 
     def __len__(self) -> int:
         return sum(1 for e in self._entries.values() if e.info is not None)
@@ -82,8 +85,12 @@ class DirectoryShard:
         if oid in self._deleted or oid in self._freed:  # a copy registered after the delete: free it
             return [(holder, Free(oid)) for holder in info.holders]
         entry = self._entries.setdefault(oid, _Entry())
-        if entry.info is None or (not entry.info.holders and entry.info.inline is None):
-            entry.info = info       # the first complete copy (a partial one announced less)
+        lost = entry.info is not None and entry.info.error and not entry.info.holders
+        if entry.info is None or (not entry.info.holders and entry.info.inline is None) or (
+                lost and info.inline is None and info.holders):
+            # the first complete copy (a partial one announced less); a copy that re-registers
+            # after rank 0 declared the object lost with its known holder also replaces that
+            entry.info = info
         else:
             holders = entry.info.holders + tuple(h for h in info.holders if h not in entry.info.holders)
             entry.info = replace(entry.info, holders=holders)
@@ -158,7 +165,7 @@ class DirectoryShard:
         info = entry.info
         if info is None:
             entry.pulling.append(requester)
-            return []
+            return self._orphan(object_id)
         if info.inline is not None:
             entry.readers.add(requester)
             return [(requester, DirSender(object_id, info))]
@@ -192,7 +199,14 @@ class DirectoryShard:
                 entry.readers.add(requester)
             return [(requester, DirReply(object_id, info))]
         entry.waiting.append(requester)   # not yet, or only being produced: wait for a copy
-        return []
+        return self._orphan(object_id) if info is None else []
+
+    def _orphan(self, object_id: int) -> Outbox:
+        """An object never registered here whose id's rank (the only one that could have made
+        it: a put there, or a task it submitted) is dead: rank 0 decides (a task it knows may
+        still make it; else the object becomes an ObjectLostError value, answering the waiters)."""
+        origin = origin_rank(object_id)
+        return [(0, ObjectLost(object_id, origin))] if origin in self._dead else []
 
     def delete(self, object_id: int, permanent: bool = True) -> Outbox:
         """Forget the object: holders free their copies, waiting lookups learn it was deleted.
@@ -230,12 +244,17 @@ class DirectoryShard:
         """``rank`` died: it holds, receives and feeds nothing any more, and waits for nothing.
 
         Returns the objects whose last complete copy was on ``rank`` (not inline values, which
-        live in the entry itself); their entries stay, so pulls and lookups keep waiting until a rebuilt copy is added (lineage) or the object is deleted.
+        live in the entry itself), and the objects waited for that were never registered and
+        that only ``rank`` could have made (their id's rank, see :meth:`_orphan`); their entries stay, so pulls and lookups keep waiting until a rebuilt copy is added (lineage) or the object is deleted.
         ``thinned`` (if given) gets the objects that lost a copy but keep others.
         Receivers fed by ``rank`` see their stream fail and ask again (:meth:`pull` re-places them).
         """
+        self._dead.add(rank)
         lost = []
         for oid, entry in self._entries.items():
+            if entry.info is None and (entry.waiting or entry.pulling) and origin_rank(oid) == rank:
+                lost.append(oid)        # (an orphan, see _orphan)
+                continue
             entry.waiting = [r for r in entry.waiting if r != rank]
             entry.pulling = [r for r in entry.pulling if r != rank]
             sender = entry.partial.pop(rank, None)

@@ -123,7 +123,8 @@ class Scheduler:
         """A new task.
 
         Raises:
-            RankLostError: pinned to a rank that died (or every allowed rank died) before.
+            RankLostError: pinned to a rank that died (or every allowed rank died) before, or
+                no worker rank is left.
             ValueError: a pinned/allowed rank that never was a worker, or a function never sent.
             Nothing is registered then, but the function itself (a submitter sends it with its
             first task only, so later tasks of it must still find it).
@@ -143,6 +144,9 @@ class Scheduler:
                                 f"every allowed rank {spec.allowed} died before the task was submitted")
         if spec.fn_id not in self.blobs or (spec.init_id is not None and spec.init_id not in self.blobs):
             raise ValueError(f"task {format_id(spec.task_id)}: function was never sent")
+        if not self.workers:
+            raise RankLostError(name, max(self.lost_ranks, default=-1), 0,
+                                "no worker rank left when the task was submitted")
         if spec.fn_blob is not None or spec.init_blob is not None:
             spec = replace(spec, fn_blob=None, init_blob=None)
         task = _Task(spec)
@@ -333,6 +337,13 @@ class Scheduler:
         self._wait_for(task, {d for d in spec.deps if d not in self.objects})   # being rebuilt
         if not task.missing:
             self._make_ready(task)
+        # tasks running with the lost object as an input now wait for its rebuild: their places
+        # are given up as in a nested get (else they can hold every place the rebuild could take)
+        rebuilt = set(spec.return_ids)
+        for other in self.tasks.values():
+            if other.state is TaskState.RUNNING and not other.blocked and rebuilt & set(other.spec.deps):
+                other.blocked = True
+                self.inflight[other.rank] -= 1
         return out + self.dispatch()
 
     def release(self, object_id: int) -> None:
@@ -426,6 +437,8 @@ class Scheduler:
             for holder in sorted(local, key=local.__getitem__, reverse=True):
                 if holder in candidates and self.inflight.get(holder, limit) < limit:
                     return holder
+        if not candidates:
+            return None
         rank = min(candidates, key=self.inflight.__getitem__)
         return rank if self.inflight[rank] < limit else None
 

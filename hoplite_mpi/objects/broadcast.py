@@ -14,6 +14,7 @@ from .. import faults
 from .. import protocol as P
 from ..context import Loss
 from ..errors import TransferError
+from ..ids import shard_of
 from ..protocol import ObjectInfo
 from ..serialization import rebuild_error
 from ..store import DELETED
@@ -60,7 +61,11 @@ class Broadcasts:
                     error = repr(exc)
             ctx.send(source, P.Fetched(msg.token, ctx.rank, error))
         oid = msg.object_id
-        if msg.pulled and ctx.catalog.local_frames(oid) is None and ctx.store.get(oid) is None:
+        # (unless a rank of the object's shard is dead here: the driver's DirPull may have gone to
+        # it, and this rank may have re-sent its pending requests already, before this Fetch came;
+        # simulation seed 1709)
+        if msg.pulled and ctx.catalog.local_frames(oid) is None and ctx.store.get(oid) is None \
+                and not ctx.dead.intersection(ctx.shards[shard_of(oid, len(ctx.shards))]):
             # our DirPull was sent by the driver: wait for the shard's answer (it may be here)
             ctx.fetcher.await_sender(oid, reply)
             return

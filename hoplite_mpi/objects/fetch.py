@@ -145,16 +145,20 @@ class Fetcher:
         # keep what the answer tells even if nobody here waits yet: a DirPull the driver sent for
         # us (broadcast) can be answered before its Fetch arrives
         catalog.remember(info, oid)
+        local = catalog.local_frames(oid)
+        if info is None or info.inline is not None or local is DELETED or isinstance(local, ObjectInfo):
+            # no chunked copy to pull any more (deleted, or now a value here, e.g. the error
+            # object of an object lost with its ranks, known to rank 0 before its shard says so;
+            # simulation seeds 126, 1472)
+            ctx.server.abandon_partial(oid)
         callbacks = self.fetching.get(oid)
         if callbacks is None:
-            if info is None or catalog.local_frames(oid) is not None or ctx.store.get(oid) is not None:
+            if info is None or local is not None or ctx.store.get(oid) is not None:
                 return
             callbacks = self.fetching[oid] = []
-        if info is None or info.inline is not None or catalog.local_frames(oid) is not None:
+        if info is None or info.inline is not None or local is not None:
             del self.fetching[oid]
-            if info is None or info.inline is not None:
-                ctx.server.abandon_partial(oid)
-            got = DELETED if info is None else (catalog.local_frames(oid) or info)
+            got = DELETED if info is None else (local or info)
             for callback in callbacks:
                 callback(got)
             return

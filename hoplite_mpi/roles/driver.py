@@ -74,7 +74,17 @@ class Driver:
         self.submit(msg.spec)
 
     def on_task_done(self, source: int, msg: P.TaskDone) -> None:
+        ctx = self.ctx
         self.scheduled(self.scheduler.task_done(msg))
+        if not ctx.dead:
+            return
+        # a small result lives only in its shard (and here): if a rank of its shard died, the
+        # worker's DirAdd may have gone to it after this rank rebuilt that shard: register it
+        # (simulation seed 1796)
+        n = len(ctx.shards)
+        for info in msg.results:
+            if info.inline is not None and ctx.dead.intersection(ctx.shards[shard_of(info.object_id, n)]):
+                ctx.publish(info)
 
     def on_task_blocked(self, source: int, msg: P.TaskBlocked) -> None:
         self.scheduled(self.scheduler.task_blocked(msg.task_id, msg.blocked))
@@ -198,8 +208,12 @@ class Driver:
                     continue
                 if info.inline is not None:
                     ctx.publish(info)
-                elif set(info.holders) <= ctx.dead and oid in sched.lineage:
-                    self.scheduled(sched.object_lost(oid, loss.rank))   # its copy and its shard died
+                elif info.holders and set(info.holders) <= ctx.dead:
+                    # its copy and its shard died: rebuilt from lineage, else (a put, a reduce
+                    # result) an ObjectLostError value; a copy made elsewhere (a replica, a
+                    # broadcast) that registers with the new shard still wins there
+                    # (directory.add; simulation seed 52)
+                    self.scheduled(sched.object_lost(oid, loss.rank))
             for oid in sched.deleted:
                 if shard_of(oid, n) in loss.moved:
                     for r in ctx.shard_ranks(oid):
