@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import logging
 
 from . import session
+from .errors import SerializationError
 from .objectref import ObjectRef
 from .remote_functions import fn_identity, submit_task
-from .errors import SerializationError
 
 log = logging.getLogger("hoplite_mpi")
 

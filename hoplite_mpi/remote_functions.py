@@ -44,6 +44,8 @@ def check_options(options: dict) -> None:
 
 
 def fn_identity(fn: Callable, what: str) -> tuple[bytes, bytes]:
+    """``(id, pickled fn)`` of a function: the id (a hash of the pickle) lets the scheduler and
+    workers keep the function after its first task.  Raises SerializationError naming ``what``."""
     blob = dumps(fn, what)
     return hashlib.blake2b(blob, digest_size=16).digest(), blob
 
