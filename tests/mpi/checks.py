@@ -19,6 +19,7 @@ import traceback
 import numpy as np
 
 import hoplite_mpi as hm
+from hoplite_mpi import testing
 
 T = 120  # seconds: bound of every wait in these checks
 CHECKS = {}
@@ -68,7 +69,7 @@ def nested_parent(k):
 def check_nested_all_workers_busy():
     # more parents than the scheduler keeps in flight on all workers together: every worker is
     # full of parents blocked in get() while their children still have to be placed
-    cfg = hm.api._rt().config
+    cfg = hm.current_config()
     n = len(workers()) * cfg.tasks_per_worker * cfg.worker_threads + 5
     refs = [nested_parent.remote(k) for k in range(n)]
     got = hm.get(refs, timeout=T)
@@ -234,7 +235,7 @@ def make_fresh(n, pair):
 def stored_at_returned_address(box):
     """On the producing rank: is each stored object's data the very memory its task returned?"""
     addresses = _kept().pop("addresses")
-    rt = hm.api._runtime
+    rt = testing.runtime()                # (the stored frames' memory: an internal)
     frames = [rt.local_frames(ref.id) for ref in box]
     return [f is not None and np.frombuffer(f[1], np.uint8).ctypes.data == a
             for f, a in zip(frames, addresses)]
@@ -309,12 +310,11 @@ def check_delete_then_get_raises():
 
 @hm.remote
 def store_bytes():
-    return hm.api._rt().store.bytes_used
+    return hm.stats()["store_bytes"]
 
 
 def _bytes_everywhere():
-    rt = hm.api._rt()
-    return [rt.store.bytes_used] + hm.get([store_bytes.options(rank=r).remote() for r in workers()
+    return [hm.stats()["store_bytes"]] + hm.get([store_bytes.options(rank=r).remote() for r in workers()
                                            if r != 0], timeout=T)
 
 
@@ -331,9 +331,9 @@ def _until(predicate, what, timeout=30.0):
 def check_dropped_refs_are_freed_once_unused():
     import gc
 
-    rt = hm.api._rt()
+    rt = testing.runtime()                # (for the failure message's scheduler tables)
     base = sum(_bytes_everywhere())
-    freed_before = rt.stats["auto_freed"]
+    freed_before = hm.stats()["auto_freed"]
     # a chain of 8 MiB arrays: each intermediate ref is dropped while its consumer still runs
     ref = make_big.remote(8 << 20, 1)
     for _ in range(5):
@@ -344,7 +344,7 @@ def check_dropped_refs_are_freed_once_unused():
     assert hm.get(ref, timeout=T).nbytes == 8 << 20
     del ref, escaped
     gc.collect()
-    _until(lambda: rt.stats["auto_freed"] - freed_before >= 6, "6 objects freed")
+    _until(lambda: hm.stats()["auto_freed"] - freed_before >= 6, "6 objects freed")
     _until(lambda: sum(_bytes_everywhere()) <= base + (2 << 20) + 4096,
            f"stores back near {base} bytes (+kept, +escaped): {_bytes_everywhere()} "
            f"{rt.store.ids()} released={rt.scheduler.released} deps={rt.scheduler.dep_count}")
@@ -575,7 +575,7 @@ def check_cancel_pending():
         time.sleep(t)
         return t
 
-    cfg = hm.api._rt().config
+    cfg = hm.current_config()
     blockers = [sleepy.remote(0.1) for _ in range(len(workers()) * cfg.tasks_per_worker)]
     queued = sleepy.remote(0.0)   # cannot be placed: every worker is full
     assert queued.cancel() and queued.cancelled()
