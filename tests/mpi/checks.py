@@ -352,6 +352,72 @@ def check_dropped_refs_are_freed_once_unused():
     assert hm.get(hm.get(box, timeout=T)["inner"], timeout=T).sum() == 1 << 17
 
 
+# --- introspection: hm.stats, hm.locations, hm.object_info, hm.is_local, ... -----------------
+
+@hm.remote
+def make_array(n):
+    return np.ones(n)
+
+
+@hm.remote
+def seen_from_a_task(ref_box):
+    """On a worker: (is_local before a read, locations, is_local after, stats' rank and
+    scheduler, pulls counted)."""
+    ref = ref_box[0]
+    before = hm.is_local(ref)
+    where = hm.locations([ref], timeout=T)[ref]
+    pulls = hm.stats()["pulls"]
+    hm.get(ref, timeout=T)
+    after = hm.stats()
+    return before, where, hm.is_local(ref), after["rank"], after["scheduler"], after["pulls"] - pulls
+
+
+@check
+def check_introspection():
+    w = workers()[-1]
+    big = make_array.options(rank=w).remote(1 << 17)            # 1 MiB: chunked, held on w
+    small = hm.put(41)                                          # inline, made on the driver
+    got = hm.object_info([big, small, big], timeout=T)
+    assert list(got) == [big, small], got                       # distinct refs, in order
+    assert got[big].ranks[0] == w and not got[big].inline and not got[big].error, got
+    assert got[big].nbytes >= 1 << 20 and got[small].inline and got[small].ranks == (0,), got
+    assert hm.locations(big, timeout=T) == {big: list(got[big].ranks)}
+    assert hm.is_local(small) and hm.is_local(big) == (w == 0)
+    s = hm.stats()
+    assert s["rank"] == 0 and s["dead_ranks"] == [] and s["engine_errors"] == 0, s
+    assert s["scheduler"]["submitted"] >= 1 and s["scheduler"]["done"] >= 1, s
+    assert all(isinstance(s[k], int) for k in ("pulls", "serves", "auto_freed", "store_bytes")), s
+    assert isinstance(s["messages"], dict) and isinstance(s["rank_loss_tolerance"], bool), s
+    assert hm.dead_ranks() == [] and hm.current_config().chunk_size > 0
+    pulls = s["pulls"]
+    hm.get(big, timeout=T)
+    assert hm.is_local(big) and hm.stats()["pulls"] >= pulls + (w != 0)
+    assert 0 in hm.locations(big, timeout=T)[big] or w == 0     # rank 0 registered its copy
+    if w != 0:
+        other = make_array.options(rank=w).remote(1 << 17)
+        hm.wait([other], timeout=T)
+        before, where, after, rank, sched, pulled = hm.get(
+            seen_from_a_task.options(rank=w if w == 1 else 1).remote([other]), timeout=T)
+        reader = w if w == 1 else 1
+        assert where == [w] and after and rank == reader and sched is None, (where, after, rank, sched)
+        assert before == (reader == w) and (pulled >= 1) == (reader != w), (before, pulled)
+        hm.delete(other)
+    failed = hm.remote(lambda: 1 / 0).remote()
+    assert hm.object_info(failed, timeout=T)[failed].error
+    hm.delete([small])
+    for call, exc in ((lambda: hm.locations(small, timeout=T), hm.ObjectDeletedError),
+                      (lambda: hm.is_local(small), None),
+                      (lambda: hm.locations([1], timeout=T), TypeError),
+                      (lambda: hm.is_local("x"), TypeError)):
+        try:
+            out = call()
+        except Exception as e:          # noqa: BLE001
+            assert exc is not None and isinstance(e, exc), repr(e)
+        else:
+            assert exc is None and out is False, (out, exc)
+    hm.delete([big])
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 class CustomError(Exception):
