@@ -110,8 +110,7 @@ def make_at(nelem: int, r: int, t_ready: float):
 def copy_report(box: list):
     """Pinned on a worker: (rank, held here before this read?, CRC, shape, dtype) of box[0]."""
     ref = box[0]
-    rt = hm.api._runtime
-    held = rt is not None and rt.local_frames(ref.id) is not None
+    held = hm.is_local(ref)
     a = hm.get(ref)
     return hm.rank(), bool(held), crc(a), tuple(a.shape), str(a.dtype)
 
@@ -292,8 +291,7 @@ def wait_done(refs, timeout: float, what: str) -> None:
 
 def report_copies(ref, workers, timeout: float) -> list:
     """Each worker's (rank, held before the read, crc, shape, dtype) of ``ref``, and rank 0's."""
-    rt = hm.api._runtime
-    held0 = rt.local_frames(ref.id) is not None
+    held0 = hm.is_local(ref)
     a = hm.get(ref, timeout=timeout)
     reports = [(0, bool(held0), crc(a), tuple(a.shape), str(a.dtype))]
     rcopy = hm.remote(copy_report)
@@ -362,7 +360,7 @@ def hm_size(nbytes: int, args, workers, nranks: int) -> dict:
             t2 = time.perf_counter()
             if it == 0:
                 assert np.array_equal(value, expect), f"hm.reduce {size_label(nbytes)}: wrong result"
-                rec.extra["result_held_by_rank0"] = hm.api._runtime.local_frames(red.id) is not None
+                rec.extra["result_held_by_rank0"] = hm.is_local(red)
             if it >= args.warmup:
                 rec.times.append(t1 - t0)
                 with_get.append(t2 - t0)
@@ -503,10 +501,7 @@ def hoplite_phase(args) -> dict:
                 print(f"  hm  {size_label(nbytes):>8}: {key} "
                       f"{'last ready' if key == 'staggered' else 'start'} -> done "
                       f"{s['median_ms']:.3g} ms", flush=True)
-    rt = hm.api._runtime
-    stats = getattr(rt, "stats", None)
-    if stats is not None:
-        res["rank0_message_counts"] = dict(stats)
+    res["rank0_stats"] = hm.stats()
     return res
 
 

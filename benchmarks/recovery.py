@@ -69,7 +69,7 @@ def timed_reduce(nbytes: int, victim_spec: str | None = None) -> tuple[float, bo
     hm.wait(refs, num_returns=len(refs), timeout=T)
     armed = None
     if victim_spec is not None:      # the rank of the input placed third holds the inner slot
-        armed = hm.api._rt().scheduler.objects[refs[2].id].holders[0]
+        armed = hm.locations([refs[2]], timeout=T)[refs[2]][0]
         hm.get(arm.options(rank=armed).remote(f"{armed}:{victim_spec}"), timeout=T)
     t0 = time.perf_counter()
     red = hm.reduce(refs)
@@ -82,35 +82,35 @@ def timed_reduce(nbytes: int, victim_spec: str | None = None) -> tuple[float, bo
 
 
 def run_reduce(args, nbytes: int, chunks: int) -> dict:
-    rt = hm.api._rt()
     timed_reduce(nbytes)                                   # warm-up
     free = [timed_reduce(nbytes) for _ in range(args.runs)]
     failed, exact, victim = timed_reduce(nbytes, f"combine:{chunks // 2}")
     after = timed_reduce(nbytes)
     median = statistics.median(t for t, _, _ in free)
-    ok = victim in rt.dead and exact and all(e for _, e, _ in free) and after[1]
+    stats = hm.stats()
+    victim_dead = victim in stats["dead_ranks"]
+    ok = victim_dead and exact and all(e for _, e, _ in free) and after[1]
     print(f"recovery: {args.size} reduce of 4 inputs to rank 0 on {hm.world_size()} ranks, inner "
           f"slot rank {victim} SIGKILLed after combining {chunks // 2} of {chunks} chunks")
     print(f"  failure-free: median {median * 1e3:.1f} ms (min {min(t for t, _, _ in free) * 1e3:.1f}, "
           f"max {max(t for t, _, _ in free) * 1e3:.1f}) over {len(free)} runs")
     print(f"  with the kill: {failed * 1e3:.1f} ms ({failed / median:.2f}x), result exact: {exact}; "
-          f"next reduce (3 ranks) {after[0] * 1e3:.1f} ms; victim seen dead: {victim in rt.dead}; "
-          f"re-planned: {rt.stats['reduces_replanned']} (going on from byte "
-          f"{rt.stats['reduce_bytes_kept']} of {nbytes}), tasks re-run: {rt.scheduler.stats['rebuilt']}")
+          f"next reduce (3 ranks) {after[0] * 1e3:.1f} ms; victim seen dead: {victim_dead}; "
+          f"re-planned: {stats['reduces_replanned']} (going on from byte "
+          f"{stats['reduce_bytes_kept']} of {nbytes}), tasks re-run: {stats['scheduler']['rebuilt']}")
     return {"op": "reduce", "victim": victim, "free_s": [t for t, _, _ in free], "free_median_s": median,
-            "failed_s": failed, "failed_exact": exact, "after_s": after[0], "victim_dead": victim in rt.dead,
+            "failed_s": failed, "failed_exact": exact, "after_s": after[0], "victim_dead": victim_dead,
             "ratio_to_free": failed / median, "ok": ok,
-            "reduces_replanned": rt.stats["reduces_replanned"], "rebuilt": rt.scheduler.stats["rebuilt"],
-            "result_bytes_kept": rt.stats["reduce_bytes_kept"]}
+            "reduces_replanned": stats["reduces_replanned"], "rebuilt": stats["scheduler"]["rebuilt"],
+            "result_bytes_kept": stats["reduce_bytes_kept"]}
 
 
 def run_broadcast(args, nbytes: int, chunks: int) -> dict:
-    rt = hm.api._rt()
     timed_broadcast(nbytes)                                # warm-up
     free = [timed_broadcast(nbytes) for _ in range(args.runs)]
     hm.get(arm.options(rank=args.victim).remote(f"{args.victim}:chunk:{chunks // 2}"), timeout=T)
     failed = timed_broadcast(nbytes)
-    ok = args.victim in rt.dead
+    ok = args.victim in hm.dead_ranks()
     # every survivor must hold a correct copy of a new object broadcast after the failure
     after = timed_broadcast(nbytes)
     median = statistics.median(free)
@@ -134,12 +134,11 @@ def main() -> int:
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     hm.init()
-    rt = hm.api._rt()
-    if hm.world_size() < 4 or not rt.transport.ft:
+    if hm.world_size() < 4 or not hm.stats()["rank_loss_tolerance"]:
         print("recovery: needs >= 4 ranks under ULFM (hoplite-mpi run -n 4 ...)", file=sys.stderr)
         return 2
     nbytes = parse_size(args.size)
-    chunks = -(-nbytes // rt.config.chunk_size)
+    chunks = -(-nbytes // hm.current_config().chunk_size)
     out = (run_reduce if args.op == "reduce" else run_broadcast)(args, nbytes, chunks)
     out.update({"size": nbytes, "chunks": chunks, "ranks": hm.world_size(),
                 "meta": {"commit": _commit(), "when": time.strftime("%Y-%m-%d %H:%M")}})

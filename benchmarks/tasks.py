@@ -274,10 +274,7 @@ def hoplite_phase(ex, args, probe) -> dict:
                                "worker_max_pct": round(max(self_pct), 2),
                                "seconds": round(statistics.fmean(b[2] - a[2] for a, b in zip(first, last)), 3),
                                "pids": [a[0] for a in first]}
-    rt = hm.api._runtime
-    stats = getattr(rt, "stats", None)
-    if stats is not None:
-        res["rank0_message_counts"] = dict(stats)
+    res["rank0_stats"] = hm.stats()
     return res
 
 

@@ -3,8 +3,9 @@
 Rank 0 runs the user's program and a dynamic scheduler; the other ranks run tasks; every rank
 holds an object store and a shard of the object directory.  See README.md.
 """
-from .api import (ObjectRef, RemoteFunction, allreduce, broadcast, delete, get, init, is_initialized,
-                  put, rank, reduce, reduced_inputs, remote, shutdown, wait, world_size)
+from .api import (ObjectLocation, ObjectRef, RemoteFunction, allreduce, broadcast, current_config,
+                  dead_ranks, delete, get, init, is_initialized, is_local, locations, object_info,
+                  put, rank, reduce, reduced_inputs, remote, shutdown, stats, wait, world_size)
 from .config import Config
 from .errors import (BrokenExecutor, HopliteError, NotInitializedError, ObjectDeletedError,
                      ObjectLostError, RankLostError, RemoteTraceback, RuntimeShutdownError, SerializationError,
@@ -17,6 +18,7 @@ __all__ = [
     "init", "shutdown", "is_initialized", "rank", "world_size",
     "remote", "RemoteFunction", "get", "wait", "put", "delete", "ObjectRef", "Executor", "Config",
     "broadcast", "reduce", "allreduce", "reduced_inputs",
+    "stats", "locations", "object_info", "ObjectLocation", "is_local", "dead_ranks", "current_config",
     "HopliteError", "NotInitializedError", "ObjectDeletedError", "ObjectLostError", "RankLostError", "RemoteTraceback",
     "RuntimeShutdownError", "SerializationError", "TaskError", "TransferError", "BrokenExecutor",
     "WorkerCrashedError",

@@ -48,12 +48,12 @@ def main(argv: list[str] | None = None) -> None:
         raise
     finally:
         hoplite_mpi.shutdown()
-        from hoplite_mpi import api
-        if api._ranks_died:       # a rank died: exit without MPI_Finalize (see api._exit_now)
+        from hoplite_mpi import session
+        if session.ranks_died():  # a rank died: exit without MPI_Finalize (see session.exit_now)
             if status == 1 and sys.exc_info()[0] is not None:
                 import traceback
                 traceback.print_exc()
-            api._exit_now(status)
+            session.exit_now(status)
     sys.exit(status)
 
 

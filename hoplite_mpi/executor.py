@@ -18,8 +18,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import logging
 
-from . import api
+from . import session
 from .errors import SerializationError
+from .objectref import ObjectRef
+from .remote_functions import fn_identity, submit_task
 
 log = logging.getLogger("hoplite_mpi")
 
@@ -114,10 +116,10 @@ class Executor(cf.Executor):
         self._fn_ids: "weakref.WeakKeyDictionary[Callable, tuple[bytes, bytes]]" = \
             weakref.WeakKeyDictionary()
         if comm is None:
-            if api.is_initialized() and self._options:
+            if session.is_initialized() and self._options:
                 log.warning("Executor(%s): the runtime is already running; its options stay as they are",
                             ", ".join(f"{k}={v!r}" for k, v in self._options.items()))
-            api.init(**self._options)   # serves and exits on non-driver ranks (static launch)
+            session.init(**self._options)   # serves and exits on non-driver ranks (static launch)
 
     # --- context manager (MPICommExecutor convention) ---------------------------------------
 
@@ -132,14 +134,7 @@ class Executor(cf.Executor):
             return self
         if self._entered:
             raise RuntimeError("this executor is already entered (a with block inside its own with block)")
-        with api._init_lock:
-            if api._runtime is None:
-                rt = api._start(self._comm, self._root, self._options)
-                api._runtime = rt
-                self._owns_runtime = True
-            else:
-                rt = api._runtime
-                self._owns_runtime = False
+        rt, self._owns_runtime = session.start_or_join(self._comm, self._root, self._options)
         self._entered = True
         with self._lock:
             self._shutdown = False
@@ -149,8 +144,7 @@ class Executor(cf.Executor):
             try:
                 rt.serve()
             finally:
-                with api._init_lock:
-                    api._runtime = None
+                session.served(rt)
                 self._entered = False
             return None
         self._entered_as_server = False
@@ -162,7 +156,7 @@ class Executor(cf.Executor):
         try:
             self.shutdown(wait=True)
             if self._owns_runtime:
-                api.shutdown()
+                session.shutdown()
                 self._owns_runtime = False
         finally:
             self._entered = False
@@ -186,7 +180,7 @@ class Executor(cf.Executor):
             return None
         return tuple(rt.worker_ranks[: self._max_workers])
 
-    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> "api.ObjectRef":
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> ObjectRef:
         """Submit ``fn(*args, **kwargs)``; returns an ObjectRef (a Future).
 
         Raises RuntimeError after shutdown, BrokenExecutor if the initializer failed, TypeError if
@@ -205,20 +199,20 @@ class Executor(cf.Executor):
                 raise cf.BrokenExecutor(self._broken)
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-        rt = api._rt()
+        rt = session.current()
         name = getattr(fn, "__name__", "task")
         try:
             identity = self._identity(fn, name)
             init = None
             if self._initializer is not None:
                 if self._init_identity is None:
-                    self._init_identity = api._fn_identity((self._initializer, self._initargs),
-                                                           "the executor's initializer")
+                    self._init_identity = fn_identity((self._initializer, self._initargs),
+                                                       "the executor's initializer")
                 init = self._init_identity
-            ref = api.submit_task(rt, identity, name, args, kwargs, {}, self._allowed(rt), init,
+            ref = submit_task(rt, identity, name, args, kwargs, {}, self._allowed(rt), init,
                                   original_errors=True)
         except SerializationError as exc:
-            ref = api.ObjectRef(-1)
+            ref = ObjectRef(-1)
             # the pickler's own exception (SerializationError wraps it as __cause__)
             ref.set_exception(exc.__cause__ if exc.__cause__ is not None else exc)
             return ref
@@ -233,14 +227,14 @@ class Executor(cf.Executor):
         except TypeError:          # not weak-referenceable / not hashable: no cache
             identity = None
         if identity is None:
-            identity = api._fn_identity(fn, f"function {name}")
+            identity = fn_identity(fn, f"function {name}")
             try:
                 self._fn_ids[fn] = identity
             except TypeError:
                 pass
         return identity
 
-    def _finished(self, ref: "api.ObjectRef") -> None:
+    def _finished(self, ref: ObjectRef) -> None:
         with self._lock:
             self._pending.discard(ref)
         if ref.cancelled():
@@ -327,7 +321,7 @@ class Executor(cf.Executor):
         if cancel_futures:
             for ref in pending:
                 ref.cancel()
-        if wait and pending and api._runtime is not None:
+        if wait and pending and session.is_initialized():
             cf.wait(pending)
 
     @property
@@ -337,6 +331,6 @@ class Executor(cf.Executor):
         with self._lock:
             if self._shutdown or self._broken:
                 return 0
-        rt = api._rt()
+        rt = session.current()
         allowed = self._allowed(rt)
         return len(allowed) if allowed else len(rt.worker_ranks)

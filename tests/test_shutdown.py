@@ -90,9 +90,9 @@ def test_runtime_is_published_before_its_engine_runs_tasks(tmp_path):
     # with NotInitializedError; checked here in one process (1 rank, no mpirun)
     script = tmp_path / "published.py"
     script.write_text(
-        "import hoplite_mpi as hm\nfrom hoplite_mpi import api, runtime\n"
+        "import hoplite_mpi as hm\nfrom hoplite_mpi import runtime, session\n"
         "start = runtime.Runtime.start\n"
-        "def checked(self):\n    print('PUBLISHED', api._runtime is self, flush=True)\n"
+        "def checked(self):\n    print('PUBLISHED', session.current_or_none() is self, flush=True)\n"
         "    return start(self)\n"
         "runtime.Runtime.start = checked\n"
         "hm.init()\n"

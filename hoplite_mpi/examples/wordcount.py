@@ -44,7 +44,7 @@ to the scheduler on rank 0, which hands it to the consumer inside ``RunTask`` (o
 instead of a directory lookup and a pull; most partitions of a 40-file group are that small).  The
 map tasks are therefore declared with ``.options(inline_threshold=0)``: every map output stays in
 its worker's store and the reducer pulls it from there.  After the run the driver checks where
-each map output went, from the runtime's own state (:func:`routes`):
+each map output went, from the object directory (``hm.object_info``, :func:`routes`):
 
 - *in-band*: its directory entry carries the bytes (rank 0 had them);
 - *on rank 0*: rank 0's store holds a copy;
@@ -207,16 +207,15 @@ map_task = hm.remote(map_files)
 reduce_task = hm.remote(reduce_partition)
 
 
-# --- where the intermediate objects went (runtime internals, read-only) -----------------------
+# --- where the intermediate objects went (hm.stats, hm.object_info, hm.is_local) -------------
 
-def _pulls() -> Optional[int]:
-    """Chunked pulls rank 0 has made so far (runtime statistics), or None if not available."""
-    stats = getattr(hm.api._rt(), "stats", None)
-    return None if stats is None else stats.get("pulls", 0)
+def _pulls() -> int:
+    """Chunked pulls rank 0 has made so far (``hm.stats()["pulls"]``)."""
+    return hm.stats()["pulls"]
 
 
-def routes(refs: Sequence[hm.ObjectRef]) -> Optional[dict]:
-    """Where the objects of ``refs`` travelled, from rank 0's runtime state (driver only).
+def routes(refs: Sequence[hm.ObjectRef], timeout: Optional[float] = 60.0) -> Optional[dict]:
+    """Where the objects of ``refs`` travelled, from what the directory and rank 0 know (driver).
 
     Call it while the refs are still held, after their consumers finished.  Returns a dict:
 
@@ -224,28 +223,25 @@ def routes(refs: Sequence[hm.ObjectRef]) -> Optional[dict]:
     - ``bytes``: their total serialized size in bytes;
     - ``inband``: how many travelled inside control messages through rank 0 (at most
       ``inline_threshold`` bytes each);
-    - ``on_rank0``: how many have a copy in rank 0's store (rank 0 pulled them);
+    - ``on_rank0``: how many have a copy on rank 0 (rank 0 pulled them);
     - ``direct``: how many rank 0 never held, so they moved only from worker to worker;
     - ``inline_threshold``: the size of the largest in-band one (None if none was).
 
-    Returns None with one rank (rank 0 is then the worker too) or when the runtime does not
-    expose the state used here.
+    Returns None with one rank (rank 0 is then the worker too).  Raises what
+    :func:`hoplite_mpi.object_info` raises (e.g. TimeoutError after ``timeout`` seconds).
     """
-    rt = hm.api._rt()
-    scheduler, store = getattr(rt, "scheduler", None), getattr(rt, "store", None)
-    if hm.world_size() == 1 or scheduler is None or store is None:
+    if hm.world_size() == 1:
         return None
     out = {"objects": len(refs), "bytes": 0, "inband": 0, "on_rank0": 0, "direct": 0,
            "inline_threshold": None}
+    found = hm.object_info(refs, timeout=timeout)
     for ref in refs:
-        info = scheduler.objects.get(ref.id)
-        if info is None:                       # not known to the scheduler: cannot tell
-            return None
-        out["bytes"] += sum(info.sizes)
-        if info.inline is not None:
+        loc = found[ref]
+        out["bytes"] += loc.nbytes
+        if loc.inline:
             out["inband"] += 1
-            out["inline_threshold"] = max(out["inline_threshold"] or 0, sum(info.sizes))
-        elif store.get(ref.id) is not None:
+            out["inline_threshold"] = max(out["inline_threshold"] or 0, loc.nbytes)
+        elif hm.is_local(ref):
             out["on_rank0"] += 1
         else:
             out["direct"] += 1
@@ -272,7 +268,7 @@ def run(paths: Sequence[str], files_per_task: int = 40, partitions: Optional[int
     ``parallel_s`` and ``sequential_s`` (seconds, wall clock), ``match`` (bool: equal to the
     sequential ``Counter``), ``diff`` (lines describing differences), ``routes`` (see
     :func:`routes`) and ``rank0_pulls`` (chunked pulls rank 0 made during the parallel run: the
-    final partitions that were not in-band; None if unknown).
+    final partitions that were not in-band).
 
     Raises ValueError for empty ``paths`` or a bad ``files_per_task``/``partitions``; a task's
     exception (e.g. OSError for an unreadable file) and TimeoutError propagate from ``get``.
@@ -302,7 +298,7 @@ def run(paths: Sequence[str], files_per_task: int = 40, partitions: Optional[int
     for part in finals:
         merged.update(part)
     parallel = time.perf_counter() - t0
-    pulls = None if pulls0 is None else _pulls() - pulls0
+    pulls = _pulls() - pulls0
     intermediate = [ref for row in mapped for ref in row]
     where = routes(intermediate)
     if sum(len(p) for p in finals) != len(merged):

@@ -19,6 +19,7 @@ import traceback
 import numpy as np
 
 import hoplite_mpi as hm
+from hoplite_mpi import testing
 
 T = 120  # seconds: bound of every wait in these checks
 CHECKS = {}
@@ -68,7 +69,7 @@ def nested_parent(k):
 def check_nested_all_workers_busy():
     # more parents than the scheduler keeps in flight on all workers together: every worker is
     # full of parents blocked in get() while their children still have to be placed
-    cfg = hm.api._rt().config
+    cfg = hm.current_config()
     n = len(workers()) * cfg.tasks_per_worker * cfg.worker_threads + 5
     refs = [nested_parent.remote(k) for k in range(n)]
     got = hm.get(refs, timeout=T)
@@ -234,7 +235,7 @@ def make_fresh(n, pair):
 def stored_at_returned_address(box):
     """On the producing rank: is each stored object's data the very memory its task returned?"""
     addresses = _kept().pop("addresses")
-    rt = hm.api._runtime
+    rt = testing.runtime()                # (the stored frames' memory: an internal)
     frames = [rt.local_frames(ref.id) for ref in box]
     return [f is not None and np.frombuffer(f[1], np.uint8).ctypes.data == a
             for f, a in zip(frames, addresses)]
@@ -309,12 +310,11 @@ def check_delete_then_get_raises():
 
 @hm.remote
 def store_bytes():
-    return hm.api._rt().store.bytes_used
+    return hm.stats()["store_bytes"]
 
 
 def _bytes_everywhere():
-    rt = hm.api._rt()
-    return [rt.store.bytes_used] + hm.get([store_bytes.options(rank=r).remote() for r in workers()
+    return [hm.stats()["store_bytes"]] + hm.get([store_bytes.options(rank=r).remote() for r in workers()
                                            if r != 0], timeout=T)
 
 
@@ -331,9 +331,9 @@ def _until(predicate, what, timeout=30.0):
 def check_dropped_refs_are_freed_once_unused():
     import gc
 
-    rt = hm.api._rt()
+    rt = testing.runtime()                # (for the failure message's scheduler tables)
     base = sum(_bytes_everywhere())
-    freed_before = rt.stats["auto_freed"]
+    freed_before = hm.stats()["auto_freed"]
     # a chain of 8 MiB arrays: each intermediate ref is dropped while its consumer still runs
     ref = make_big.remote(8 << 20, 1)
     for _ in range(5):
@@ -344,12 +344,78 @@ def check_dropped_refs_are_freed_once_unused():
     assert hm.get(ref, timeout=T).nbytes == 8 << 20
     del ref, escaped
     gc.collect()
-    _until(lambda: rt.stats["auto_freed"] - freed_before >= 6, "6 objects freed")
+    _until(lambda: hm.stats()["auto_freed"] - freed_before >= 6, "6 objects freed")
     _until(lambda: sum(_bytes_everywhere()) <= base + (2 << 20) + 4096,
            f"stores back near {base} bytes (+kept, +escaped): {_bytes_everywhere()} "
            f"{rt.store.ids()} released={rt.scheduler.released} deps={rt.scheduler.dep_count}")
     assert hm.get(kept, timeout=T).sum() == 1 << 17
     assert hm.get(hm.get(box, timeout=T)["inner"], timeout=T).sum() == 1 << 17
+
+
+# --- introspection: hm.stats, hm.locations, hm.object_info, hm.is_local, ... -----------------
+
+@hm.remote
+def make_array(n):
+    return np.ones(n)
+
+
+@hm.remote
+def seen_from_a_task(ref_box):
+    """On a worker: (is_local before a read, locations, is_local after, stats' rank and
+    scheduler, pulls counted)."""
+    ref = ref_box[0]
+    before = hm.is_local(ref)
+    where = hm.locations([ref], timeout=T)[ref]
+    pulls = hm.stats()["pulls"]
+    hm.get(ref, timeout=T)
+    after = hm.stats()
+    return before, where, hm.is_local(ref), after["rank"], after["scheduler"], after["pulls"] - pulls
+
+
+@check
+def check_introspection():
+    w = workers()[-1]
+    big = make_array.options(rank=w).remote(1 << 17)            # 1 MiB: chunked, held on w
+    small = hm.put(41)                                          # inline, made on the driver
+    got = hm.object_info([big, small, big], timeout=T)
+    assert list(got) == [big, small], got                       # distinct refs, in order
+    assert got[big].ranks[0] == w and not got[big].inline and not got[big].error, got
+    assert got[big].nbytes >= 1 << 20 and got[small].inline and got[small].ranks == (0,), got
+    assert hm.locations(big, timeout=T) == {big: list(got[big].ranks)}
+    assert hm.is_local(small) and hm.is_local(big) == (w == 0)
+    s = hm.stats()
+    assert s["rank"] == 0 and s["dead_ranks"] == [] and s["engine_errors"] == 0, s
+    assert s["scheduler"]["submitted"] >= 1 and s["scheduler"]["done"] >= 1, s
+    assert all(isinstance(s[k], int) for k in ("pulls", "serves", "auto_freed", "store_bytes")), s
+    assert isinstance(s["messages"], dict) and isinstance(s["rank_loss_tolerance"], bool), s
+    assert hm.dead_ranks() == [] and hm.current_config().chunk_size > 0
+    pulls = s["pulls"]
+    hm.get(big, timeout=T)
+    assert hm.is_local(big) and hm.stats()["pulls"] >= pulls + (w != 0)
+    assert 0 in hm.locations(big, timeout=T)[big] or w == 0     # rank 0 registered its copy
+    if w != 0:
+        other = make_array.options(rank=w).remote(1 << 17)
+        hm.wait([other], timeout=T)
+        before, where, after, rank, sched, pulled = hm.get(
+            seen_from_a_task.options(rank=w if w == 1 else 1).remote([other]), timeout=T)
+        reader = w if w == 1 else 1
+        assert where == [w] and after and rank == reader and sched is None, (where, after, rank, sched)
+        assert before == (reader == w) and (pulled >= 1) == (reader != w), (before, pulled)
+        hm.delete(other)
+    failed = hm.remote(lambda: 1 / 0).remote()
+    assert hm.object_info(failed, timeout=T)[failed].error
+    hm.delete([small])
+    for call, exc in ((lambda: hm.locations(small, timeout=T), hm.ObjectDeletedError),
+                      (lambda: hm.is_local(small), None),
+                      (lambda: hm.locations([1], timeout=T), TypeError),
+                      (lambda: hm.is_local("x"), TypeError)):
+        try:
+            out = call()
+        except Exception as e:          # noqa: BLE001
+            assert exc is not None and isinstance(e, exc), repr(e)
+        else:
+            assert exc is None and out is False, (out, exc)
+    hm.delete([big])
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -575,7 +641,7 @@ def check_cancel_pending():
         time.sleep(t)
         return t
 
-    cfg = hm.api._rt().config
+    cfg = hm.current_config()
     blockers = [sleepy.remote(0.1) for _ in range(len(workers()) * cfg.tasks_per_worker)]
     queued = sleepy.remote(0.0)   # cannot be placed: every worker is full
     assert queued.cancel() and queued.cancelled()

@@ -7,10 +7,11 @@ Each check raises AssertionError (or anything) on failure.  Every wait has a tim
 runs under a watchdog (``--check-timeout``) and the job under a budget (``--budget``), so a hang
 becomes a failure of that check instead of a hung job.  Results: one JSON object per check.
 
-Where an object lives is read from the ranks' object stores (``hm.api._rt().store``), in a task
-pinned to that rank (rank 0: the driver's own store).  Objects of up to ``inline_threshold``
-(64 KiB) travel inline and are not put in stores, so store checks use larger arrays; small ones
-are checked by reading them (``hm.get``) in a task pinned to the rank.  Store checks come before
+Where an object lives is read from the ranks' object stores (the test hook
+``testing.runtime().store``: unlike ``hm.is_local``, a small value cached on the rank does not
+count), in a task pinned to that rank (rank 0: the driver's own store).  Objects of up to
+``inline_threshold`` (64 KiB) travel inline and are not put in stores, so store checks use larger
+arrays; small ones are checked by reading them (``hm.get``) in a task pinned to the rank.  Store checks come before
 any read of the object on that rank, because a read leaves a copy behind.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ import traceback
 import numpy as np
 
 import hoplite_mpi as hm
+from hoplite_mpi import testing
 
 T = 30           # seconds: bound of every wait in these checks
 HOLD_WAIT = 10   # seconds: how long a ready object may take to show up in a rank's store
@@ -125,7 +127,7 @@ def digest(arr):
 # --- where objects live ------------------------------------------------------------------------
 
 def _held_here(object_id):
-    entry = hm.api._rt().store.get(object_id)
+    entry = testing.runtime().store.get(object_id)
     return entry is not None and entry.complete
 
 

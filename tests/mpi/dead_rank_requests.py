@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 import hoplite_mpi as hm
+from hoplite_mpi import testing
 
 T = 60
 
@@ -53,13 +54,13 @@ def outcome(fn):
 
 def main():
     hm.init()
-    rt = hm.api._rt()
     from hoplite_mpi.ids import shard_of
     puts = hm.get(put_small.options(rank=1).remote(16), timeout=T)
-    on_dead_shard = sum(rt.shards[shard_of(r.id, len(rt.shards))][0] == 3 for r in puts)
+    shards = testing.runtime().shards         # (the shard map: an internal)
+    on_dead_shard = sum(shards[shard_of(r.id, len(shards))][0] == 3 for r in puts)
     suicide.options(rank=3).remote()
     deadline = time.monotonic() + T
-    while 3 not in rt.dead:              # (a bounded wait for the death notice)
+    while 3 not in hm.dead_ranks():              # (a bounded wait for the death notice)
         assert time.monotonic() < deadline, "rank 3's death was never noticed"
         time.sleep(0.01)
     got = {

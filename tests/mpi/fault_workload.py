@@ -56,12 +56,6 @@ def crc(a):
 
 
 @hm.remote
-def held(ids):
-    store = hm.api._rt().store
-    return [i for i in ids if store.get(i) is not None and store.get(i).complete]
-
-
-@hm.remote
 def pid():
     import os
     return os.getpid()
@@ -82,17 +76,11 @@ def suicide():
 
 
 def _wait_for_replicas(refs, copies: int, bound: float = 30.0) -> None:
-    """Poll (bounded) until every object of ``refs`` is complete on ``copies`` ranks."""
-    ids = [r.id for r in refs]
+    """Poll (bounded) until every object of ``refs`` is complete on ``copies`` ranks (as the
+    directory records them: a copy registers once it is complete)."""
     deadline = time.monotonic() + bound
     while True:
-        counts = dict.fromkeys(ids, 0)
-        for i in hm.api._rt().call(lambda: [i for i in ids if (e := hm.api._rt().store.get(i)) is not None
-                                            and e.complete], timeout=T):
-            counts[i] += 1                      # rank 0's own store (read on its engine thread)
-        for w in [w for w in range(1, hm.world_size()) if w not in hm.api._rt().dead]:
-            for i in hm.get(held.options(rank=w).remote(ids), timeout=T):
-                counts[i] += 1
+        counts = {ref.hex(): len(ranks) for ref, ranks in hm.locations(refs, timeout=T).items()}
         if min(counts.values()) >= copies:
             return
         if time.monotonic() > deadline:
@@ -123,7 +111,6 @@ def main() -> None:
                              "that made the first one; then read the arrays again")
     args = parser.parse_args()
     hm.init()
-    rt = hm.api._rt()
     t0 = time.monotonic()
     hung_pid = None
     remade = None
@@ -146,9 +133,9 @@ def main() -> None:
             churn = [make.remote(1 << 20, s) for s in range(3)]
             hm.wait(churn, num_returns=len(churn), timeout=T)
             hm.delete(churn)
-        copies = args.replicas or rt.config.replication
+        copies = args.replicas or hm.current_config().replication
         _wait_for_replicas(bigs, copies)
-        victim = rt.scheduler.objects[bigs[0].id].holders[0]   # the rank that made it
+        victim = hm.locations(bigs[0], timeout=T)[bigs[0]][0]   # the rank that made it (first holder)
         try:
             hm.get(suicide.options(rank=victim).remote(), timeout=T)
         except hm.RankLostError:
@@ -168,7 +155,7 @@ def main() -> None:
     data = np.arange(4 << 20, dtype=np.float32)
     ref = hm.put(data)
     hm.broadcast(ref, timeout=T)
-    live = [w for w in range(1, hm.world_size()) if w not in rt.dead] or [0]
+    live = [w for w in range(1, hm.world_size()) if w not in hm.dead_ranks()] or [0]
     crcs = {}
     for w, r in [(w, crc.options(rank=w).remote(ref)) for w in live]:
         try:
@@ -176,19 +163,20 @@ def main() -> None:
         except hm.RankLostError:      # w died while (or before) running it: pinned, not re-run
             pass
     expect_crc = zlib.crc32(memoryview(data).cast("B"))
-    survivors = [w for w in live if w not in rt.dead]
+    survivors = [w for w in live if w not in hm.dead_ranks()]
     broadcast_ok = (sorted(crcs) == survivors or sorted(crcs) == live) and \
         all(c == expect_crc and where == w for w, (c, where) in crcs.items())
+    stats = hm.stats()
     out = {
         "chain": chain, "sums": sums, "firsts": firsts,
         "broadcast_ok": broadcast_ok,
         "reduce_ok": reduce_ok, "allreduce_ok": allreduce_ok, "copies_remade": remade,
-        "reduces_replanned": rt.stats["reduces_replanned"],
+        "reduces_replanned": stats["reduces_replanned"],
         "seconds": time.monotonic() - t0,
-        "dead": sorted(rt.dead),
-        "retried": rt.scheduler.stats["retried"],
-        "rebuilt": rt.scheduler.stats["rebuilt"],
-        "ranks_lost": rt.stats["ranks_lost"],
+        "dead": stats["dead_ranks"],
+        "retried": stats["scheduler"]["retried"],
+        "rebuilt": stats["scheduler"]["rebuilt"],
+        "ranks_lost": stats["ranks_lost"],
     }
     with open(args.json, "w") as fh:
         json.dump(out, fh)

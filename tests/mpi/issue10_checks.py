@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 import hoplite_mpi as hm
+from hoplite_mpi import testing
 from hoplite_mpi.errors import HopliteError, ObjectDeletedError
 
 T = 60
@@ -65,7 +66,7 @@ def check_task_returning_its_large_argument_then_reduce():
 
 
 def _entry_sizes(ref):
-    rt = hm.api._runtime
+    rt = testing.runtime()
     return rt.call(lambda: tuple(rt.store.get(ref.id).sizes), timeout=T)
 
 
@@ -77,7 +78,7 @@ def make_big():
 @hm.remote
 def corrupt_copy(box):
     """(on the holder) Make its stored copy disagree with the directory's frame sizes."""
-    rt = hm.api._runtime
+    rt = testing.runtime()
     oid = box[0].id
 
     def go():
@@ -95,7 +96,7 @@ def truncated_pull(box, holder):
     chunk (the pickle header, an eager message: Open MPI truncates those safely, unlike
     rendezvous ones), so MPI itself reports MPI_ERR_TRUNCATE; returns (the error's type name,
     mpi error class, detail, whether a normal get of the object works afterwards)."""
-    rt = hm.api._runtime
+    rt = testing.runtime()
     oid = box[0].id
     fut: cf.Future = cf.Future()
 
@@ -285,8 +286,8 @@ def check_deleted_small_object_is_not_read_from_a_workers_cache():
 
 
 def no_rank_declared_dead():
-    dead = hm.api._rt().dead
-    assert not dead, f"ranks declared dead: {sorted(dead)}"
+    dead = hm.dead_ranks()
+    assert not dead, f"ranks declared dead: {dead}"
 
 
 if __name__ == "__main__":

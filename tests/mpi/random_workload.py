@@ -943,8 +943,7 @@ def main(argv=None):
     p.add_argument("--big", action="store_true", help="also arrays around the chunk size (1-3 MiB)")
     p.add_argument("--json", default=None, help="write per-seed results here")
     args = p.parse_args(argv)
-    rt = hm.api._rt()
-    cfg, n = rt.config, hm.world_size()
+    cfg, n = hm.current_config(), hm.world_size()
     victim = victim_from_env()
     if args.without_fixed:
         # warm-up: every worker has run a task before tasks call the API (FIXED api_right_after_init)
@@ -969,7 +968,7 @@ def main(argv=None):
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
-    dead = sorted(rt.dead) if hasattr(rt, "dead") else []
+    dead = hm.dead_ranks()
     print(f"DONE {len(results)} seeds, {bad} failed, {time.monotonic() - t_all:.1f} s, dead ranks {dead}",
           flush=True)
     return 1 if bad else 0

@@ -35,9 +35,9 @@ def main():
     assert len(ready) == 3
     os.kill(pids[2], signal.SIGKILL)
     out = hm.get(hm.reduce(refs, "sum"), timeout=T)
-    rt = hm.api._rt()
-    print(json.dumps({"exact": bool((out == 6.0).all()), "dead": sorted(rt.dead),
-                      "rebuilt": rt.scheduler.stats.get("rebuilt", 0)}), flush=True)
+    stats = hm.stats()
+    print(json.dumps({"exact": bool((out == 6.0).all()), "dead": stats["dead_ranks"],
+                      "rebuilt": stats["scheduler"]["rebuilt"]}), flush=True)
 
 
 if __name__ == "__main__":
