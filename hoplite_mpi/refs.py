@@ -84,12 +84,13 @@ class Refs:
             if batch is None:
                 return
             for item in batch:
-                self._deliver(item)
+                self.deliver(item)
 
     def stop(self) -> None:
         self.queue.put(None)
 
-    def _deliver(self, item: Any) -> None:
+    def deliver(self, item: Any) -> None:
+        """Complete the ref of one ready item (see :meth:`notify`), if it still exists."""
         # (a function of its own: no local variable may keep the last ref alive between batches,
         # or the driver's reference counting would not see it dropped)
         oid = item if isinstance(item, int) else item.object_id

@@ -199,7 +199,7 @@ class Runtime:
     def serve(self) -> None:
         """Block until the driver shuts the runtime down (worker ranks)."""
         self.stopped.wait()
-        self._close()
+        self.close()
 
     def shutdown(self) -> None:
         """Driver: stop every rank; returns once this rank has quiesced (roles/shutdown.py) or
@@ -211,9 +211,9 @@ class Runtime:
             self.call_soon(self.shutdown_role.begin)
         except RuntimeShutdownError:
             pass
-        self._close()
+        self.close()
 
-    def _close(self) -> None:
+    def close(self) -> None:
         """Wait for the engine to end, fail what still waits, free the communicator."""
         if self.closed:
             return

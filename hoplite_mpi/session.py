@@ -47,6 +47,16 @@ def current_or_none() -> Optional[Any]:
     return _runtime
 
 
+def install(rt: Any) -> Any:
+    """(simulation, tests) Make ``rt`` this process's runtime, for the API calls that follow
+    (several simulated ranks share one process: each task runs with its rank's runtime);
+    returns the runtime installed before (None if none), to be installed again after."""
+    global _runtime
+    with _lock:
+        previous, _runtime = _runtime, rt
+    return previous
+
+
 def is_initialized() -> bool:
     """Whether this process has a running runtime."""
     return _runtime is not None

@@ -108,11 +108,16 @@ def get(refs: Union[ObjectRef, Sequence[ObjectRef]], timeout: Optional[float] = 
                 except cf.TimeoutError:
                     raise cf.TimeoutError(f"get() timed out after {timeout} s fetching "
                                           f"{format_id(ref.id)}") from None
-            values.append(_value(ref.id, got))
+            values.append(value_of(ref.id, got))
     return values[0] if single else values
 
 
-def _value(object_id: int, got: Any) -> Any:
+def value_of(object_id: int, got: Any) -> Any:
+    """The value of what a fetch gave (frames, an ObjectInfo with the value inline, or DELETED).
+
+    Raises:
+        ObjectDeletedError: deleted.  The task's exception: an error object.
+    """
     if got is DELETED:
         raise ObjectDeletedError(format_id(object_id))
     if isinstance(got, ObjectInfo):

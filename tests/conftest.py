@@ -111,3 +111,10 @@ def pytest_addoption(parser):
     parser.addoption("--without-fixed", action="store_true", default=False,
                      help="tests/test_random_workload.py: leave out the inputs of the bugs found "
                           "and fixed (FIXED in tests/mpi/random_workload.py)")
+    parser.addoption("--sim-seeds", type=int, default=0, metavar="N",
+                     help="tests/test_simulation.py: a soak of N simulation seeds (from "
+                          "--sim-start, default 1000) instead of the CI seeds")
+    parser.addoption("--sim-start", type=int, default=1000, metavar="S",
+                     help="tests/test_simulation.py: first seed of --sim-seeds")
+    parser.addoption("--sim-seed", type=int, default=None, metavar="S",
+                     help="tests/test_simulation.py: replay simulation seed S (its log shown)")
