@@ -312,14 +312,8 @@ class Scheduler:
                 or spec.init_id is not None):
             refused = self._refusal(spec)
             if refused is not None:
-                error = to_bytes(local_error(refused))
                 out: Outbox = []
-                sizes = frame_sizes(error)
-                for oid in spec.return_ids:
-                    info = ObjectInfo(oid, sizes, (), tuple(error), True)
-                    self._completed.append(info)
-                    self._cascade.append(info)
-                    out += [(rank, DirAdd(info)) for rank in self.shard_ranks(oid)]
+                self._error_objects(spec.return_ids, to_bytes(local_error(refused)), out)
                 return self._drain(out)
         if spec.fn_blob is not None or spec.init_blob is not None:
             spec = replace(spec, fn_blob=None, init_blob=None)
@@ -686,12 +680,19 @@ class Scheduler:
         task.move(TaskState.FAILED)
         self.tasks.pop(task.spec.task_id, None)
         self.stats["failed"] += 1
-        sizes = frame_sizes(error)
         for oid in task.spec.return_ids:
             self.producer.pop(oid, None)
+        self._error_objects(task.spec.return_ids, error, out, report)
+        self._finished(task)
+
+    def _error_objects(self, oids: Iterable[int], error: tuple, out: Outbox,
+                       report: bool = True) -> None:
+        """The objects ``oids`` become the error object ``error`` (its frames): queued on the
+        cascade, :class:`Completed` unless not ``report``, their DirAdds appended to ``out``."""
+        sizes = frame_sizes(error)
+        for oid in oids:
             info = ObjectInfo(oid, sizes, (), tuple(error), True)
             if report:
                 self._completed.append(info)
             out += [(rank, DirAdd(info)) for rank in self.shard_ranks(oid)]
             self._cascade.append(info)
-        self._finished(task)
