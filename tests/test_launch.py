@@ -106,7 +106,7 @@ def test_signals_make_a_rank_print_its_stacks_and_its_state(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]      # neither signal ends the rank
     assert "PIDS" in proc.stdout
     # SIGUSR1: every thread's stack, the running task's included
-    assert "in _loop" in proc.stderr and "in poke" in proc.stderr, proc.stderr[-3000:]
+    assert "in run" in proc.stderr and "engine.py" in proc.stderr and "in poke" in proc.stderr, proc.stderr[-3000:]
     # SIGUSR2: the runtime state of rank 1
     assert "---- hoplite_mpi rank 1 state ----" in proc.stderr, proc.stderr[-3000:]
     assert "streams: " in proc.stderr and "store: " in proc.stderr

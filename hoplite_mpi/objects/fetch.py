@@ -26,6 +26,11 @@ from ..transport.base import PeerFailure
 
 log = logging.getLogger("hoplite_mpi")
 
+# seconds before asking the shard again when its answer cannot be used yet (it named this rank,
+# or a sender that just died and the shard may not know yet): an immediate re-ask made a
+# message ping-pong between this rank and the shard until the state changed
+RETRY_DELAY = 0.002
+
 
 class Fetcher:
     """Copies being fetched (``fetching``: DirPull sent), produced here (``producing``: a reduce
@@ -124,6 +129,13 @@ class Fetcher:
         """Ask the object's shard for a sender for this rank (answered by :meth:`on_sender`)."""
         self.ctx.send(self.ctx.shard_ranks(oid)[0], P.DirPull(oid, self.ctx.rank))
 
+    def _ask_later(self, oid: int) -> None:
+        """Ask again after :data:`RETRY_DELAY` seconds, if a reader still waits then."""
+        def again() -> None:
+            if oid in self.fetching and oid not in self.receiving:
+                self.ask_sender(oid)
+        self.ctx.engine.call_later(RETRY_DELAY, again)
+
     # --- the shard's answer and the stream ---------------------------------------------------
 
     def on_sender(self, source: int, msg: P.DirSender) -> None:
@@ -140,13 +152,21 @@ class Fetcher:
             callbacks = self.fetching[oid] = []
         if info is None or info.inline is not None or catalog.local_frames(oid) is not None:
             del self.fetching[oid]
+            if info is None or info.inline is not None:
+                ctx.server.abandon_partial(oid)
             got = DELETED if info is None else (catalog.local_frames(oid) or info)
             for callback in callbacks:
                 callback(got)
             return
+        if oid in self.receiving:
+            # a second answer while a stream already fills our copy (our own DirPull, e.g. for a
+            # replica, and the driver's for a broadcast): a second stream into the same entry
+            # would advance its progress twice and complete it with chunks never written
+            # (found by the simulation, seed 18)
+            return
         sender = info.holders[0]
         if sender == ctx.rank:           # only we had it (it was freed meanwhile): ask again later
-            self.ask_sender(oid)
+            self._ask_later(oid)
             return
         entry = ctx.store.get(oid)
         if entry is None:
@@ -189,6 +209,7 @@ class Fetcher:
         entry = ctx.store.get(oid)
         if entry is None:
             return
+        ctx.server.forget_partial(oid)
         ctx.publish(ObjectInfo(oid, entry.sizes, (ctx.rank,), head=head))   # a sender for others
         for callback in self.fetching.pop(oid, ()):
             callback(entry.frames)
@@ -201,7 +222,7 @@ class Fetcher:
         if failure.dead:
             log.warning("rank %d: pull of %s from rank %d failed: %s", self.ctx.rank,
                         format_id(oid), failure.rank, failure.detail)
-            self.ask_sender(oid)   # keep the bytes, resume from another sender
+            self._ask_later(oid)   # keep the bytes, resume from another sender
             return
         self._transfer_failed(oid, failure)
 

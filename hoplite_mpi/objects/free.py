@@ -47,6 +47,7 @@ class Freeing:
 
     def on_free(self, source: int, msg: P.Free) -> None:
         ctx = self.ctx
+        ctx.server.forget_partial(msg.object_id)
         held = ctx.store.delete(msg.object_id) is not None
         ctx.server.refuse_deferred(msg.object_id, held)
         if ctx.driver is None:    # a cached small value (rank 0's copies are the scheduler's)

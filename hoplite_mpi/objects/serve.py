@@ -24,12 +24,14 @@ FREED_MEMORY = 1 << 16    # freed ids remembered to refuse late pulls (a bound, 
 
 
 class Server:
-    """Pulls waiting for this rank's copy to start (``deferred``) and ids freed here."""
+    """Pulls waiting for this rank's copy to start (``deferred``), ids freed here, and streams
+    served from an incomplete copy (``partial``: object id -> [(rank, tag)])."""
 
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
         self.deferred: dict[int, list] = {}    # object id -> [(source, Pull)]
         self.freed_here: set[int] = set()
+        self.partial: dict[int, list] = {}
 
     def on_pull(self, source: int, msg: P.Pull) -> None:
         faults.reached("serve")
@@ -52,8 +54,12 @@ class Server:
         ends = chunk_ends(plan)
         skip = bisect.bisect_right(ends, msg.offset)
         chunks = [memoryview(entry.frames[f]).cast("B")[a:b] for f, a, b in plan[skip:]]
-        available = None if entry.complete else (
-            lambda: bisect.bisect_right(ends, entry.progress) - skip)
+        available = None
+        if not entry.complete:
+            def chunks_held() -> int:    # (a partial copy forwards what it has received)
+                return bisect.bisect_right(ends, entry.progress) - skip
+            available = chunks_held
+            self.partial.setdefault(oid, []).append((source, msg.tag))
         ctx.stats["serves"] += 1
         ctx.transport.send_stream(source, msg.tag, chunks, lambda: None,
                                   lambda failure: log.warning("rank %d: send to rank %d failed: %s",
@@ -77,6 +83,26 @@ class Server:
                 self.freed_here.clear()
         for source, msg in deferred:
             self.ctx.send(source, P.PullRefused(oid, msg.tag))
+
+    def forget_partial(self, oid: int) -> None:
+        """The copy of ``oid`` here is complete (or freed): its streams need no watching."""
+        self.partial.pop(oid, None)
+
+    def abandon_partial(self, oid: int) -> None:
+        """The shard answered that ``oid`` has no copy to pull any more (deleted, or an error
+        object: lost with its ranks) while this rank holds an incomplete copy that nothing fills
+        (its sender died): drop it and refuse the pulls it serves, so that their receivers ask
+        the shard again instead of waiting for ever for chunks that will never come (found by
+        the simulation, seed 126)."""
+        ctx = self.ctx
+        entry = ctx.store.get(oid)
+        if entry is None or entry.complete or oid in ctx.fetcher.receiving:
+            return
+        ctx.store.delete(oid)
+        self.refuse_deferred(oid)
+        for source, tag in self.partial.pop(oid, ()):
+            ctx.transport.stop_send_stream(source, ctx.transport.data_tag(tag))
+            ctx.send(source, P.PullRefused(oid, tag))
 
     def rank_lost(self, loss: Loss) -> None:
         for oid, pulls in list(self.deferred.items()):

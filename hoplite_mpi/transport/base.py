@@ -83,6 +83,10 @@ class Transport(abc.ABC):
         """End the receive stream from ``peer`` with ``tag`` (if still open): cancel what is in
         flight and call its ``on_error(failure)``."""
 
+    def data_tag(self, tag: int) -> int:
+        """The transport's own tag of the stream a runtime calls ``tag`` (as in PeerFailure.tag)."""
+        return tag
+
     def stop_send_stream(self, peer: int, tag: int) -> None:
         """Post no more chunks of the send stream to ``peer`` with transport tag ``tag`` (its
         receiver failed it); chunks in flight complete (the receiver drains them)."""
