@@ -410,3 +410,16 @@ def test_an_unknown_event_is_a_type_error_and_changes_nothing():
     assert c.used == []
     c.input_ready(info(10, 0))
     assert c.used == [10]
+
+
+def test_a_reduce_failing_while_it_awaits_the_resume_names_every_attempt():
+    # (simulation seed 120) a re-planned reduce is still filed under its earlier attempt's id by
+    # the shell until the target answers; if it fails meanwhile, Reduced must name that id too
+    c = coordinator([10, 11, 12], target=0)
+    for oid, rank in ((10, 0), (11, 1), (12, 2)):
+        c.input_ready(info(oid, rank))
+    old = c.reduce_id
+    c.rank_lost(2)
+    assert c.awaiting == old and not c.done
+    c.rank_lost(0)
+    assert c.done and c.result.error and c.reduced.attempts == (old, c.reduce_id)

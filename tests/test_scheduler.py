@@ -964,3 +964,14 @@ def test_rank_lost_registers_again_what_only_rank_0_knows_at_moved_shards():
     assert s(RankLost(3, moved=frozenset({1}), changed=frozenset({1}),
                       dead=frozenset({3}))) == [(SHARD, DirAdd(small)), (SHARD, DirDelete(503, True)),
                                                 (SHARD, DirLookup(505, 0))]   # (idempotent otherwise)
+
+
+def test_a_refused_tasks_results_are_known_so_their_users_fail_at_once():
+    # (simulation seed 222) the scheduler knows the error objects of a refused task: a task
+    # using one fails at once (no lookup), and they are re-registered if their shard moves
+    s = make(workers=(1, 2))
+    refused(s, first(10, rank=5), ValueError)
+    err = s.object_info(10)
+    assert err.error and s.submit(spec(20, 10)) == [(SHARD, DirAdd(failed(20, err.inline)))]
+    assert s(RankLost(2, moved=frozenset({0}), changed=frozenset({0}))) == [
+        (SHARD, DirAdd(err)), (SHARD, DirAdd(failed(20, err.inline)))]
