@@ -19,7 +19,11 @@ last input, when ready, is pulled by the target directly (``ReduceLate``) and ad
 chunk.  After the last arrival one transfer remains, instead of a pull into that input's rank
 followed by the target's pull of the sum.  The bytes moved are the same ((n - 1) * S).
 
-Every method returns a list of ``(rank, message)`` to send.
+The coordinator has one entry point, :meth:`ReduceCoordinator.handle`: one event in (:class:`Start`,
+:class:`InputReady`, :class:`RankLost`, or the messages ``ReduceStepDone``, ``ReduceResume`` and
+``Fetched`` as they arrive), one list of instructions out, to be carried out in order:
+``(rank, message)`` tuples to send, then local instructions (not tuples): :class:`Replanned`,
+:class:`WatchInputs`, :class:`Reduced`.
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ import numpy as np
 
 from .errors import HopliteError
 from .ids import format_id
-from .protocol import DirAdd, Fetch, Free, ObjectInfo, ReduceAbort, ReduceLate, ReduceStep, ReduceStepDone
+from .protocol import (DirAdd, Fetch, Fetched, Free, ObjectInfo, ReduceAbort, ReduceLate, ReduceResume,
+                       ReduceStep, ReduceStepDone)
 from .serialization import frame_sizes, local_error, serialize, to_bytes
 
 Outbox = list
@@ -131,6 +136,72 @@ def tree_chain(n: int, depth: int) -> tuple[list[Optional[int]], list[int]]:
     return parent, order
 
 
+# --- events (ReduceCoordinator.handle takes one; ReduceStepDone, ReduceResume and Fetched too) ---
+
+@dataclass(slots=True)
+class Start:
+    """Begin: every input is asked for (:class:`WatchInputs`), or, if the target is among
+    ``dead`` (ranks dead now), the reduce fails at once."""
+
+    dead: frozenset = frozenset()
+
+
+@dataclass(slots=True)
+class InputReady:
+    """An input exists (``info``; an error object fails the reduce).  Inputs beyond the first
+    ``num`` are ignored; an input given more than once (``[a, a]``) fills one slot per
+    occurrence; an info whose holders are all dead is ignored (it is asked for again)."""
+
+    info: ObjectInfo
+
+
+@dataclass(slots=True)
+class RankLost:
+    """``rank`` died (see :meth:`ReduceCoordinator._rank_lost`)."""
+
+    rank: int
+
+
+# --- local instructions (in handle()'s output beside the (rank, message) sends) -----------------
+
+class Instruction:
+    """A local instruction (anything in the output that is not a ``(rank, message)`` tuple)."""
+
+    __slots__ = ()
+
+
+@dataclass(slots=True)
+class Replanned(Instruction):
+    """The reduce was planned again without the ``dead`` ranks; its new attempt has id
+    ``reduce_id`` (messages of it carry that id) and starts at byte ``start`` of the result (the
+    bytes before were given out already and are not computed again).  A :class:`WatchInputs`
+    follows."""
+
+    reduce_id: int
+    result_id: int
+    dead: tuple
+    start: int
+
+
+@dataclass(slots=True)
+class WatchInputs(Instruction):
+    """Report each of these objects with :class:`InputReady` once it exists with a live copy (or
+    as an error object); ids are distinct."""
+
+    object_ids: tuple
+
+
+@dataclass(slots=True)
+class Reduced(Instruction):
+    """The reduce is over (the last instruction it gives): ``result`` is the result's info (an
+    error object if it failed), ``used`` the input ids reduced, in arrival order, ``attempts``
+    the reduce ids of every attempt (the first is the one it was created with)."""
+
+    result: ObjectInfo
+    used: tuple
+    attempts: tuple
+
+
 @dataclass
 class _Slot:
     index: int
@@ -190,15 +261,49 @@ class ReduceCoordinator:
         self.final_id = result_id
         self.retired: list[tuple[int, int]] = []   # intermediates of abandoned attempts
         self.dead: set[int] = set()
-        self.wants_inputs = False     # (runtime) re-deliver every input's info to input_ready
+        self._wants_inputs = False    # WatchInputs (after a re-plan) at the end of this event
+        self._reported = False        # Reduced given
         self.start = 0                # bytes of the result the target has given out (re-plans)
         self.awaiting: Optional[int] = None   # abandoned attempt whose ReduceResume is awaited
 
     # --- events ------------------------------------------------------------------------------
 
-    def input_ready(self, info: ObjectInfo) -> Outbox:
-        """An input exists.  Inputs beyond the first ``num`` are ignored.  An input given more
-        than once (``[a, a]``) fills one slot per occurrence."""
+    def handle(self, event: object) -> list:
+        """Apply one event; returns the instructions: ``(rank, message)`` sends, then the local
+        :class:`Instruction` s.  Events after the reduce is over give nothing.
+
+        Raises TypeError for an object that is not one of its events (nothing changed).
+        """
+        cls = event.__class__
+        if cls is InputReady:
+            out = self._input_ready(event.info)
+        elif cls is ReduceStepDone:
+            out = self._step_done(event)
+        elif cls is Fetched:
+            out = self._fetched(event.rank, event.error)
+        elif cls is RankLost:
+            out = self._rank_lost(event.rank)
+        elif cls is ReduceResume:
+            out = self._resume(event.reduce_id, event.progress)
+        elif cls is Start:
+            if self.target in event.dead:       # (the target died before the reduce was asked for)
+                out = self._rank_lost(self.target)
+            else:
+                out = [WatchInputs(tuple(dict.fromkeys(self.inputs)))]
+        else:
+            raise TypeError(f"the reduce coordinator has no event {cls.__name__}")
+        if self._wants_inputs:
+            self._wants_inputs = False
+            if not self.done:
+                out.append(Replanned(self.reduce_id, self.result_id, tuple(sorted(self.dead)),
+                                     self.start))
+                out.append(WatchInputs(tuple(dict.fromkeys(self.inputs))))
+        if self.done and not self._reported:
+            self._reported = True
+            out.append(Reduced(self.result, tuple(self.used), tuple(self.attempts)))
+        return out
+
+    def _input_ready(self, info: ObjectInfo) -> Outbox:
         oid = info.object_id
         want = self.inputs.count(oid) - self.used.count(oid)
         if self.done or len(self.used) >= self.num or want <= 0:
@@ -276,13 +381,13 @@ class ReduceCoordinator:
             out += self._accumulate()
         return out
 
-    def step_done(self, msg: ReduceStepDone) -> Outbox:
+    def _step_done(self, msg: ReduceStepDone) -> Outbox:
         """A slot's output is complete; the result's completion finishes the reduce."""
         if self.done or msg.reduce_id != self.reduce_id:
             return []     # (a message of an abandoned attempt)
         if msg.error is not None:
             if msg.lost >= 0 and msg.lost not in self.dead:
-                return self.rank_lost(msg.lost)
+                return self._rank_lost(msg.lost)
             if msg.lost < 0:
                 return self._fail_with(msg.error)
             return []
@@ -292,20 +397,20 @@ class ReduceCoordinator:
         self.result = ObjectInfo(self.result_id, msg.sizes, (msg.rank,), head=self.head)
         return self._maybe_finish()
 
-    def fetched(self, rank: int, error: Optional[str]) -> Outbox:
+    def _fetched(self, rank: int, error: Optional[str]) -> Outbox:
         """(allreduce) ``rank`` holds the result."""
         self.pending_fetch.discard(rank)
         if error is not None and not self.done:
             return self._fail(HopliteError(f"allreduce: rank {rank} could not get the result: {error}"))
         return self._maybe_finish()
 
-    def rank_lost(self, rank: int) -> Outbox:
+    def _rank_lost(self, rank: int) -> Outbox:
         """``rank`` died.  If it held the target, the reduce fails with :class:`HopliteError`
         naming the rank.  If it held a placed input or a step, the attempt is abandoned and the
         reduce planned again (Hoplite §4: re-plan around the failure): every input's info is
-        asked for anew (``wants_inputs``; a copy elsewhere, or lineage re-runs its task, or it
+        asked for anew (:class:`Replanned`, :class:`WatchInputs`; a copy elsewhere, or lineage re-runs its task, or it
         fails with ObjectLostError) once the target said how much of the result it had given out
-        (:meth:`resume`; the new tree skips those chunks), and the new tree's final step
+        (``ReduceResume``; the new tree skips those chunks), and the new tree's final step
         completes the old result entry on the target (readers of it just wait).  A first-k
         reduce whose k inputs were all chosen keeps them (chunks already given out must not
         change); one still choosing takes the next arrivals, backups included.  An allreduce no
@@ -341,20 +446,20 @@ class ReduceCoordinator:
         if asked:       # the new tree is planned once the target says where the result stands
             self.awaiting = old
         else:
-            self.wants_inputs = True
+            self._wants_inputs = True
         return out
 
-    def resume(self, reduce_id: int, progress: int) -> Outbox:
+    def _resume(self, reduce_id: int, progress: int) -> Outbox:
         """(ReduceResume from the target, after the abort of attempt ``reduce_id``) The result
         entry gave out its first ``progress`` bytes: those are complete reductions of the same
         inputs, so the next attempt's steps pull and combine only the chunks after them (Hoplite
         §4's "ancestors re-pull", from the target's progress instead of from scratch).  Then
-        every input's info is asked for again (``wants_inputs``)."""
+        every input's info is asked for again (:class:`Replanned`, :class:`WatchInputs`)."""
         if self.done or reduce_id != self.awaiting:
             return []
         self.awaiting = None
         self.start = max(self.start, progress)
-        self.wants_inputs = True
+        self._wants_inputs = True
         return []
 
     # --- internals ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The task scheduler of rank 0: a pure state machine (event in -> messages out), no MPI.
+"""The task scheduler of rank 0: a pure state machine (events in -> instructions out), no MPI.
 
 Task life cycle (one gate per transition; an illegal one raises :class:`InvalidTransition`)::
 
@@ -12,9 +12,20 @@ most bytes of the task's inputs if it has room, else the least loaded rank.  Eac
 to ``tasks_per_worker`` tasks in flight; tasks blocked in a nested ``get`` do not count, so nested
 tasks can always be placed (no deadlock when every worker waits on children).
 
-Every event method returns a list of ``(rank, message)`` to send.  Objects that became known on
-the way (task results, failures) are appended to :attr:`Scheduler.completed` for the runtime to
-deliver to the driver's futures.
+One entry point, as Dask's ``handle_stimulus``: :meth:`Scheduler.handle` takes one event and
+returns one list of instructions, to be carried out in order.  An instruction is either a message
+to send, a plain ``(rank, message)`` tuple, or a local :class:`Instruction` (tell them apart with
+``type(item) is tuple``): :class:`Completed` (objects became ready or failed: deliver them to the
+driver's refs), :class:`FreeObjects` (free these objects now), :class:`TaskCancelled`.  Local
+instructions come after the messages of the same event.
+
+Events: protocol messages as they arrive (a :class:`~hoplite_mpi.protocol.TaskSpec` is a new
+task; :class:`~hoplite_mpi.protocol.TaskDone`, :class:`~hoplite_mpi.protocol.TaskBlocked`,
+:class:`~hoplite_mpi.protocol.ObjectLost`, :class:`~hoplite_mpi.protocol.TaskExit`) and the
+events defined here (:class:`ObjectKnown`, :class:`LookedUp`, :class:`ObjectDeleted`,
+:class:`Forget`, :class:`Release`, :class:`Cancel`, :class:`RankLost`).  What the shell may still
+ask is answered by query methods (:meth:`Scheduler.object_info`, :meth:`Scheduler.produces`,
+:meth:`Scheduler.task_name`, :meth:`Scheduler.pending`).
 """
 from __future__ import annotations
 
@@ -23,9 +34,10 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional
 
-from .errors import ObjectDeletedError, ObjectLostError, RankLostError
+from .errors import ObjectDeletedError, ObjectLostError, RankLostError, WorkerCrashedError
 from .ids import format_id
-from .protocol import DirAdd, DirLookup, ObjectInfo, RunTask, TaskDone, TaskSpec
+from .protocol import (DirAdd, DirDelete, DirLookup, Free, ObjectInfo, ObjectLost, RunTask,
+                       TaskBlocked, TaskDone, TaskExit, TaskSpec)
 from .serialization import frame_sizes, local_error, to_bytes
 
 Outbox = list
@@ -33,6 +45,104 @@ Outbox = list
 
 def _deleted_error(object_id: int) -> tuple:
     return to_bytes(local_error(ObjectDeletedError(format_id(object_id))))
+
+
+# --- events (handle() takes one; protocol messages are events too, see the module docstring) ----
+
+@dataclass(slots=True)
+class ObjectKnown:
+    """The object exists now (a ``put``, a reduce result): tasks waiting for it may run."""
+
+    info: ObjectInfo
+
+
+@dataclass(slots=True)
+class LookedUp:
+    """The directory answered a lookup (``DirReply``): ``info`` is None when the object was
+    deleted.  An answer to a lookup the scheduler did not ask for is ignored unless it says
+    deleted."""
+
+    object_id: int
+    info: Optional[ObjectInfo]
+
+
+@dataclass(slots=True)
+class ObjectDeleted:
+    """``hm.delete`` of the object (here or on another rank): tasks waiting for it fail with
+    ObjectDeletedError.  ``uncache``: the delete was made on this rank, and if the object is a
+    small value the scheduler knows, every live worker drops its cached copy (``Free``), sent
+    ahead of any task placed later."""
+
+    object_id: int
+    uncache: bool = False
+
+
+@dataclass(slots=True)
+class Forget:
+    """The object was freed automatically (no ref to it is left): drop it, no tombstone."""
+
+    object_id: int
+
+
+@dataclass(slots=True)
+class Release:
+    """The driver dropped its last ref to the object (it never escaped into another object): it
+    is freed (:class:`FreeObjects`) once no unfinished task makes or uses it."""
+
+    object_id: int
+
+
+@dataclass(slots=True)
+class Cancel:
+    """Cancel the task if it has not been placed yet (then :class:`TaskCancelled` comes out; its
+    own results are not in :class:`Completed`, the caller cancels them; its dependents fail with
+    CancelledError).  A task already placed, finished or unknown: nothing comes out."""
+
+    task_id: int
+
+
+@dataclass(slots=True)
+class RankLost:
+    """Rank ``rank`` died (ULFM, or declared dead).  ``dead``: every rank dead now.  ``moved``:
+    shard indexes whose replicas are all dead now (what only rank 0 knows is registered there
+    again: small values, deletions; an object whose copies died with that shard is rebuilt);
+    ``changed``: shards whose primary was ``rank`` (lookups waiting there are sent again).
+    Shard indexes are those of the ``shard_of`` given to the scheduler."""
+
+    rank: int
+    moved: frozenset = frozenset()
+    changed: frozenset = frozenset()
+    dead: frozenset = frozenset()
+
+
+# --- local instructions (in handle()'s output beside the (rank, message) sends) -----------------
+
+class Instruction:
+    """A local instruction (anything in the output that is not a ``(rank, message)`` tuple)."""
+
+    __slots__ = ()
+
+
+@dataclass(slots=True)
+class Completed(Instruction):
+    """These objects became ready, or failed (error objects), in this event: deliver them to the
+    driver's refs and to whoever waits for them.  A task's results, in the order reported."""
+
+    infos: list
+
+
+@dataclass(slots=True)
+class FreeObjects(Instruction):
+    """Free these objects now on every rank (not permanent: no tombstone, the ids are unused)."""
+
+    ids: list
+
+
+@dataclass(slots=True)
+class TaskCancelled(Instruction):
+    """The :class:`Cancel` succeeded: the task will not run."""
+
+    task_id: int
 
 
 class TaskState:
@@ -88,15 +198,18 @@ class Scheduler:
         shard_ranks: maps an object id to the ranks of its directory shard.
         tasks_per_worker: in-flight limit per worker (``Config.tasks_per_worker``).
         rank: the rank the scheduler runs on (0).
+        shard_of: maps an object id to its shard's index (as in :class:`RankLost`).
     """
 
     def __init__(self, workers: Iterable[int], shard_ranks: Callable[[int], tuple[int, ...]],
-                 tasks_per_worker: int = 16, rank: int = 0) -> None:
+                 tasks_per_worker: int = 16, rank: int = 0,
+                 shard_of: Callable[[int], int] = lambda oid: 0) -> None:
         self.workers = list(workers)
         if not self.workers:
             raise ValueError("the scheduler needs at least one worker rank")
         self.rank = rank
         self.shard_ranks = shard_ranks
+        self.shard_of = shard_of
         self.tasks_per_worker = tasks_per_worker
         self.tasks: dict[int, _Task] = {}
         self.objects: dict[int, ObjectInfo] = {}       # ready objects (and error objects)
@@ -108,45 +221,104 @@ class Scheduler:
         self.inflight: dict[int, int] = {r: 0 for r in self.workers}
         self.blobs: dict[bytes, bytes] = {}            # function / initializer id -> blob
         self.sent_blobs: dict[int, set] = {r: set() for r in self.workers}
-        self.completed: list[ObjectInfo] = []
+        self._completed: list[ObjectInfo] = []         # this event's, for the Completed instruction
         self._cascade: deque = deque()                 # object arrivals not yet applied
         self.dep_count: dict[int, int] = {}            # object id -> unfinished tasks using it
         self.released: set[int] = set()                # driver dropped its ref; free when unused
-        self.freed: list[int] = []                     # to free now (drained by the runtime)
+        self._freed: list[int] = []                    # this event's, for the FreeObjects instruction
         self.lost_ranks: set[int] = set()
         self.lineage: dict[int, TaskSpec] = {}          # live chunked result -> the task that made it
         self.stats = {"submitted": 0, "done": 0, "failed": 0, "retried": 0, "rebuilt": 0}
+        self._handlers: dict[type, Callable] = {
+            TaskSpec: self._submit, TaskDone: self._task_done, TaskBlocked: self._task_blocked,
+            ObjectLost: self._object_lost, TaskExit: self._task_exit,
+            ObjectKnown: self._object_known, LookedUp: self._looked_up,
+            ObjectDeleted: self._object_deleted, Forget: self._forget, Release: self._release,
+            Cancel: self._cancel, RankLost: self._rank_lost}
+
+    def handle(self, event: object) -> list:
+        """Apply one event; returns the instructions, in order: ``(rank, message)`` sends, then
+        the local :class:`Instruction` s (see the module docstring).
+
+        Raises:
+            TypeError: not an event of the scheduler (nothing changed).
+            InvalidTransition: a bug (a task moved along an edge its life cycle lacks); the state
+                is undefined then.
+        """
+        try:
+            handler = self._handlers[event.__class__]
+        except KeyError:
+            raise TypeError(f"the scheduler has no event {type(event).__name__}") from None
+        out = handler(event)
+        if self._completed:
+            out.append(Completed(self._completed))
+            self._completed = []
+        if self._freed:
+            out.append(FreeObjects(self._freed))
+            self._freed = []
+        return out
+
+    # --- queries -------------------------------------------------------------------------
+
+    def object_info(self, object_id: int) -> Optional[ObjectInfo]:
+        """What rank 0 knows of a ready object (error objects too), else None.  Any thread
+        (one dict read)."""
+        return self.objects.get(object_id)
+
+    def produces(self, object_id: int) -> bool:
+        """Whether an unfinished task makes ``object_id`` (submitted, or re-run from lineage)."""
+        return object_id in self.producer
+
+    def task_name(self, task_id: int) -> str:
+        """``"name id"`` of an unfinished task, else just its id (for logs)."""
+        task = self.tasks.get(task_id)
+        return f"{task.spec.name or 'task'} {format_id(task_id)}" if task else format_id(task_id)
+
+    def pending(self) -> int:
+        """Tasks not finished yet."""
+        return len(self.tasks)
 
     # --- events --------------------------------------------------------------------------
 
-    def submit(self, spec: TaskSpec) -> Outbox:
-        """A new task.
+    def _refusal(self, spec: TaskSpec) -> Optional[BaseException]:
+        """Why a new task cannot be accepted, or None."""
+        name = f"{spec.name or 'task'} {format_id(spec.task_id)}"
+        if spec.rank is not None and spec.rank not in self.inflight:
+            if spec.rank in self.lost_ranks:
+                return RankLostError(name, spec.rank, 0, "pinned to it; it died before the task was submitted")
+            return ValueError(f"rank {spec.rank} is not a worker rank (workers: {self.workers})")
+        if spec.allowed is not None and (not spec.allowed or not set(spec.allowed) <= self.inflight.keys() | self.lost_ranks):
+            return ValueError(f"allowed ranks {spec.allowed} are not all worker ranks (workers: {self.workers})")
+        if spec.allowed is not None and not set(spec.allowed) - self.lost_ranks:
+            return RankLostError(name, max(spec.allowed), 0,
+                                 f"every allowed rank {spec.allowed} died before the task was submitted")
+        if spec.fn_id not in self.blobs or (spec.init_id is not None and spec.init_id not in self.blobs):
+            return ValueError(f"task {format_id(spec.task_id)}: function was never sent")
+        if not self.workers:
+            return RankLostError(name, max(self.lost_ranks, default=-1), 0,
+                                 "no worker rank left when the task was submitted")
+        return None
 
-        Raises:
-            RankLostError: pinned to a rank that died (or every allowed rank died) before, or
-                no worker rank is left.
-            ValueError: a pinned/allowed rank that never was a worker, or a function never sent.
-            Nothing is registered then, but the function itself (a submitter sends it with its
-            first task only, so later tasks of it must still find it).
+    def _submit(self, spec: TaskSpec) -> Outbox:
+        """(event: a TaskSpec) A new task.
+
+        Refused (pinned to a rank that died before, every allowed rank died, or no worker rank is left:
+        RankLostError; a
+        pinned/allowed rank that never was a worker, or a function never sent: ValueError): its
+        results become error objects raising that error (registered at their shards and
+        :class:`Completed`), and nothing else is kept but the function itself (a submitter sends
+        it with its first task only, so later tasks of it must still find it).
         """
         for key, blob in ((spec.fn_id, spec.fn_blob), (spec.init_id, spec.init_blob)):
             if key is not None and blob is not None:
                 self.blobs[key] = blob
-        name = f"{spec.name or 'task'} {format_id(spec.task_id)}"
-        if spec.rank is not None and spec.rank not in self.inflight:
-            if spec.rank in self.lost_ranks:
-                raise RankLostError(name, spec.rank, 0, "pinned to it; it died before the task was submitted")
-            raise ValueError(f"rank {spec.rank} is not a worker rank (workers: {self.workers})")
-        if spec.allowed is not None and (not spec.allowed or not set(spec.allowed) <= self.inflight.keys() | self.lost_ranks):
-            raise ValueError(f"allowed ranks {spec.allowed} are not all worker ranks (workers: {self.workers})")
-        if spec.allowed is not None and not set(spec.allowed) - self.lost_ranks:
-            raise RankLostError(name, max(spec.allowed), 0,
-                                f"every allowed rank {spec.allowed} died before the task was submitted")
-        if spec.fn_id not in self.blobs or (spec.init_id is not None and spec.init_id not in self.blobs):
-            raise ValueError(f"task {format_id(spec.task_id)}: function was never sent")
-        if not self.workers:
-            raise RankLostError(name, max(self.lost_ranks, default=-1), 0,
-                                "no worker rank left when the task was submitted")
+        if (spec.rank is not None or spec.allowed is not None or spec.fn_id not in self.blobs
+                or spec.init_id is not None or not self.workers):
+            refused = self._refusal(spec)
+            if refused is not None:
+                out: Outbox = []
+                self._error_objects(spec.return_ids, to_bytes(local_error(refused)), out)
+                return self._drain(out)
         if spec.fn_blob is not None or spec.init_blob is not None:
             spec = replace(spec, fn_blob=None, init_blob=None)
         task = _Task(spec)
@@ -156,7 +328,7 @@ class Scheduler:
             self.dep_count[oid] = self.dep_count.get(oid, 0) + 1
         for oid in spec.return_ids:
             self.producer[oid] = spec.task_id
-        out: Outbox = []
+        out = []
         for oid in spec.deps:
             info = self.objects.get(oid)
             if info is not None and info.error:
@@ -173,13 +345,19 @@ class Scheduler:
                     out.append((self.shard_ranks(oid)[0], DirLookup(oid, self.rank)))
         if not task.missing:
             self._make_ready(task)
-        return out + self.dispatch()
+        return out + self._dispatch()
 
-    def object_known(self, info: ObjectInfo) -> Outbox:
-        """An object now exists (a ``put``, a directory reply, a result); wake its dependents."""
-        self._cascade.append(info)
-        out: Outbox = []
-        return self._drain(out)
+    def _object_known(self, event: ObjectKnown) -> Outbox:
+        self._cascade.append(event.info)
+        return self._drain([])
+
+    def _looked_up(self, event: LookedUp) -> Outbox:
+        if event.info is None:
+            return self._object_deleted(ObjectDeleted(event.object_id))
+        if event.object_id in self.looked_up:
+            self._cascade.append(event.info)
+            return self._drain([])
+        return []
 
     def _drain(self, out: Outbox) -> Outbox:
         """Apply queued object arrivals; failures cascade through dependents iteratively (a chain
@@ -200,41 +378,70 @@ class Scheduler:
                 task.missing.discard(info.object_id)
                 if not task.missing:
                     self._make_ready(task)
-        return out + self.dispatch()
+        return out + self._dispatch()
 
-    def object_deleted(self, object_id: int) -> Outbox:
-        """The object was deleted; tasks waiting for it fail with ObjectDeletedError (a ready task
-        that still holds it fails when it would be placed, see :meth:`_run`)."""
+    def _object_deleted(self, event: ObjectDeleted) -> Outbox:
+        """Tasks waiting for the object fail with ObjectDeletedError (a ready task that still
+        holds it fails when it would be placed, see :meth:`_dispatch`)."""
+        object_id = event.object_id
+        out: Outbox = []
+        if event.uncache:
+            info = self.objects.get(object_id)
+            if info is not None and info.inline is not None:
+                out += [(rank, Free(object_id)) for rank in self.workers if rank != self.rank]
         self.deleted.add(object_id)
         self.objects.pop(object_id, None)
         self.lineage.pop(object_id, None)
-        out: Outbox = []
         for task_id in self.dependents.pop(object_id, ()):
             task = self.tasks.get(task_id)
             if task is not None and task.state is TaskState.WAITING:
                 self._fail(task, _deleted_error(object_id), out)
         return self._drain(out)
 
-    def forget(self, object_id: int) -> None:
-        """Drop an automatically freed object (no tombstone: no ref to it exists any more)."""
+    def _forget(self, event: Forget) -> Outbox:
+        object_id = event.object_id
         self.objects.pop(object_id, None)
         self.lineage.pop(object_id, None)
         self.looked_up.discard(object_id)
+        return []
 
-    def rank_lost(self, rank: int) -> Outbox:
-        """Worker ``rank`` died (ULFM).  It gets no more tasks; each task running there goes back
-        to the ready queue (counted in ``stats["retried"]``) unless it has been started
-        ``max_retries + 1`` times; a task pinned to ``rank`` (running or not), or left with no
-        allowed rank, fails with :class:`RankLostError`, and so do all unfinished tasks if no
-        worker is left.  Objects that were only on ``rank`` are the directory's business
-        (:meth:`object_lost`).  Idempotent."""
+    def _rank_lost(self, event: RankLost) -> Outbox:
+        """First what only rank 0 knows goes again to shards that moved (small values, deletions,
+        and objects whose copies died with the shard are rebuilt as by :class:`ObjectLost`), and
+        lookups waiting at a dead primary are sent again.  Then, if ``rank`` was a worker: it
+        gets no more tasks; each task running there goes back to the ready queue (counted in
+        ``stats["retried"]``) unless it has been started ``max_retries + 1`` times; a task pinned
+        to ``rank`` (running or not), or left with no allowed rank, fails with
+        :class:`RankLostError`, and so do all unfinished tasks if no worker is left.  Objects
+        that were only on ``rank`` are the directory's business (:class:`ObjectLost`).
+        Idempotent."""
+        out: Outbox = []
+        if event.changed:
+            moved, shard_of, shard_ranks = event.moved, self.shard_of, self.shard_ranks
+            for oid, info in list(self.objects.items()):
+                if shard_of(oid) not in moved:
+                    continue
+                if info.inline is not None:
+                    out += [(r, DirAdd(info)) for r in shard_ranks(oid)]
+                elif info.holders and set(info.holders) <= event.dead:
+                    # its copy and its shard died: rebuilt from lineage, else (a put, a reduce
+                    # result) an ObjectLostError value; a copy made elsewhere (a replica, a
+                    # broadcast) that registers with the new shard still wins there
+                    # (directory.add; simulation seed 52)
+                    out += self._object_lost(ObjectLost(oid, event.rank))
+            for oid in self.deleted:
+                if shard_of(oid) in moved:
+                    out += [(r, DirDelete(oid, True)) for r in shard_ranks(oid)]
+            for oid in self.looked_up:
+                if shard_of(oid) in event.changed and oid not in self.objects:
+                    out.append((shard_ranks(oid)[0], DirLookup(oid, self.rank)))
+        rank = event.rank
         if rank not in self.inflight:
-            return []
+            return out
         self.lost_ranks.add(rank)
         self.workers.remove(rank)
         del self.inflight[rank]
         self.sent_blobs.pop(rank, None)
-        out: Outbox = []
         requeue = []
         for task in list(self.tasks.values()):
             spec = task.spec
@@ -275,8 +482,9 @@ class Scheduler:
         name = f"{task.spec.name or 'task'} {format_id(task.spec.task_id)}"
         return to_bytes(local_error(RankLostError(name, rank, task.attempts, why)))
 
-    def task_done(self, msg: TaskDone) -> Outbox:
-        """A worker finished a task (successfully or with an error object as result)."""
+    def _task_done(self, msg: TaskDone) -> Outbox:
+        """A worker finished a task (successfully or with an error object as result).  A report
+        of an unknown task, or from a rank already lost, is ignored."""
         task = self.tasks.get(msg.task_id)
         if task is None or msg.rank in self.lost_ranks:   # (a dead rank's late report: its
             return []                                    # results died with it; re-run anyway)
@@ -287,14 +495,14 @@ class Scheduler:
         self.stats["done"] += 1
         for info in msg.results:
             self.producer.pop(info.object_id, None)
-            self.completed.append(info)
+            self._completed.append(info)
             self._cascade.append(info)
             if info.inline is None and not info.error:   # (inline values live in the directory)
                 self.lineage[info.object_id] = task.spec
         self._finished(task)
         return self._drain([])
 
-    def object_lost(self, object_id: int, rank: int) -> Outbox:
+    def _object_lost(self, msg: ObjectLost) -> Outbox:
         """The directory found no complete copy of ``object_id`` left after ``rank`` died.
 
         Lineage: the task that made it runs again (same return ids, counted as a retry; its lost
@@ -304,6 +512,7 @@ class Scheduler:
         ``strict_rank`` to a rank that is dead now, the object becomes an error object carrying
         :class:`ObjectLostError` (raised by ``get``).  Idempotent while the re-run is pending.
         """
+        object_id, rank = msg.object_id, msg.rank
         if object_id in self.producer or object_id in self.deleted:
             return []
         spec = self.lineage.get(object_id)
@@ -320,7 +529,7 @@ class Scheduler:
             self.lineage.pop(object_id, None)
             error = to_bytes(local_error(ObjectLostError(format_id(object_id), rank)))
             info = ObjectInfo(object_id, frame_sizes(error), (), tuple(error), True)
-            self.completed.append(info)
+            self._completed.append(info)
             self._cascade.append(info)
             out += [(r, DirAdd(info)) for r in self.shard_ranks(object_id)]
             return self._drain(out)
@@ -344,15 +553,15 @@ class Scheduler:
             if other.state is TaskState.RUNNING and not other.blocked and rebuilt & set(other.spec.deps):
                 other.blocked = True
                 self.inflight[other.rank] -= 1
-        return out + self.dispatch()
+        return out + self._dispatch()
 
-    def release(self, object_id: int) -> None:
-        """The driver dropped its last ref to the object (it never escaped into another object):
-        free it once no unfinished task produces or uses it (appended to :attr:`freed`)."""
+    def _release(self, event: Release) -> Outbox:
+        object_id = event.object_id
         if self.dep_count.get(object_id) or object_id in self.producer:
             self.released.add(object_id)
         else:
-            self.freed.append(object_id)
+            self._freed.append(object_id)
+        return []
 
     def _finished(self, task: _Task) -> None:
         """A task left the scheduler (done, failed, cancelled): its inputs may be freed now, and
@@ -365,40 +574,56 @@ class Scheduler:
             del self.dep_count[oid]
             if oid in self.released:
                 self.released.discard(oid)
-                self.freed.append(oid)
+                self._freed.append(oid)
         for oid in task.spec.return_ids:
             if oid in self.released and not self.dep_count.get(oid):
                 self.released.discard(oid)
-                self.freed.append(oid)
+                self._freed.append(oid)
 
-    def task_blocked(self, task_id: int, blocked: bool) -> Outbox:
-        """A running task entered (``blocked``) or left a nested get/wait."""
-        task = self.tasks.get(task_id)
+    def _task_blocked(self, msg: TaskBlocked) -> Outbox:
+        """A running task entered (``blocked``) or left a nested get/wait: its slot is freed or
+        taken again.  Of a task not running, or repeated: ignored."""
+        task, blocked = self.tasks.get(msg.task_id), msg.blocked
         if task is None or task.state is not TaskState.RUNNING or task.blocked == blocked:
             return []
         task.blocked = blocked
         self.inflight[task.rank] += -1 if blocked else 1
-        return self.dispatch() if blocked else []
+        return self._dispatch() if blocked else []
 
-    def cancel(self, task_id: int) -> tuple[bool, Outbox]:
-        """Cancel a task that has not been placed yet.  Returns (cancelled, messages).
-
-        The task's own results are not reported in :attr:`completed` (the caller cancels them);
-        its dependents fail with ``CancelledError``.
-        """
+    def _cancel(self, event: Cancel) -> Outbox:
+        task_id = event.task_id
         task = self.tasks.get(task_id)
         if task is None or task.state not in (TaskState.WAITING, TaskState.READY):
-            return False, []
+            return []
         if task.state is TaskState.READY:
             self._queue(task.spec).remove(task_id)
         out: Outbox = []
         self._fail(task, to_bytes(local_error(CancelledError())), out, report=False)
-        return True, self._drain(out)
+        out = self._drain(out)
+        out.append(TaskCancelled(task_id))
+        return out
+
+    def _task_exit(self, msg: TaskExit) -> Outbox:
+        """The task called ``os._exit`` on ``msg.rank``.  Not retried (unlike a rank's death): the
+        exit is the task's own doing and would most likely happen again, and a rank so ended
+        cannot be replaced; retries would cost the job one rank after another.  It fails now,
+        as a task's exception does: its results become WorkerCrashedError objects (registered at
+        their shards).  A task not running on that rank (any more): ignored."""
+        task = self.tasks.get(msg.task_id)
+        if task is None or task.rank != msg.rank or task.state is not TaskState.RUNNING:
+            return []
+        exc = WorkerCrashedError(self.task_name(msg.task_id), msg.rank, task.attempts, msg.status)
+        error = to_bytes(local_error(exc))
+        sizes = frame_sizes(error)
+        infos = tuple(ObjectInfo(oid, sizes, (), tuple(error), True) for oid in task.spec.return_ids)
+        out = [(rank, DirAdd(info)) for info in infos for rank in self.shard_ranks(info.object_id)]
+        return out + self._task_done(TaskDone(msg.task_id, msg.rank, infos))
 
     # --- placement -----------------------------------------------------------------------
 
-    def dispatch(self) -> Outbox:
-        """Place ready tasks on workers with room; returns the RunTask messages."""
+    def _dispatch(self) -> Outbox:
+        """Place ready tasks on workers with room; returns the RunTask messages (and the DirAdds
+        of tasks whose inputs went away meanwhile)."""
         out: Outbox = []
         failed: Outbox = []
         for key, queue in self.ready.items():
@@ -472,18 +697,19 @@ class Scheduler:
         task.move(TaskState.FAILED)
         self.tasks.pop(task.spec.task_id, None)
         self.stats["failed"] += 1
-        sizes = frame_sizes(error)
         for oid in task.spec.return_ids:
             self.producer.pop(oid, None)
-            info = ObjectInfo(oid, sizes, (), tuple(error), True)
-            if report:
-                self.completed.append(info)
-            out += [(rank, DirAdd(info)) for rank in self.shard_ranks(oid)]
-            self._cascade.append(info)
+        self._error_objects(task.spec.return_ids, error, out, report)
         self._finished(task)
 
-    # --- introspection -------------------------------------------------------------------
-
-    def pending(self) -> int:
-        """Tasks not finished yet."""
-        return len(self.tasks)
+    def _error_objects(self, oids: Iterable[int], error: tuple, out: Outbox,
+                       report: bool = True) -> None:
+        """The objects ``oids`` become the error object ``error`` (its frames): queued on the
+        cascade, :class:`Completed` unless not ``report``, their DirAdds appended to ``out``."""
+        sizes = frame_sizes(error)
+        for oid in oids:
+            info = ObjectInfo(oid, sizes, (), tuple(error), True)
+            if report:
+                self._completed.append(info)
+            out += [(rank, DirAdd(info)) for rank in self.shard_ranks(oid)]
+            self._cascade.append(info)

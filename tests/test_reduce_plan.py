@@ -1,5 +1,11 @@
 """The reduce planner (collectives.py) without MPI: topology formulas and the messages the
-coordinator sends as inputs become ready, in particular the target's accumulator (ReduceLate)."""
+coordinator sends as inputs become ready, in particular the target's accumulator (ReduceLate).
+
+Every event goes through :meth:`ReduceCoordinator.handle`; the helper :class:`Fed` keeps the
+event names as methods (``c.input_ready(info)`` feeds ``InputReady(info)``, returns the sends) and
+turns the local instructions into ``c.wants_inputs`` (the last event asked for the inputs again
+after a re-plan), ``c.done``/``c.result`` (a ``Reduced`` came out), checking their order and
+that a reduce reports its end once."""
 from __future__ import annotations
 
 import itertools
@@ -8,9 +14,10 @@ import pickle
 import numpy as np
 import pytest
 
-from hoplite_mpi.collectives import ReduceCoordinator, chain_length, tree_chain, tree_depth
-from hoplite_mpi.protocol import (Fetch, Free, ObjectInfo, ReduceAbort, ReduceLate, ReduceStep,
-                                  ReduceStepDone)
+from hoplite_mpi.collectives import (InputReady, RankLost, ReduceCoordinator, Reduced, Replanned,
+                                     Start, WatchInputs, chain_length, tree_chain, tree_depth)
+from hoplite_mpi.protocol import (DirAdd, Fetch, Fetched, Free, ObjectInfo, ReduceAbort, ReduceLate,
+                                  ReduceResume, ReduceStep, ReduceStepDone)
 from hoplite_mpi.serialization import frame_sizes, serialize
 
 RESULT = 1000
@@ -21,10 +28,70 @@ def info(oid, rank, shape=(1 << 20,), dtype=np.float32, order="C"):
     return ObjectInfo(oid, frame_sizes(frames), (rank,), head=bytes(frames[0]))
 
 
+class Fed:
+    """A ReduceCoordinator fed only through ``handle`` (see the module docstring).  Other
+    attributes are the coordinator's (white-box checks of its state)."""
+
+    def __init__(self, coord: ReduceCoordinator) -> None:
+        self.coord = coord
+        self.wants_inputs = False
+        self.done = False
+        self.result = None
+        self.reduced = None
+
+    def __getattr__(self, name):
+        return getattr(self.coord, name)
+
+    def __call__(self, event) -> list:
+        sends, local = [], []
+        for item in self.coord.handle(event):
+            if type(item) is tuple:
+                assert not local, f"a send after a local instruction: {item}"
+                sends.append(item)
+            else:
+                local.append(item)
+        assert not self.done or (not sends and not local), "an event after the end gave output"
+        kinds = [type(i) for i in local]
+        self.wants_inputs = WatchInputs in kinds
+        if self.wants_inputs:
+            watch = local[kinds.index(WatchInputs)]
+            assert watch.object_ids == tuple(dict.fromkeys(self.coord.inputs))
+            if type(event) is not Start:     # (a re-plan) announced first, with the new attempt
+                plan = local[kinds.index(WatchInputs) - 1]
+                assert type(plan) is Replanned and plan.reduce_id == self.coord.reduce_id
+                assert plan.start == self.coord.start and set(plan.dead) == self.coord.dead
+        if Reduced in kinds:
+            assert kinds[-1] is Reduced and kinds.count(Reduced) == 1 and not self.wants_inputs
+            self.done, self.reduced = True, local[-1]
+            self.result = self.reduced.result
+            assert self.result.object_id == RESULT or self.result.object_id == self.coord.result_id
+            assert self.reduced.used == tuple(self.coord.used)
+            assert self.reduced.attempts == tuple(self.coord.attempts)
+        return sends
+
+    def begin(self, dead=()):
+        return self(Start(frozenset(dead)))
+
+    def input_ready(self, info):
+        return self(InputReady(info))
+
+    def step_done(self, msg):
+        return self(msg)
+
+    def fetched(self, rank, error):
+        return self(Fetched(self.coord.attempts[0], rank, error))
+
+    def rank_lost(self, rank):
+        return self(RankLost(rank))
+
+    def resume(self, reduce_id, progress):
+        return self(ReduceResume(reduce_id, progress))
+
+
 def coordinator(inputs, target=0, num=None, k=10**6, allreduce=False):
     ids = itertools.count(5000)
-    return ReduceCoordinator(1, list(inputs), pickle.dumps(np.add), num or len(inputs), target,
-                             RESULT, lambda: next(ids), lambda nbytes: k, allreduce)
+    return Fed(ReduceCoordinator(1, list(inputs), pickle.dumps(np.add), num or len(inputs), target,
+                                 RESULT, lambda: next(ids), lambda nbytes: k, allreduce))
 
 
 def steps(out):
@@ -276,8 +343,8 @@ def test_commutative_ops_are_accepted(op):
 
 def test_an_op_that_cannot_combine_the_dtype_fails_the_reduce_at_its_first_input():
     ids = itertools.count(5000)
-    c = ReduceCoordinator(1, [10, 11], pickle.dumps(np.bitwise_and), 2, 0, RESULT,
-                          lambda: next(ids), lambda nbytes: 10**6)
+    c = Fed(ReduceCoordinator(1, [10, 11], pickle.dumps(np.bitwise_and), 2, 0, RESULT,
+                              lambda: next(ids), lambda nbytes: 10**6))
     out = c.input_ready(info(10, 1, dtype=np.float64))
     assert c.done and c.result.error and not steps(out)
     from hoplite_mpi.serialization import rebuild_error
@@ -293,3 +360,66 @@ def test_portable_error_keeps_the_builtin_type():
         err = portable_error(exc, "ctx")
     assert type(err) is TypeError and str(err).startswith("ctx: ")
     assert type(pickle.loads(pickle.dumps(err))) is TypeError
+
+
+# --- the entry point: Start, instructions, unknown events ----------------------------------------
+
+def test_start_asks_for_each_distinct_input_once():
+    c = coordinator([10, 11, 10])
+    assert c.begin(dead={3}) == [] and c.wants_inputs and not c.done
+    assert c.coord.handle(Start()) == [WatchInputs((10, 11))]     # (no Replanned: not a re-plan)
+
+
+def test_start_with_a_dead_target_fails_the_reduce_at_once():
+    c = coordinator([10, 11], target=2)
+    out = c.begin(dead={2})
+    assert c.done and out == [(0, DirAdd(c.result))] and not c.wants_inputs
+    assert c.result.error and b"target rank 2 died" in b"".join(c.result.inline)
+    assert c.reduced.used == () and c.reduced.attempts == (1,)
+
+
+def test_reduced_names_every_attempt_and_the_inputs_of_the_last():
+    c = coordinator([10, 11], target=0)
+    c.input_ready(info(10, 0))
+    c.input_ready(info(11, 1))
+    first = c.reduce_id
+    c.rank_lost(1)
+    c.resume(first, 0)
+    assert c.wants_inputs
+    out = c.input_ready(info(11, 2)) + c.input_ready(info(10, 0))
+    final = next(m for _, m in steps(out) if m.final)
+    assert final.adopt == RESULT
+    c.step_done(ReduceStepDone(c.reduce_id, RESULT, 0, final.sizes))
+    assert c.done and c.reduced.attempts == (first, c.reduce_id)
+    assert c.reduced.used == (11, 10) and c.result.holders == (0,)
+
+
+def test_an_allreduce_ends_when_every_rank_fetched_the_result():
+    c = coordinator([10, 11], target=0, allreduce=True)
+    out = c.input_ready(info(10, 0)) + c.input_ready(info(11, 1))
+    assert (1, Fetch(RESULT, 1)) in out
+    final = next(m for _, m in steps(out) if m.final)
+    assert c.step_done(ReduceStepDone(1, RESULT, 0, final.sizes)) == [] and not c.done
+    assert c.fetched(1, None) == [] and c.done          # (no intermediates to free)
+
+
+def test_an_unknown_event_is_a_type_error_and_changes_nothing():
+    c = coordinator([10, 11])
+    with pytest.raises(TypeError, match="no event ObjectInfo"):
+        c.coord.handle(info(10, 0))
+    assert c.used == []
+    c.input_ready(info(10, 0))
+    assert c.used == [10]
+
+
+def test_a_reduce_failing_while_it_awaits_the_resume_names_every_attempt():
+    # (simulation seed 120) a re-planned reduce is still filed under its earlier attempt's id by
+    # the shell until the target answers; if it fails meanwhile, Reduced must name that id too
+    c = coordinator([10, 11, 12], target=0)
+    for oid, rank in ((10, 0), (11, 1), (12, 2)):
+        c.input_ready(info(oid, rank))
+    old = c.reduce_id
+    c.rank_lost(2)
+    assert c.awaiting == old and not c.done
+    c.rank_lost(0)
+    assert c.done and c.result.error and c.reduced.attempts == (old, c.reduce_id)

@@ -1,11 +1,17 @@
 """Scheduler state machine: feed events, compare the emitted (rank, message) lists with ``==``.
 
+Every event goes through :meth:`Scheduler.handle`; the helper :class:`Fed` keeps the old
+method names (``s.submit(spec)`` feeds the event, returns the sends) and collects the local
+instructions (``s.completed``, ``s.freed``), checking that each event gives its sends first and at
+most one instruction of each local kind.
+
 Conventions: task ids are multiples of 10 (a task's return ids are ``task_id ..
 task_id + num_returns - 1``); objects the scheduler did not make have ids >= 500; every object's
 directory shard is on rank ``SHARD`` (or ``SHARD, SHARD2`` with replication); the scheduler is rank 0.
 """
 from __future__ import annotations
 
+import re
 from concurrent.futures import CancelledError
 from dataclasses import replace
 
@@ -13,8 +19,11 @@ import pytest
 
 from hoplite_mpi.errors import ObjectDeletedError, RemoteTraceback
 from hoplite_mpi.ids import format_id
-from hoplite_mpi.protocol import DirAdd, DirLookup, ObjectInfo, RunTask, TaskDone, TaskSpec
-from hoplite_mpi.scheduler import InvalidTransition, Scheduler, TaskState
+from hoplite_mpi.protocol import (DirAdd, DirDelete, DirLookup, Free, ObjectInfo, ObjectLost, RunTask,
+                                  TaskBlocked, TaskDone, TaskExit, TaskSpec)
+from hoplite_mpi.scheduler import (Cancel, Completed, Forget, FreeObjects, InvalidTransition,
+                                   LookedUp, ObjectDeleted, ObjectKnown, RankLost, Release,
+                                   Scheduler, TaskCancelled, TaskState)
 from hoplite_mpi.serialization import frame_sizes, local_error, rebuild_error, serialize_error, to_bytes
 
 FN, FN_BLOB = b"fn-id", b"<fn blob>"
@@ -22,8 +31,90 @@ FIRST = ((FN, FN_BLOB),)  # RunTask.blobs of the first task of FN on a worker
 SHARD, SHARD2 = 7, 8
 
 
-def make(workers=(1, 2, 3), cap=16, shards=(SHARD,)) -> Scheduler:
-    return Scheduler(list(workers), lambda oid: shards, tasks_per_worker=cap, rank=0)
+class Fed:
+    """A Scheduler fed only through ``handle``: methods named as the events return the sends;
+    ``completed``/``freed``/``cancelled`` collect the local instructions of every event so far.
+    Other attributes are the scheduler's (white-box checks of its state)."""
+
+    def __init__(self, sched: Scheduler) -> None:
+        self.sched = sched
+        self.completed: list = []
+        self.freed: list = []
+        self.cancelled: list = []
+
+    def __getattr__(self, name):
+        return getattr(self.sched, name)
+
+    def __call__(self, event) -> list:
+        sends, local = [], []
+        for item in self.sched.handle(event):
+            if type(item) is tuple:
+                assert not local, f"a send after a local instruction: {item}"
+                sends.append(item)
+            else:
+                assert type(item) not in map(type, local), f"two {type(item).__name__} in one event"
+                local.append(item)
+                if isinstance(item, Completed):
+                    assert item.infos
+                    self.completed += item.infos
+                elif isinstance(item, FreeObjects):
+                    assert item.ids
+                    self.freed += item.ids
+                else:
+                    assert isinstance(item, TaskCancelled), item
+                    self.cancelled.append(item.task_id)
+        return sends
+
+    def submit(self, spec):
+        return self(spec)
+
+    def task_done(self, msg):
+        return self(msg)
+
+    def task_blocked(self, task_id, blocked):
+        return self(TaskBlocked(task_id, blocked))
+
+    def object_known(self, info):
+        return self(ObjectKnown(info))
+
+    def object_deleted(self, object_id):
+        return self(ObjectDeleted(object_id))
+
+    def object_lost(self, object_id, rank):
+        return self(ObjectLost(object_id, rank))
+
+    def forget(self, object_id):
+        assert self(Forget(object_id)) == []
+
+    def release(self, object_id):
+        assert self(Release(object_id)) == []
+
+    def cancel(self, task_id):
+        n = len(self.cancelled)
+        out = self(Cancel(task_id))
+        return self.cancelled[n:] == [task_id], out
+
+    def rank_lost(self, rank):
+        return self(RankLost(rank))
+
+
+def make(workers=(1, 2, 3), cap=16, shards=(SHARD,), shard_of=lambda oid: 0) -> Fed:
+    return Fed(Scheduler(list(workers), lambda oid: shards, tasks_per_worker=cap, rank=0,
+                         shard_of=shard_of))
+
+
+def refused(s: Fed, spec: TaskSpec, exc_type: type, match: str = "") -> None:
+    """Feed a submit the scheduler must refuse: each result becomes an error object raising
+    ``exc_type`` (matching ``match``), registered at its shard and completed, nothing else."""
+    n = len(s.completed)
+    out = s.submit(spec)
+    infos = s.completed[n:]
+    assert [i.object_id for i in infos] == list(spec.return_ids)
+    assert out == [(SHARD, DirAdd(i)) for i in infos]
+    for info in infos:
+        assert info.error and info.holders == ()
+        exc = rebuild_error(info.inline)
+        assert isinstance(exc, exc_type) and re.search(match, str(exc)), exc
 
 
 def spec(task_id, *deps, num_returns=1, rank=None, allowed=None, fn_id=FN, fn_blob=None,
@@ -175,7 +266,7 @@ def test_unknown_dependency_triggers_exactly_one_lookup_to_the_primary_shard():
 
 
 def test_lookup_goes_to_the_shard_of_each_object():
-    s = Scheduler([1], lambda oid: (100 + oid % 3,), tasks_per_worker=4, rank=0)
+    s = Fed(Scheduler([1], lambda oid: (100 + oid % 3,), tasks_per_worker=4, rank=0))
     b = first(20, 501, 502)
     assert s.submit(b) == [(100 + 501 % 3, DirLookup(501, 0)), (100 + 502 % 3, DirLookup(502, 0))]
     x = value(501, 2)
@@ -279,24 +370,21 @@ def test_pinned_task_goes_to_its_rank_and_waits_for_room_there():
 
 def test_pinned_to_a_non_worker_rank_is_a_value_error():
     s = make(workers=(1, 2), cap=1)
-    with pytest.raises(ValueError, match="rank 5 is not a worker"):
-        s.submit(first(10, rank=5))
+    refused(s, first(10, rank=5), ValueError, "rank 5 is not a worker")
 
 
 def test_rejected_submit_leaves_no_task_behind():
     s = make(workers=(1, 2), cap=1)
-    with pytest.raises(ValueError):
-        s.submit(first(10, rank=5))
+    refused(s, first(10, rank=5), ValueError)
     assert s.pending() == 0
     assert s.stats["submitted"] == 0
 
 
 def test_pinned_to_a_non_worker_rank_is_rejected_even_with_missing_deps():
     s = make(workers=(1, 2), cap=1)
-    with pytest.raises(ValueError, match="not a worker"):
-        s.submit(first(20, 500, rank=5))
-    # and nothing is left behind: another task on 500 runs when 500 arrives (today the rejected
-    # task is accepted, object_known raises for it and task 30 is never woken)
+    refused(s, first(20, 500, rank=5), ValueError, "not a worker")
+    # and nothing is left behind: another task on 500 runs when 500 arrives (a rejected task
+    # once was accepted, object_known raised for it and task 30 was never woken)
     c = first(30, 500)
     s.submit(c)
     x = value(500, 1)
@@ -316,8 +404,7 @@ def test_allowed_ranks_restrict_placement():
 
 def test_allowed_non_worker_rank_is_a_value_error():
     s = make(workers=(1, 2), cap=1)
-    with pytest.raises(ValueError):
-        s.submit(first(10, allowed=(5,)))
+    refused(s, first(10, allowed=(5,)), ValueError, "not all worker ranks")
 
 
 def test_locality_places_a_task_on_the_holder_of_its_largest_input():
@@ -469,8 +556,7 @@ def test_initializer_blob_is_sent_with_the_function_and_once():
 @pytest.mark.parametrize("bad", [spec(10), spec(10, fn_blob=FN_BLOB, init_id=b"init")])
 def test_task_of_a_function_never_sent_is_a_value_error(bad):
     s = make(workers=(1,), cap=4)
-    with pytest.raises(ValueError, match="never sent"):
-        s.submit(bad)
+    refused(s, bad, ValueError, "never sent")
     assert s.pending() == 0 and s.stats["submitted"] == 0
 
 
@@ -593,7 +679,7 @@ def _lost(task_id, rank, attempts, why) -> str:
     return str(RankLostError(f"t{task_id} {format_id(task_id)}", rank, attempts, why))
 
 
-def _error_text(s: Scheduler, oid) -> str:
+def _error_text(s: Fed, oid) -> str:
     info = next(i for i in reversed(s.completed) if i.object_id == oid)
     assert info.error
     return str(rebuild_error(info.inline))
@@ -647,8 +733,7 @@ def test_tasks_pinned_to_a_dead_rank_fail_and_their_dependents_too():
     assert _error_text(s, 30) == _lost(20, 1, 0, "pinned to it")   # the dependent gets b's error
     assert s.pending() == 0
     from hoplite_mpi.errors import RankLostError
-    with pytest.raises(RankLostError, match=r"lost with rank 1 .*died before the task was submitted"):
-        s.submit(spec(40, rank=1))
+    refused(s, spec(40, rank=1), RankLostError, r"lost with rank 1 .*died before the task was submitted")
 
 
 def test_allowed_ranks_shrink_and_fail_when_all_are_dead():
@@ -659,8 +744,7 @@ def test_allowed_ranks_shrink_and_fail_when_all_are_dead():
     s.rank_lost(2)
     assert _error_text(s, 10) == _lost(10, 2, 2, "pinned to it")
     from hoplite_mpi.errors import RankLostError
-    with pytest.raises(RankLostError, match="every allowed rank"):
-        s.submit(spec(20, allowed=(1, 2)))
+    refused(s, spec(20, allowed=(1, 2)), RankLostError, "every allowed rank")
     b = spec(30, allowed=(1, 3))                              # one of them still alive
     assert s.submit(b) == [(3, run(b, blobs=FIRST))]
 
@@ -778,7 +862,116 @@ def test_a_refused_first_task_still_registers_its_function():
     from hoplite_mpi.errors import RankLostError
     s = make(workers=(1, 2))
     s.rank_lost(1)
-    with pytest.raises(RankLostError):
-        s.submit(first(10, rank=1))
+    refused(s, first(10, rank=1), RankLostError)
     b = spec(20)                                  # no blob: it was sent with the refused task
     assert s.submit(b) == [(2, run(b, blobs=FIRST))]
+
+
+# --- the entry point: instructions, queries, events the shell used to do itself ---------------------
+
+def test_one_event_gives_its_sends_then_completed_then_frees():
+    s = Scheduler([1], lambda oid: (SHARD,), tasks_per_worker=1)
+    a, b = first(10, 500), spec(20)
+    s.handle(ObjectKnown(big(500, 1, 1 << 20)))
+    s.handle(a)
+    s.handle(b)                                  # held back by the cap
+    assert s.handle(Release(500)) == []          # a still uses it
+    assert s.handle(done(a, 1)) == [(1, run(b)), Completed([value(10, 1)]), FreeObjects([500])]
+
+
+def test_an_unknown_event_is_a_type_error_and_changes_nothing():
+    s = make()
+    with pytest.raises(TypeError, match="no event ObjectInfo"):
+        s.sched.handle(value(500, 1))
+    assert s.object_info(500) is None and s.pending() == 0
+
+
+def test_queries_answer_what_the_shell_asks():
+    s = make(workers=(1,))
+    a = first(10, 500)
+    s.submit(a)
+    assert s.produces(10) and not s.produces(500)
+    assert s.task_name(10) == f"t10 {format_id(10)}" and s.task_name(99) == format_id(99)
+    x = value(500, 1)
+    s.object_known(x)
+    assert s.object_info(500) == x and s.object_info(10) is None
+    s.task_done(done(a, 1))
+    assert not s.produces(10) and s.object_info(10) == value(10, 1)
+
+
+def test_a_directory_answer_counts_only_if_asked_for_but_a_deletion_always():
+    s = make(workers=(1,))
+    b = first(20, 500)
+    assert s.submit(b) == [(SHARD, DirLookup(500, 0))]
+    assert s(LookedUp(501, value(501, 1))) == [] and s.object_info(501) is None   # not asked
+    x = value(500, 1)
+    assert s(LookedUp(500, x)) == [(1, run(b, deps=(x,), blobs=FIRST))]
+    c = spec(30, 502)
+    s.submit(c)
+    assert s(LookedUp(502, None)) == [(SHARD, DirAdd(failed(30, deleted_error(502))))]
+
+
+def test_deleting_a_small_value_here_uncaches_it_on_every_live_worker_first():
+    s = make(workers=(1, 2, 3))
+    s.object_known(value(500, 1))
+    s.object_known(big(501, 1, 1 << 20))
+    s.rank_lost(2)
+    b = first(20, 503)
+    s.submit(b)
+    assert s(ObjectDeleted(500, uncache=True)) == [(1, Free(500)), (3, Free(500))]
+    assert s(ObjectDeleted(501, uncache=True)) == []          # not cached: a chunked object
+    assert s(ObjectDeleted(503, uncache=True)) == [(SHARD, DirAdd(failed(20, deleted_error(503))))]
+    assert s.object_info(500) is None and 500 in s.deleted
+
+
+def test_a_task_that_exits_its_rank_fails_with_worker_crashed_error_and_is_not_retried():
+    from hoplite_mpi.errors import WorkerCrashedError
+    s = make(workers=(1, 2), cap=1)
+    a, b = first(10, num_returns=2), spec(20)
+    s.submit(a)
+    s.submit(b)
+    assert s(TaskExit(10, 2, 3)) == []                        # not on rank 2: ignored
+    out = s(TaskExit(10, 1, 3))
+    errors = s.completed[-2:]
+    assert [i.object_id for i in errors] == [10, 11] and all(i.error for i in errors)
+    assert out == [(SHARD, DirAdd(errors[0])), (SHARD, DirAdd(errors[1]))]
+    exc = rebuild_error(errors[0].inline)
+    assert type(exc) is WorkerCrashedError and exc.status == 3 and exc.rank == 1
+    assert s.stats["retried"] == 0 and s.pending() == 1
+    assert s(TaskExit(10, 1, 3)) == []                        # once
+
+
+def test_rank_lost_registers_again_what_only_rank_0_knows_at_moved_shards():
+    # shard of an object: its id % 2; shard 1 moved (all its replicas died), shard 0 did not
+    s = make(workers=(1, 2, 3), shard_of=lambda oid: oid % 2)
+    small, other = value(501, 2), value(500, 2)
+    for info in (small, other):
+        s.object_known(info)
+    s(ObjectDeleted(503))
+    s(ObjectDeleted(502))
+    a = first(11)                                  # its result 11 (chunked) on rank 3 only
+    s.submit(a)
+    result = big(11, 3, 1 << 20)
+    s.task_done(done(a, 3, result))
+    c = spec(30, 505)                              # waits for a lookup at shard 1
+    assert s.submit(c) == [(SHARD, DirLookup(505, 0))]
+    out = s(RankLost(3, moved=frozenset({1}), changed=frozenset({1}), dead=frozenset({3})))
+    # the small value and the deletion again, the lookup again, and 11 (copy and shard gone) is
+    # rebuilt: its task runs again, elsewhere (the runs of a lost rank come after)
+    assert out == [(SHARD, DirAdd(small)), (1, run(a)), (SHARD, DirDelete(503, True)),
+                   (SHARD, DirLookup(505, 0))]
+    assert s.produces(11) and s.stats["rebuilt"] == 1
+    assert s(RankLost(3, moved=frozenset({1}), changed=frozenset({1}),
+                      dead=frozenset({3}))) == [(SHARD, DirAdd(small)), (SHARD, DirDelete(503, True)),
+                                                (SHARD, DirLookup(505, 0))]   # (idempotent otherwise)
+
+
+def test_a_refused_tasks_results_are_known_so_their_users_fail_at_once():
+    # (simulation seed 222) the scheduler knows the error objects of a refused task: a task
+    # using one fails at once (no lookup), and they are re-registered if their shard moves
+    s = make(workers=(1, 2))
+    refused(s, first(10, rank=5), ValueError)
+    err = s.object_info(10)
+    assert err.error and s.submit(spec(20, 10)) == [(SHARD, DirAdd(failed(20, err.inline)))]
+    assert s(RankLost(2, moved=frozenset({0}), changed=frozenset({0}))) == [
+        (SHARD, DirAdd(err)), (SHARD, DirAdd(failed(20, err.inline)))]

@@ -11,7 +11,8 @@ import logging
 from typing import Any
 
 from .. import protocol as P
-from ..collectives import ReduceCoordinator, chain_length
+from ..collectives import (InputReady, RankLost, ReduceCoordinator, Reduced, Replanned, Start,
+                           WatchInputs, chain_length)
 from ..context import Loss
 from ..ids import format_id
 
@@ -37,19 +38,12 @@ class Coordination:
         coord = ReduceCoordinator(reduce_id, inputs, op, num, target, result_id, ctx.ids.next, k_of,
                                   allreduce, ctx.shard_ranks)
         self.running[reduce_id] = coord
-        if target in ctx.dead:       # (the target died before the reduce was asked for)
-            self._coordinated(coord, coord.rank_lost(target))
-            return
-        self._watch_inputs(coord)
+        self._coordinated(coord, coord.handle(Start(frozenset(ctx.dead))))
 
     def on_request(self, source: int, msg: P.ReduceRequest) -> None:
         """A reduce asked for by a task (hm.reduce on a worker)."""
         self.start(msg.reduce_id, list(msg.inputs), msg.op, msg.num, msg.target,
                    msg.reduce_id + 1, msg.allreduce)
-
-    def _watch_inputs(self, coord: ReduceCoordinator) -> None:
-        for oid in dict.fromkeys(coord.inputs):
-            self.ctx.driver.when_ready(oid, lambda info, c=coord: self._coordinated(c, c.input_ready(info)))
 
     def on_step_done(self, source: int, msg: P.ReduceStepDone) -> None:
         ctx = self.ctx
@@ -59,37 +53,45 @@ class Coordination:
             ctx.rank_lost(msg.lost)
         coord = self.running.get(msg.reduce_id)
         if coord is not None:
-            self._coordinated(coord, coord.step_done(msg))
+            self._coordinated(coord, coord.handle(msg))
 
     def on_resume(self, source: int, msg: P.ReduceResume) -> None:
         coord = self.running.get(msg.reduce_id)
         if coord is not None:
-            self._coordinated(coord, coord.resume(msg.reduce_id, msg.progress))
+            self._coordinated(coord, coord.handle(msg))
 
     def fetched(self, msg: P.Fetched) -> None:
         """A copy of an allreduce's result reached its rank (``msg.token`` is the reduce id)."""
         coord = self.running.get(msg.token)
         if coord is not None:
-            self._coordinated(coord, coord.fetched(msg.rank, msg.error))
+            self._coordinated(coord, coord.handle(msg))
 
     def _coordinated(self, coord: ReduceCoordinator, out: list) -> None:
+        """Carry out a coordinator's instructions in order."""
         ctx = self.ctx
-        ctx.send_all(out)
-        if coord.wants_inputs and not coord.done:     # re-planned after a rank loss
-            coord.wants_inputs = False
-            ctx.stats["reduces_replanned"] += 1
-            ctx.stats["reduce_bytes_kept"] += coord.start    # result bytes not computed again
-            log.warning("rank 0: reduce %s re-planned without the dead rank(s) %s (from byte %d)",
-                        format_id(coord.result_id), sorted(coord.dead), coord.start)
-            self.running[coord.reduce_id] = coord
-            self._watch_inputs(coord)
-        # (every attempt's id: a re-planned reduce waiting for the target's ReduceResume is still
-        # filed under its previous attempt's id; found by the simulation, seed 120)
-        if coord.done and [rid for rid in coord.attempts if self.running.pop(rid, None) is not None]:
-            self.reduced[coord.result_id] = list(coord.used)
-            ctx.refs.notify([coord.result])
-            ctx.driver.object_known(coord.result)
+        for item in out:
+            cls = item.__class__
+            if cls is tuple:
+                ctx.send(item[0], item[1])
+            elif cls is WatchInputs:
+                for oid in item.object_ids:
+                    ctx.driver.when_ready(oid, lambda info, c=coord: self._coordinated(
+                        c, c.handle(InputReady(info))))
+            elif cls is Replanned:
+                ctx.stats["reduces_replanned"] += 1
+                ctx.stats["reduce_bytes_kept"] += item.start    # result bytes not computed again
+                log.warning("rank 0: reduce %s re-planned without the dead rank(s) %s (from byte %d)",
+                            format_id(item.result_id), list(item.dead), item.start)
+                self.running[item.reduce_id] = coord
+            elif cls is Reduced:
+                for rid in item.attempts:
+                    self.running.pop(rid, None)
+                self.reduced[item.result.object_id] = list(item.used)
+                ctx.refs.notify([item.result])
+                ctx.driver.object_known(item.result)
+            else:
+                raise TypeError(f"unknown instruction {item!r}")
 
     def rank_lost(self, loss: Loss) -> None:
         for coord in {id(c): c for c in self.running.values()}.values():
-            self._coordinated(coord, coord.rank_lost(loss.rank))
+            self._coordinated(coord, coord.handle(RankLost(loss.rank)))

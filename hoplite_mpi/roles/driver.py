@@ -1,9 +1,11 @@
 """The driver role (rank 0): the shell around the pure :class:`~hoplite_mpi.scheduler.Scheduler`.
 
-It feeds the scheduler its events (submits, task completions, blocked tasks, objects known,
-deleted or lost, rank losses, releases of refs) and carries out what comes back: messages to
-send, objects completed (to the driver's refs), objects to free.  It also answers "tell me when
-this object is ready" for the reduce coordinator (:meth:`Driver.when_ready`).
+It feeds the scheduler its events through its one entry point (submits, task completions,
+blocked tasks, objects known, deleted or lost, rank losses, releases of refs; see
+:meth:`Scheduler.handle <hoplite_mpi.scheduler.Scheduler.handle>`) and carries out the
+instructions that come back (:meth:`Driver.scheduled`): messages to send, objects completed (to
+the driver's refs and readiness waiters), objects to free.  It also answers "tell me when this
+object is ready" for the reduce coordinator (:meth:`Driver.when_ready`).
 """
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ from typing import Any, Callable, Optional
 
 from .. import protocol as P
 from ..context import Loss
-from ..errors import ObjectDeletedError, RankLostError, WorkerCrashedError
+from ..errors import ObjectDeletedError
 from ..ids import format_id, shard_of
 from ..protocol import ObjectInfo
-from ..scheduler import Scheduler, TaskState
+from ..scheduler import (Cancel, Completed, Forget, FreeObjects, LookedUp, ObjectDeleted,
+                         ObjectKnown, RankLost, Release, Scheduler, TaskCancelled)
 from ..serialization import frame_sizes, serialize_error, to_bytes
 
 log = logging.getLogger("hoplite_mpi")
@@ -33,49 +36,51 @@ class Driver:
 
     def __init__(self, ctx: Any, worker_ranks: list[int]) -> None:
         self.ctx = ctx
-        self.scheduler = Scheduler(worker_ranks, ctx.shard_ranks, ctx.config.tasks_per_worker)
+        self.scheduler = Scheduler(worker_ranks, ctx.shard_ranks, ctx.config.tasks_per_worker,
+                                   shard_of=lambda oid: shard_of(oid, len(ctx.shards)))
         self.ready_waiters: dict[int, list[Callable]] = {}
         self.stale_lookups: dict[int, list[Callable]] = {}
-        ctx.catalog.authority = self.scheduler.objects.get
+        ctx.catalog.authority = self.scheduler.object_info
+        self._local = {Completed: self._completed, FreeObjects: self._free,
+                       TaskCancelled: lambda instruction: None}
 
     def scheduled(self, out: list) -> None:
-        """Send a scheduler's messages and deliver the objects it completed to local refs."""
-        ctx, sched = self.ctx, self.scheduler
-        ctx.send_all(out)
-        done = sched.completed
-        if done:
-            sched.completed = []
-            ctx.refs.notify(done)
-            if self.ready_waiters:
-                for info in done:
-                    for callback in self.ready_waiters.pop(info.object_id, ()):
-                        callback(info)
-        if sched.freed:
-            freed, sched.freed = sched.freed, []
-            ctx.stats["auto_freed"] += len(freed)
-            ctx.freeing.free(freed, permanent=False)
+        """Carry out a scheduler's instructions in order: send the ``(rank, message)`` tuples,
+        apply the local ones (:meth:`_completed`, :meth:`_free`; a TaskCancelled is read by
+        :meth:`cancel`)."""
+        send = self.ctx.send
+        for item in out:
+            if item.__class__ is tuple:
+                send(item[0], item[1])
+            else:
+                self._local[item.__class__](item)
+
+    def _completed(self, instruction: Completed) -> None:
+        """Deliver the objects to local refs and to readiness waiters."""
+        done = instruction.infos
+        self.ctx.refs.notify(done)
+        if self.ready_waiters:
+            for info in done:
+                for callback in self.ready_waiters.pop(info.object_id, ()):
+                    callback(info)
+
+    def _free(self, instruction: FreeObjects) -> None:
+        ctx = self.ctx
+        ctx.stats["auto_freed"] += len(instruction.ids)
+        ctx.freeing.free(instruction.ids, permanent=False)
 
     # --- events ------------------------------------------------------------------------------
 
     def submit(self, spec: P.TaskSpec) -> None:
-        try:
-            out = self.scheduler.submit(spec)
-        except (ValueError, RankLostError) as exc:   # refused (nothing registered): results fail with exc
-            infos = error_infos(spec.return_ids, exc, self.ctx.rank)
-            for info in infos:
-                self.ctx.publish(info)
-            self.ctx.refs.notify(list(infos))
-            for info in infos:   # (known here too: re-registered if their shard dies, and tasks
-                self.scheduled(self.scheduler.object_known(info))   # using them fail at once;
-            return                                                  # simulation seed 222)
-        self.scheduled(out)
+        """A new task (a refused one's results become error objects, see the scheduler)."""
+        self.scheduled(self.scheduler.handle(spec))
 
     def on_submit(self, source: int, msg: P.SubmitTask) -> None:
-        self.submit(msg.spec)
+        self.scheduled(self.scheduler.handle(msg.spec))
 
     def on_task_done(self, source: int, msg: P.TaskDone) -> None:
         ctx = self.ctx
-        self.scheduled(self.scheduler.task_done(msg))
+        self.scheduled(self.scheduler.handle(msg))
         if not ctx.dead:
             return
         # a small result lives only in its shard (and here): if a rank of its shard died, the
@@ -87,77 +92,54 @@ class Driver:
                 ctx.publish(info)
 
     def on_task_blocked(self, source: int, msg: P.TaskBlocked) -> None:
-        self.scheduled(self.scheduler.task_blocked(msg.task_id, msg.blocked))
+        self.scheduled(self.scheduler.handle(msg))
 
     def release(self, object_id: int) -> None:
         """The driver's last ref to the object was dropped."""
-        self.scheduler.release(object_id)
-        self.scheduled([])
+        self.scheduled(self.scheduler.handle(Release(object_id)))
 
     def cancel(self, task_id: int) -> bool:
-        cancelled, out = self.scheduler.cancel(task_id)
+        """Cancel a task not placed yet; whether it was."""
+        out = self.scheduler.handle(Cancel(task_id))
         self.scheduled(out)
-        return cancelled
+        return any(item.__class__ is TaskCancelled for item in out)
 
     def object_known(self, info: ObjectInfo) -> None:
-        self.scheduled(self.scheduler.object_known(info))
+        self.scheduled(self.scheduler.handle(ObjectKnown(info)))
 
     def looked_up(self, object_id: int, info: Optional[ObjectInfo]) -> None:
         """A directory answer (DirReply) reached rank 0."""
-        if info is None:
-            self.scheduled(self.scheduler.object_deleted(object_id))
-        elif object_id in self.scheduler.looked_up:
-            self.scheduled(self.scheduler.object_known(info))
+        self.scheduled(self.scheduler.handle(LookedUp(object_id, info)))
 
     def freed_here(self, oid: int, permanent: bool) -> None:
-        """Rank 0 frees ``oid`` (hm.delete when ``permanent``, else an automatic free)."""
+        """Rank 0 frees ``oid`` (hm.delete when ``permanent``, else an automatic free).  After an
+        hm.delete of a small value, workers may hold it in their cache of small values: the
+        scheduler tells every one now (``uncache``), ahead of any task placed after the delete
+        (its messages to a rank arrive in order), instead of through the shard, whose notice
+        could arrive after such a task started."""
         if permanent:
-            self._uncache(oid)
-            self.scheduled(self.scheduler.object_deleted(oid))
+            self.scheduled(self.scheduler.handle(ObjectDeleted(oid, uncache=True)))
         else:
-            self.scheduler.forget(oid)
+            self.scheduled(self.scheduler.handle(Forget(oid)))
 
     def deleted_elsewhere(self, oid: int) -> None:
         """Another rank deleted ``oid`` (hm.delete in a task)."""
-        self._uncache(oid)
-        self.scheduled(self.scheduler.object_deleted(oid))
-
-    def _uncache(self, oid: int) -> None:
-        """(``hm.delete`` of a small object) Workers may hold its value in their cache of small
-        values: tell every one now, ahead of any task placed after the delete (the scheduler's
-        messages to a rank arrive in order), instead of through the shard, whose notice could
-        arrive after such a task started."""
-        ctx = self.ctx
-        info = self.scheduler.objects.get(oid)
-        if info is not None and info.inline is not None:
-            for rank in range(1, ctx.size):
-                if rank not in ctx.dead:
-                    ctx.send(rank, P.Free(oid))
+        self.scheduled(self.scheduler.handle(ObjectDeleted(oid, uncache=True)))
 
     def on_object_lost(self, source: int, msg: P.ObjectLost) -> None:
-        self.scheduled(self.scheduler.object_lost(msg.object_id, msg.rank))
+        self.scheduled(self.scheduler.handle(msg))
         for callback in self.stale_lookups.pop(msg.object_id, ()):
             self.when_ready(msg.object_id, callback)     # now being rebuilt, or an error
 
     def on_task_exit(self, source: int, msg: P.TaskExit) -> None:
-        """A task called ``os._exit`` on ``source`` (which waits for this echo, then exits)."""
-        ctx, sched = self.ctx, self.scheduler
+        """A task called ``os._exit`` on ``source`` (which waits for this echo, then exits); the
+        scheduler fails it (not retried)."""
+        ctx = self.ctx
         ctx.send(source, msg)
-        task = sched.tasks.get(msg.task_id)
-        name = f"{task.spec.name or 'task'} {format_id(msg.task_id)}" if task else format_id(msg.task_id)
-        log.warning("rank 0: task %s called os._exit(%d) on rank %d: that rank is lost", name,
-                    msg.status, source)
+        log.warning("rank 0: task %s called os._exit(%d) on rank %d: that rank is lost",
+                    self.scheduler.task_name(msg.task_id), msg.status, source)
         ctx.stats["worker_crashes"] += 1
-        if task is None or task.rank != source or task.state != TaskState.RUNNING:
-            return
-        # Not retried (unlike a rank's death): the exit is the task's own doing and would most
-        # likely happen again, and a rank so ended cannot be replaced; retries would cost the
-        # job one rank after another.  It fails now, as a task's exception does.
-        infos = error_infos(task.spec.return_ids,
-                            WorkerCrashedError(name, source, task.attempts, msg.status), ctx.rank)
-        for info in infos:
-            ctx.publish(info)
-        self.scheduled(sched.task_done(P.TaskDone(msg.task_id, source, infos)))
+        self.scheduled(self.scheduler.handle(msg))
 
     # --- readiness (for the reduce coordinator) ------------------------------------------------
 
@@ -173,7 +155,7 @@ class Driver:
                 info = ctx.catalog.describe(oid, entry.frames, ctx.rank)
         if info is not None:
             callback(info)
-        elif oid in self.scheduler.producer:
+        elif self.scheduler.produces(oid):
             self.ready_waiters.setdefault(oid, []).append(callback)
         else:
             ctx.lookups.lookup(oid, lambda info: self._looked_up_for(oid, info, callback))
@@ -186,7 +168,7 @@ class Driver:
             # a shard that had not heard of the death yet: once it has, it reports the object
             # lost (ObjectLost) and the rebuild (or the error) is waited for
             fresh = ctx.catalog.info(oid)
-            if oid in self.scheduler.producer or (
+            if self.scheduler.produces(oid) or (
                     fresh is not None and not set(fresh.holders) <= ctx.dead):
                 self.when_ready(oid, callback)
             else:
@@ -197,28 +179,9 @@ class Driver:
     # --- rank loss ---------------------------------------------------------------------------
 
     def rank_lost(self, loss: Loss) -> None:
-        """Re-register at moved shards what only the driver knows (small values, deletions),
-        rebuild objects whose copies and shard both died, re-send lookups waiting at a dead
-        primary, and let the scheduler retry the dead rank's tasks."""
-        ctx, sched = self.ctx, self.scheduler
-        n = len(ctx.shards)
-        if loss.changed:
-            for oid, info in list(sched.objects.items()):
-                if shard_of(oid, n) not in loss.moved:
-                    continue
-                if info.inline is not None:
-                    ctx.publish(info)
-                elif info.holders and set(info.holders) <= ctx.dead:
-                    # its copy and its shard died: rebuilt from lineage, else (a put, a reduce
-                    # result) an ObjectLostError value; a copy made elsewhere (a replica, a
-                    # broadcast) that registers with the new shard still wins there
-                    # (directory.add; simulation seed 52)
-                    self.scheduled(sched.object_lost(oid, loss.rank))
-            for oid in sched.deleted:
-                if shard_of(oid, n) in loss.moved:
-                    for r in ctx.shard_ranks(oid):
-                        ctx.send(r, P.DirDelete(oid, True))
-            for oid in sched.looked_up:
-                if shard_of(oid, n) in loss.changed and oid not in sched.objects:
-                    ctx.send(ctx.shard_ranks(oid)[0], P.DirLookup(oid, ctx.rank))
-        self.scheduled(sched.rank_lost(loss.rank))
+        """The scheduler re-registers at moved shards what only the driver knows (small values,
+        deletions), rebuilds objects whose copies and shard both died, re-sends lookups waiting
+        at a dead primary, and retries the dead rank's tasks (see its RankLost event)."""
+        self.scheduled(self.scheduler.handle(RankLost(loss.rank, frozenset(loss.moved),
+                                                      frozenset(loss.changed),
+                                                      frozenset(self.ctx.dead))))
