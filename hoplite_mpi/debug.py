@@ -75,12 +75,7 @@ def engine_state(rt: Any) -> str:
 
 
 def _streams(rt: Any) -> list[str]:
-    out = []
-    for s in list(rt.transport._streams):
-        kind = "send to" if s.send else "receive from"
-        out.append(f"stream {kind} {s.peer} tag {s.tag}: chunk {s.next}/{len(s.chunks)}, "
-                   f"{len(s.inflight)} in flight")
-    return out or ["streams: none"]
+    return rt.transport.stream_summary() or ["streams: none"]
 
 
 def _directory(rt: Any) -> list[str]:

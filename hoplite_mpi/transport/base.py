@@ -32,6 +32,13 @@ class PeerFailure(Exception):
         self.refused = refused
 
 
+def describe_streams(streams: Sequence) -> list[str]:
+    """Lines for :meth:`Transport.stream_summary` of streams with ``send, peer, tag, next,
+    chunks, inflight`` (the layout both transports use)."""
+    return [f"stream {'send to' if s.send else 'receive from'} {s.peer} tag {s.tag}: "
+            f"chunk {s.next}/{len(s.chunks)}, {len(s.inflight)} in flight" for s in list(streams)]
+
+
 class Transport(abc.ABC):
     """Control messages (picklable batches) and chunked object streams between ranks.
 
@@ -98,6 +105,10 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def busy(self) -> bool:
         """Whether data streams are in flight (the engine then polls without sleeping long)."""
+
+    def stream_summary(self) -> list[str]:
+        """One line per data stream in flight (for :func:`hoplite_mpi.debug.engine_state`)."""
+        return []
 
     def wait(self, timeout: float) -> bool:
         """Sleep up to ``timeout`` seconds, less if a message may have arrived or :meth:`wake`

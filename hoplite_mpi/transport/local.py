@@ -35,7 +35,7 @@ from collections import defaultdict, deque
 from typing import Any, Callable, Optional
 
 from ..protocol import Tag
-from .base import PeerFailure, Transport
+from .base import PeerFailure, Transport, describe_streams
 
 log = logging.getLogger("hoplite_mpi")
 
@@ -439,6 +439,9 @@ class LocalTransport(Transport):
         if self._drains:
             self._progress_drains()
         return progressed
+
+    def stream_summary(self) -> list[str]:
+        return describe_streams(self._streams)
 
     def busy(self) -> bool:
         return bool(self._streams or self._sends)

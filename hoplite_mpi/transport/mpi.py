@@ -30,7 +30,7 @@ from collections import deque
 from mpi4py import MPI
 
 from ..protocol import Tag
-from .base import PeerFailure, Transport
+from .base import PeerFailure, Transport, describe_streams
 from .doorbell import make_bell
 
 log = logging.getLogger("hoplite_mpi")
@@ -332,6 +332,9 @@ class MPITransport(Transport):
 
     def idle(self) -> bool:
         return not self._sends and not self._streams and not self._drains
+
+    def stream_summary(self) -> list[str]:
+        return describe_streams(self._streams)
 
     def busy(self) -> bool:
         # pending control sends count: a large pickled batch goes by rendezvous and needs this
