@@ -35,7 +35,9 @@ KNOWN_FAILING = {
          "shard, where it was never registered; a re-planned reduce waits for that input",
     11406: "hang: objects never registered at rank 0 after it took over a shard whose ranks died; "
            "rank 1's pulls wait there",
-    22089: "hang after two kills: the driver waits for a ref to complete (not analysed)",
+    22089: "hang after two kills (ranks 3, 4, replication 2): task 0:16, re-run by lineage on "
+           "rank 1, fetches its input 0:15, whose shard moved to rank 5; rank 5 holds the DirPull "
+           "but never got 0:15 registered (the driver still knows it)",
 }
 GROUP = 30
 
