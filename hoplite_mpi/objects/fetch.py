@@ -122,6 +122,7 @@ class Fetcher:
         if entry is not None and not entry.complete:
             entry.on_complete.clear()
             store.delete(oid)
+            self.ctx.server.refuse_partial(oid)
         for callback in self.producing.pop(oid, ()):
             self.request(oid, callback)
 
@@ -258,6 +259,7 @@ class Fetcher:
         if entry is not None and not entry.complete:
             entry.pooled = False     # (receives still in flight write into its buffers)
             store.delete(oid)
+            self.ctx.server.refuse_partial(oid)
         info = ObjectInfo(oid, frame_sizes(error), (), error, True)
         for callback in self.fetching.pop(oid, ()):
             callback(info)
@@ -276,6 +278,7 @@ class Fetcher:
         entry = ctx.store.get(oid)
         if entry is not None and not entry.complete:
             ctx.store.delete(oid)
+            ctx.server.refuse_partial(oid)
         self.ask_sender(oid)
 
     def rank_lost(self, loss: Loss) -> None:

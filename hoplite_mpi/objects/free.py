@@ -27,7 +27,7 @@ class Freeing:
         ctx = self.ctx
         driver = ctx.driver
         for oid in object_ids:
-            ctx.server.forget_partial(oid)
+            ctx.server.refuse_partial(oid)
             held = ctx.store.delete(oid) is not None
             ctx.server.refuse_deferred(oid, held)
             ctx.catalog.forget(oid)
@@ -48,7 +48,7 @@ class Freeing:
 
     def on_free(self, source: int, msg: P.Free) -> None:
         ctx = self.ctx
-        ctx.server.forget_partial(msg.object_id)
+        ctx.server.refuse_partial(msg.object_id)
         held = ctx.store.delete(msg.object_id) is not None
         ctx.server.refuse_deferred(msg.object_id, held)
         if ctx.driver is None:    # a cached small value (rank 0's copies are the scheduler's)

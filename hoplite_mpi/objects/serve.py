@@ -100,6 +100,14 @@ class Server:
             return
         ctx.store.delete(oid)
         self.refuse_deferred(oid)
+        self.refuse_partial(oid)
+
+    def refuse_partial(self, oid: int) -> None:
+        """This rank dropped its incomplete copy of ``oid``: the streams it served from it will
+        get no more chunks; stop them and refuse their pulls, so that each receiver asks the
+        shard again (a new sender, or the error object of a failed reduce) instead of waiting
+        for ever (simulation seed 30445: a failed reduce's partial result chain)."""
+        ctx = self.ctx
         for source, tag in self.partial.pop(oid, ()):
             ctx.transport.stop_send_stream(source, ctx.transport.data_tag(tag))
             ctx.send(source, P.PullRefused(oid, tag))
