@@ -38,6 +38,9 @@ KNOWN_FAILING = {
     22089: "hang after two kills (ranks 3, 4, replication 2): task 0:16, re-run by lineage on "
            "rank 1, fetches its input 0:15, whose shard moved to rank 5; rank 5 holds the DirPull "
            "but never got 0:15 registered (the driver still knows it)",
+    30385: "hang after a kill and a hung rank (ranks 3, 2; replication 3): rank 0 fetches its "
+           "own 0:19, the shard's rank holds the DirPull but 0:19 was never registered there "
+           "(found by a soak, 30000-30444; the moved-shard class of 22089)",
 }
 # the same with kills forced (simulate(seed, kills=True))
 KNOWN_FAILING_WITH_KILLS = {
