@@ -38,7 +38,7 @@ from .errors import HopliteError
 from .ids import format_id
 from .protocol import (DirAdd, Fetch, Fetched, Free, ObjectInfo, ReduceAbort, ReduceLate, ReduceResume,
                        ReduceStep, ReduceStepDone)
-from .serialization import frame_sizes, local_error, serialize, to_bytes
+from .serialization import error_info, local_error, serialize, to_bytes
 
 Outbox = list
 
@@ -532,7 +532,7 @@ class ReduceCoordinator:
 
     def _fail_with(self, error: tuple) -> Outbox:
         self.done = True
-        self.result = ObjectInfo(self.result_id, frame_sizes(error), (), tuple(error), True)
+        self.result = error_info(self.result_id, error)
         out: Outbox = [(r, DirAdd(self.result)) for r in self.shard_ranks(self.result_id)]
         return out + self._aborts() + self._frees()
 

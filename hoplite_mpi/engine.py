@@ -168,10 +168,6 @@ class Engine:
         """Drop this rank's own messages not yet handled (shutdown)."""
         self._local.clear()
 
-    def pending_sends(self) -> int:
-        """Messages queued and not yet handed to the transport."""
-        return sum(len(b) for b in self._outbox.values()) + len(self._local)
-
     def dispatch(self, source: int, msg: Any) -> None:
         self.stats[type(msg).__name__] += 1
         self.guarded(self._handlers[type(msg)], source, msg)
@@ -227,7 +223,7 @@ class Engine:
             active = True
             for hook in self._failure_hooks:
                 self.guarded(hook, rank)
-        if self._timers and self._timers[0][0] <= self.clock():
+        if self._timers:
             now = self.clock()
             while self._timers and self._timers[0][0] <= now:
                 timer = heapq.heappop(self._timers)[2]

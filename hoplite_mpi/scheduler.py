@@ -38,7 +38,7 @@ from .errors import ObjectDeletedError, ObjectLostError, RankLostError, WorkerCr
 from .ids import format_id
 from .protocol import (DirAdd, DirDelete, DirLookup, Free, ObjectInfo, ObjectLost, RunTask,
                        TaskBlocked, TaskDone, TaskExit, TaskSpec)
-from .serialization import frame_sizes, local_error, to_bytes
+from .serialization import error_info, local_error, to_bytes
 
 Outbox = list
 
@@ -528,10 +528,7 @@ class Scheduler:
         if spec is None or gone is not None or pinned_dead or not self.workers:
             self.lineage.pop(object_id, None)
             error = to_bytes(local_error(ObjectLostError(format_id(object_id), rank)))
-            info = ObjectInfo(object_id, frame_sizes(error), (), tuple(error), True)
-            self._completed.append(info)
-            self._cascade.append(info)
-            out += [(r, DirAdd(info)) for r in self.shard_ranks(object_id)]
+            self._error_objects((object_id,), error, out)
             return self._drain(out)
         task = _Task(spec)
         self.tasks[spec.task_id] = task
@@ -614,8 +611,7 @@ class Scheduler:
             return []
         exc = WorkerCrashedError(self.task_name(msg.task_id), msg.rank, task.attempts, msg.status)
         error = to_bytes(local_error(exc))
-        sizes = frame_sizes(error)
-        infos = tuple(ObjectInfo(oid, sizes, (), tuple(error), True) for oid in task.spec.return_ids)
+        infos = tuple(error_info(oid, error) for oid in task.spec.return_ids)
         out = [(rank, DirAdd(info)) for info in infos for rank in self.shard_ranks(info.object_id)]
         return out + self._task_done(TaskDone(msg.task_id, msg.rank, infos))
 
@@ -706,9 +702,8 @@ class Scheduler:
                        report: bool = True) -> None:
         """The objects ``oids`` become the error object ``error`` (its frames): queued on the
         cascade, :class:`Completed` unless not ``report``, their DirAdds appended to ``out``."""
-        sizes = frame_sizes(error)
         for oid in oids:
-            info = ObjectInfo(oid, sizes, (), tuple(error), True)
+            info = error_info(oid, error)
             if report:
                 self._completed.append(info)
             out += [(rank, DirAdd(info)) for rank in self.shard_ranks(oid)]

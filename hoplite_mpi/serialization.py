@@ -17,6 +17,7 @@ import cloudpickle
 import numpy as np
 
 from .errors import RemoteTraceback, SerializationError, TaskError
+from .protocol import ObjectInfo
 
 PROTOCOL = 5
 Frames = list  # list of bytes-like objects (bytes, bytearray, memoryview, uint8 ndarray)
@@ -151,6 +152,13 @@ def rebuild_error(frames: Sequence[Any]) -> BaseException:
         exc = TaskError(payload.message, payload.type_name)
     exc.__cause__ = RemoteTraceback(payload.tb, payload.rank, payload.host)
     return exc
+
+
+def error_info(object_id: int, error: Iterable[Any]) -> ObjectInfo:
+    """The ObjectInfo of an error object: no holder, ``error`` (the frames of a pickled
+    exception, e.g. :func:`local_error`'s) inline; ``get`` raises that exception."""
+    error = to_bytes(error)
+    return ObjectInfo(object_id, frame_sizes(error), (), error, True)
 
 
 def local_error(exc: BaseException) -> Frames:

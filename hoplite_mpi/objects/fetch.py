@@ -20,7 +20,7 @@ from ..context import Loss
 from ..errors import ObjectDeletedError, TransferError
 from ..ids import format_id, shard_of
 from ..protocol import ObjectInfo
-from ..serialization import frame_sizes, local_error, rebuild_error, to_bytes
+from ..serialization import error_info, local_error, rebuild_error, to_bytes
 from ..store import DELETED, chunk_plan, chunk_ends
 from ..transport.base import PeerFailure
 
@@ -260,7 +260,7 @@ class Fetcher:
             entry.pooled = False     # (receives still in flight write into its buffers)
             store.delete(oid)
             self.ctx.server.refuse_partial(oid)
-        info = ObjectInfo(oid, frame_sizes(error), (), error, True)
+        info = error_info(oid, error)
         for callback in self.fetching.pop(oid, ()):
             callback(info)
 

@@ -19,15 +19,9 @@ from ..ids import format_id, shard_of
 from ..protocol import ObjectInfo
 from ..scheduler import (Cancel, Completed, Forget, FreeObjects, LookedUp, ObjectDeleted,
                          ObjectKnown, RankLost, Release, Scheduler, TaskCancelled)
-from ..serialization import frame_sizes, serialize_error, to_bytes
+from ..serialization import error_info, serialize_error
 
 log = logging.getLogger("hoplite_mpi")
-
-
-def error_infos(oids: Any, exc: BaseException, rank: int) -> tuple:
-    """Error objects (ObjectInfo with ``error`` set) for ``oids``, all raising ``exc``."""
-    error = to_bytes(serialize_error(exc, rank))
-    return tuple(ObjectInfo(oid, frame_sizes(error), (), error, True) for oid in oids)
 
 
 class Driver:
@@ -76,7 +70,7 @@ class Driver:
         self.scheduled(self.scheduler.handle(spec))
 
     def on_submit(self, source: int, msg: P.SubmitTask) -> None:
-        self.scheduled(self.scheduler.handle(msg.spec))
+        self.submit(msg.spec)
 
     def on_task_done(self, source: int, msg: P.TaskDone) -> None:
         ctx = self.ctx
@@ -163,7 +157,7 @@ class Driver:
     def _looked_up_for(self, oid: int, info: Optional[ObjectInfo], callback: Callable) -> None:
         ctx = self.ctx
         if info is None:
-            info = error_infos((oid,), ObjectDeletedError(format_id(oid)), ctx.rank)[0]
+            info = error_info(oid, serialize_error(ObjectDeletedError(format_id(oid)), ctx.rank))
         elif info.inline is None and info.holders and set(info.holders) <= ctx.dead:
             # a shard that had not heard of the death yet: once it has, it reports the object
             # lost (ObjectLost) and the rebuild (or the error) is waited for
