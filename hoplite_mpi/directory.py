@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from .ids import origin_rank
-from .protocol import (DirAdd, DirDelete, DirLookup, DirPartial, DirPull, DirReply, DirSender,
+from .protocol import (DirAdd, DirCheck, DirDelete, DirLookup, DirPartial, DirPull, DirReply, DirSender,
                        Free, ObjectInfo, ObjectLost)
 
 Outbox = list  # list[tuple[int, object]]
@@ -45,6 +45,7 @@ class _Entry:
     partial: dict = field(default_factory=dict)       # rank receiving/producing -> its sender (or None)
     downstream: dict = field(default_factory=dict)    # rank -> receivers it currently feeds
     readers: set = field(default_factory=set)         # ranks given the inline value (they cache it)
+    maker: Optional[int] = None                       # (unregistered) the rank that made it (DirCheck)
 
 
 class DirectoryShard:
@@ -77,6 +78,8 @@ class DirectoryShard:
             return self.partial(msg.info, msg.rank)
         if isinstance(msg, DirDelete):
             return self.delete(msg.object_id, msg.permanent)
+        if isinstance(msg, DirCheck):
+            return self.check(msg.object_id, msg.maker)
         raise TypeError(f"not a directory message: {msg!r}")
 
     def add(self, info: ObjectInfo) -> Outbox:
@@ -208,6 +211,21 @@ class DirectoryShard:
         origin = origin_rank(object_id)
         return [(0, ObjectLost(object_id, origin))] if origin in self._dead else []
 
+    def check(self, object_id: int, maker: int) -> Outbox:
+        """Rank 0 says ``maker`` made the object and died (:class:`DirCheck`).  Never registered
+        here (its ``DirAdd`` died with the maker): ``ObjectLost`` to rank 0 now if this shard has
+        seen ``maker`` die, else when it does (:meth:`rank_lost`).  A registered, deleted or
+        freed object: nothing (a registered copy's loss is found by :meth:`rank_lost`)."""
+        if object_id in self._deleted or object_id in self._freed:
+            return []
+        entry = self._entries.setdefault(object_id, _Entry())
+        if entry.info is not None:
+            return []
+        if maker in self._dead:
+            return [(0, ObjectLost(object_id, maker))]
+        entry.maker = maker
+        return []
+
     def delete(self, object_id: int, permanent: bool = True) -> Outbox:
         """Forget the object: holders free their copies, waiting lookups learn it was deleted.
 
@@ -244,16 +262,19 @@ class DirectoryShard:
         """``rank`` died: it holds, receives and feeds nothing any more, and waits for nothing.
 
         Returns the objects whose last complete copy was on ``rank`` (not inline values, which
-        live in the entry itself), and the objects waited for that were never registered and
-        that only ``rank`` could have made (their id's rank, see :meth:`_orphan`); their entries stay, so pulls and lookups keep waiting until a rebuilt copy is added (lineage) or the object is deleted.
+        live in the entry itself), the objects waited for that were never registered and that
+        only ``rank`` could have made (their id's rank, see :meth:`_orphan`), and those rank 0
+        said ``rank`` made (:meth:`check`); their entries stay, so pulls and lookups keep waiting
+        until a rebuilt copy is added (lineage) or the object is deleted.
         ``thinned`` (if given) gets the objects that lost a copy but keep others.
         Receivers fed by ``rank`` see their stream fail and ask again (:meth:`pull` re-places them).
         """
         self._dead.add(rank)
         lost = []
         for oid, entry in self._entries.items():
-            if entry.info is None and (entry.waiting or entry.pulling) and origin_rank(oid) == rank:
-                lost.append(oid)        # (an orphan, see _orphan)
+            if entry.info is None and (entry.maker == rank or (
+                    (entry.waiting or entry.pulling) and origin_rank(oid) == rank)):
+                lost.append(oid)        # (an orphan, see _orphan; or its maker died, see check)
                 continue
             entry.waiting = [r for r in entry.waiting if r != rank]
             entry.pulling = [r for r in entry.pulling if r != rank]

@@ -168,6 +168,17 @@ class DirPull:
 
 
 @message
+class DirCheck:
+    """Rank 0 -> shard: ``maker`` made ``object_id`` (rank 0 had its ``TaskDone``) and is dead
+    now.  If the shard never got the object's ``DirAdd`` (the maker died between its two
+    messages), it answers ``ObjectLost`` once it has seen ``maker`` die; a registered object is
+    the shard's own business (:meth:`DirectoryShard.rank_lost`)."""
+
+    object_id: int
+    maker: int
+
+
+@message
 class DirPartial:
     """Producer -> shard: ``rank`` is producing the object (a reduce output): it exists from now on
     and can serve the prefix it has."""

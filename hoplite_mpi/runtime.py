@@ -119,6 +119,7 @@ class Runtime:
         on(P.DirLookup, shard.on_message)
         on(P.DirPull, shard.on_message)
         on(P.DirPartial, shard.on_message)
+        on(P.DirCheck, shard.on_message)
         on(P.DirDelete, self.freeing.on_dir_delete)        # objects/free.py
         on(P.Free, self.freeing.on_free)
         on(P.DirReply, self.lookups.on_reply)              # objects/lookup.py

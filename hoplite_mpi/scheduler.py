@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Optional
 
 from .errors import ObjectDeletedError, ObjectLostError, RankLostError, WorkerCrashedError
 from .ids import format_id
-from .protocol import (DirAdd, DirDelete, DirLookup, Free, ObjectInfo, ObjectLost, RunTask,
+from .protocol import (DirAdd, DirCheck, DirDelete, DirLookup, Free, ObjectInfo, ObjectLost, RunTask,
                        TaskBlocked, TaskDone, TaskExit, TaskSpec)
 from .serialization import error_info, local_error, to_bytes
 
@@ -406,7 +406,8 @@ class Scheduler:
         return []
 
     def _rank_lost(self, event: RankLost) -> Outbox:
-        """First what only rank 0 knows goes again to shards that moved (small values, deletions,
+        """Results of tasks whose maker was ``rank`` are checked at their shards (:class:`DirCheck`).
+        What only rank 0 knows goes again to shards that moved (small values, deletions,
         and objects whose copies died with the shard are rebuilt as by :class:`ObjectLost`), and
         lookups waiting at a dead primary are sent again.  Then, if ``rank`` was a worker: it
         gets no more tasks; each task running there goes back to the ready queue (counted in
@@ -416,6 +417,12 @@ class Scheduler:
         that were only on ``rank`` are the directory's business (:class:`ObjectLost`).
         Idempotent."""
         out: Outbox = []
+        for oid, info in self.objects.items():
+            # a result whose maker died: its shard may never have had its DirAdd (sent beside
+            # the TaskDone); the shard tells (DirCheck).  Moved shards: below (simulation seed 192)
+            if (event.rank in info.holders and info.inline is None and not info.error
+                    and self.shard_of(oid) not in event.moved and set(info.holders) <= event.dead):
+                out += [(r, DirCheck(oid, event.rank)) for r in self.shard_ranks(oid)]
         if event.changed:
             moved, shard_of, shard_ranks = event.moved, self.shard_of, self.shard_ranks
             for oid, info in list(self.objects.items()):

@@ -7,7 +7,8 @@ import pytest
 
 from hoplite_mpi.directory import DirectoryShard, shard_map
 from hoplite_mpi.ids import IdGenerator, format_id, origin_rank, shard_of
-from hoplite_mpi.protocol import DirAdd, DirDelete, DirLookup, DirReply, DirSender, Free, ObjectInfo, Pull
+from hoplite_mpi.protocol import (DirAdd, DirDelete, DirLookup, DirReply, DirSender, Free, ObjectInfo,
+                                  ObjectLost, Pull)
 
 X = 1001
 Y = 1002
@@ -287,3 +288,14 @@ def test_readers_of_a_small_value_are_told_when_it_goes(shard):
     shard.pull(X, 4)
     out = shard.delete(X, permanent=False)
     assert sorted(r for r, m in out if m == Free(X)) == [1, 3, 4]
+
+
+def test_check_reports_an_object_whose_maker_died_before_registering_it(shard):
+    # rank 0 had the TaskDone of X (made on 1) but the shard never got its DirAdd
+    assert shard.check(X, 1) == []                       # 1 is not dead here yet
+    assert shard.rank_lost(1) == [X]                     # ... now it is: lost
+    assert shard.check(Y, 1) == [(0, ObjectLost(Y, 1))]  # already dead here: at once
+    shard.add(info(holders=(2,), oid=Y + 1))
+    assert shard.check(Y + 1, 2) == []                   # registered: rank_lost's business
+    shard.delete(Y + 2)
+    assert shard.check(Y + 2, 1) == []                   # deleted: nothing

@@ -19,7 +19,7 @@ import pytest
 
 from hoplite_mpi.errors import ObjectDeletedError, RemoteTraceback
 from hoplite_mpi.ids import format_id
-from hoplite_mpi.protocol import (DirAdd, DirDelete, DirLookup, Free, ObjectInfo, ObjectLost, RunTask,
+from hoplite_mpi.protocol import (DirAdd, DirCheck, DirDelete, DirLookup, Free, ObjectInfo, ObjectLost, RunTask,
                                   TaskBlocked, TaskDone, TaskExit, TaskSpec)
 from hoplite_mpi.scheduler import (Cancel, Completed, Forget, FreeObjects, InvalidTransition,
                                    LookedUp, ObjectDeleted, ObjectKnown, RankLost, Release,
@@ -975,3 +975,21 @@ def test_a_refused_tasks_results_are_known_so_their_users_fail_at_once():
     assert err.error and s.submit(spec(20, 10)) == [(SHARD, DirAdd(failed(20, err.inline)))]
     assert s(RankLost(2, moved=frozenset({0}), changed=frozenset({0}))) == [
         (SHARD, DirAdd(err)), (SHARD, DirAdd(failed(20, err.inline)))]
+
+
+def test_rank_lost_asks_the_shard_about_results_whose_maker_died():
+    # (simulation seeds 192, 22089, 30385) a maker that dies after its TaskDone reached rank 0
+    # but before its DirAdd reached the shard leaves the result unknown to every live rank: the
+    # scheduler asks the shard (DirCheck), which reports the loss if it never had the object
+    s = make(workers=(1, 2, 3), shard_of=lambda oid: oid % 2)
+    a, b = first(11), first(12)
+    s.submit(a)
+    s.submit(b)
+    s.task_done(done(a, 3, big(11, 3, 1 << 20)))
+    s.task_done(done(b, 3, big(12, 3, 1 << 20)))
+    out = s(RankLost(3, moved=frozenset({1}), changed=frozenset({1}), dead=frozenset({3})))
+    # 12's shard did not move: checked there; 11's moved with its copy: rebuilt at once
+    assert (SHARD, DirCheck(12, 3)) in out and not any(isinstance(m, DirCheck) and m.object_id == 11
+                                                       for _, m in out)
+    assert s.produces(11) and not s.produces(12)
+    assert s(RankLost(2, dead=frozenset({2, 3}))) == []          # not its maker: nothing to ask

@@ -25,29 +25,18 @@ CI_SEEDS = range(1, 241)
 KILL_SEEDS = range(5001, 5061)
 # seeds that found bugs (fixed): see the commit messages "Fix (found by the simulation, seed S)";
 # 10142 found a simulator bug (a rank hung across the shutdown stalled the virtual clock)
-REGRESSIONS = [18, 120, 126, 222, 319, 1286, 1472, 1709, 1796, 1804, 10142, 11076,
-               11406, 11407, 30445]
+REGRESSIONS = [18, 120, 126, 192, 222, 319, 1286, 1472, 1709, 1796, 1804, 10142, 11076,
+               11406, 11407, 22089, 30385, 30445]
 # (11407: a DirPull ping-pong, passes since re-asks wait RETRY_DELAY; 30445 and 11406: receivers
-# of an incomplete copy that its rank dropped waited for ever, Server.refuse_partial)
-REGRESSIONS_WITH_KILLS = [52, 218]     # (found with kills forced: simulate(seed, kills=True))
+# of an incomplete copy that its rank dropped waited for ever, Server.refuse_partial; 192, 22089,
+# 30385: a task's maker died after its TaskDone reached rank 0 but before its DirAdd reached the
+# shard, so no rank ever learnt the result was lost: fetches waited for ever, DirCheck)
+REGRESSIONS_WITH_KILLS = [52, 218, 5058]     # (found with kills forced: simulate(seed, kills=True))
 # seeds that fail now, not yet understood (each an xfail below, strict: once fixed it must move
 # to REGRESSIONS); the CI groups skip them
-KNOWN_FAILING = {
-    192: "hang after two losses (one a hung rank): rank 0 waits for a lookup of 0:41 at the new "
-         "shard, where it was never registered; a re-planned reduce waits for that input",
-    22089: "hang after two kills (ranks 3, 4, replication 2): task 0:16, re-run by lineage on "
-           "rank 1, fetches its input 0:15, whose shard moved to rank 5; rank 5 holds the DirPull "
-           "but never got 0:15 registered (the driver still knows it)",
-    30385: "hang after a kill and a hung rank (ranks 3, 2; replication 3): rank 0 fetches its "
-           "own 0:19, the shard's rank holds the DirPull but 0:19 was never registered there "
-           "(found by a soak, 30000-30444; the moved-shard class of 22089)",
-}
+KNOWN_FAILING: dict[int, str] = {}
 # the same with kills forced (simulate(seed, kills=True))
-KNOWN_FAILING_WITH_KILLS = {
-    5058: "hang after two kills (replication 1): rank 0 fetches 0:9, whose shard moved to rank 5; "
-          "rank 5 holds the DirPull but 0:9 was never registered there (as 22089; appeared when "
-          "Server.refuse_partial changed this seed's timing)",
-}
+KNOWN_FAILING_WITH_KILLS: dict[int, str] = {}
 GROUP = 30
 
 

@@ -174,8 +174,8 @@ class Driver:
 
     def rank_lost(self, loss: Loss) -> None:
         """The scheduler re-registers at moved shards what only the driver knows (small values,
-        deletions), rebuilds objects whose copies and shard both died, re-sends lookups waiting
-        at a dead primary, and retries the dead rank's tasks (see its RankLost event)."""
+        deletions), rebuilds objects whose copies and shard both died, asks shards about results
+        whose maker died (DirCheck), re-sends lookups waiting at a dead primary, and retries the dead rank's tasks (see its RankLost event)."""
         self.scheduled(self.scheduler.handle(RankLost(loss.rank, frozenset(loss.moved),
                                                       frozenset(loss.changed),
                                                       frozenset(self.ctx.dead))))

@@ -1,6 +1,6 @@
 """The directory shard role of a rank: the shell around the pure
 :class:`~hoplite_mpi.directory.DirectoryShard` (``DirAdd``/``DirLookup``/``DirPull``/
-``DirPartial``/``DirDelete``), background replication of chunked objects, and rebuilding shards
+``DirPartial``/``DirDelete``/``DirCheck``), background replication of chunked objects, and rebuilding shards
 after a rank loss."""
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class ShardRole:
         self.want: dict[int, int] = {}
 
     def on_message(self, source: int, msg: Any) -> None:
-        """DirAdd, DirLookup, DirPull, DirPartial."""
+        """DirAdd, DirLookup, DirPull, DirPartial, DirCheck."""
         ctx = self.ctx
         add = type(msg) is P.DirAdd
         if add:
