@@ -56,7 +56,7 @@ def engine_state(rt: Any) -> str:
              f"waiting for a directory lookup: {_ids(rt.lookups.waiting)}",
              f"fetching: {_ids(rt.fetcher.fetching)}",
              "receiving: " + ", ".join(f"{format_id(o)} from {r}"
-                                       for o, r in list(rt.fetcher.receiving.items())[:20]),
+                                       for o, (r, _) in list(rt.fetcher.receiving.items())[:20]),
              f"pulls deferred until the copy starts: {_ids(rt.server.deferred)}",
              f"reduce steps running here: {_ids(rt.steps.running)}"]
     if rt.engine.closing:      # shutting down: whose last message is still awaited

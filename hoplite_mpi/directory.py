@@ -162,6 +162,10 @@ class DirectoryShard:
         """Choose a sender for ``requester`` once the object exists (Hoplite's receiver-driven
         broadcast): among complete and partial copies that feed nobody yet (chain tails), the
         one closest to a complete copy; complete copies first.  Inline objects need no sender."""
+        if requester in self._dead:
+            # (rank 0 pulls for broadcast targets; one that died meanwhile must not become a
+            # partial copy, the sender of later receivers for ever: simulation seed 5022)
+            return []
         if object_id in self._deleted:
             return [(requester, DirSender(object_id, None))]
         entry = self._entries.setdefault(object_id, _Entry())

@@ -299,3 +299,12 @@ def test_check_reports_an_object_whose_maker_died_before_registering_it(shard):
     assert shard.check(Y + 1, 2) == []                   # registered: rank_lost's business
     shard.delete(Y + 2)
     assert shard.check(Y + 2, 1) == []                   # deleted: nothing
+
+
+def test_a_pull_for_a_dead_rank_is_ignored(shard):
+    # (simulation seed 5022) rank 0 pulls for a broadcast target that died meanwhile: it must
+    # not become a partial copy, named as the sender of later receivers for ever
+    shard.add(info(holders=(0,)))
+    shard.rank_lost(1)
+    assert shard.pull(X, 1) == []
+    assert shard.pull(X, 3) == [(3, DirSender(X, info(holders=(0,))))]

@@ -34,13 +34,14 @@ RETRY_DELAY = 0.002
 
 class Fetcher:
     """Copies being fetched (``fetching``: DirPull sent), produced here (``producing``: a reduce
-    step's output that readers wait for) and received (``receiving``: object -> sending rank)."""
+    step's output that readers wait for) and received (``receiving``: object -> (sending rank,
+    stream tag))."""
 
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
         self.fetching: dict[int, list[Callable]] = {}
         self.producing: dict[int, list[Callable]] = {}
-        self.receiving: dict[int, int] = {}
+        self.receiving: dict[int, tuple[int, int]] = {}
 
     # --- entry points ------------------------------------------------------------------------
 
@@ -192,7 +193,7 @@ class Fetcher:
             return
         tag = ctx.next_tag()
         ctx.stats["pulls"] += 1
-        self.receiving[into] = sender
+        self.receiving[into] = (sender, tag)
 
         def failed(failure: PeerFailure) -> None:
             self.receiving.pop(into, None)
@@ -263,6 +264,18 @@ class Fetcher:
         info = error_info(oid, error)
         for callback in self.fetching.pop(oid, ()):
             callback(info)
+
+    def copy_dropped(self, oid: int) -> None:
+        """This rank's incomplete copy of ``oid`` was just dropped (``Free`` or ``hm.delete``)
+        while readers here wait for it: stop its stream (its chunks would otherwise land in
+        nothing and nobody would ever answer the readers) and ask the shard again, which answers
+        'deleted' after a delete (readers get ObjectDeletedError), else a new sender
+        (simulation seed 50312: a task's input deleted while the task's rank received it)."""
+        stream = self.receiving.pop(oid, None)
+        if stream is not None:
+            self.ctx.transport.cancel_stream(*stream)
+        if oid in self.fetching:
+            self.ask_sender(oid)
 
     def on_pull_refused(self, source: int, msg: P.PullRefused) -> None:
         ctx, oid = self.ctx, msg.object_id

@@ -35,6 +35,7 @@ class Freeing:
                 driver.freed_here(oid, permanent)
             for rank in set(ctx.shard_ranks(oid)) | ({0} if driver is None else set()):
                 ctx.send(rank, P.DirDelete(oid, permanent))
+            ctx.fetcher.copy_dropped(oid)    # (after the DirDelete: its shard answers 'deleted')
 
     def on_dir_delete(self, source: int, msg: P.DirDelete) -> None:
         ctx, oid = self.ctx, msg.object_id
@@ -51,5 +52,6 @@ class Freeing:
         ctx.server.refuse_partial(msg.object_id)
         held = ctx.store.delete(msg.object_id) is not None
         ctx.server.refuse_deferred(msg.object_id, held)
+        ctx.fetcher.copy_dropped(msg.object_id)
         if ctx.driver is None:    # a cached small value (rank 0's copies are the scheduler's)
             ctx.catalog.forget(msg.object_id)
