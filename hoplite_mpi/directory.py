@@ -218,13 +218,20 @@ class DirectoryShard:
     def check(self, object_id: int, maker: int) -> Outbox:
         """Rank 0 says ``maker`` made the object and died (:class:`DirCheck`).  Never registered
         here (its ``DirAdd`` died with the maker): ``ObjectLost`` to rank 0 now if this shard has
-        seen ``maker`` die, else when it does (:meth:`rank_lost`).  A registered, deleted or
-        freed object: nothing (a registered copy's loss is found by :meth:`rank_lost`)."""
+        seen ``maker`` die, else when it does (:meth:`rank_lost`).  Registered but without a
+        complete copy left: ``ObjectLost`` again (rank 0 ignores it while a re-run is pending).
+        A registered copy, a deleted or freed object: nothing."""
         if object_id in self._deleted or object_id in self._freed:
             return []
         entry = self._entries.setdefault(object_id, _Entry())
-        if entry.info is not None:
-            return []
+        info = entry.info
+        if info is not None:
+            # registered: a live copy, or a lost one already reported by rank_lost; that report
+            # can reach rank 0 before the maker's TaskDone (which then made it look alive, a
+            # retry skipped: simulation seed 51205), so a copyless object is reported again
+            if info.holders or info.inline is not None or info.error:
+                return []
+            return [(0, ObjectLost(object_id, maker))]
         if maker in self._dead:
             return [(0, ObjectLost(object_id, maker))]
         entry.maker = maker

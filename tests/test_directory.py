@@ -299,6 +299,10 @@ def test_check_reports_an_object_whose_maker_died_before_registering_it(shard):
     assert shard.check(Y + 1, 2) == []                   # registered: rank_lost's business
     shard.delete(Y + 2)
     assert shard.check(Y + 2, 1) == []                   # deleted: nothing
+    # (seed 51205) registered, its loss reported before rank 0 had the TaskDone: again
+    shard.add(info(holders=(1,), oid=Y + 3))
+    assert Y + 3 in shard.rank_lost(1)
+    assert shard.check(Y + 3, 1) == [(0, ObjectLost(Y + 3, 1))]
 
 
 def test_a_pull_for_a_dead_rank_is_ignored(shard):
