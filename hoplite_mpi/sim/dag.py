@@ -58,21 +58,27 @@ class RandomDag:
 
     Args:
         rng: the workload's random source (every draw of an operation comes from it).
-        cfg: the job's :class:`~hoplite_mpi.config.Config` (inline threshold for options).
         size: ranks in the job (ranks 1.. run tasks; rank 0 alone: it does).
-        specs: the value specs drawn (:class:`~.values.Specs` over ``rng``).
-        replicas: whether task options may ask for replicas.
-        raise_msg: the message of the exceptions raised by ``t_raise`` tasks.
+        specs: the value specs drawn (:class:`~.values.Specs` over ``rng`` and the job's
+            config, whose inline threshold task options use too).
+
+    A subclass says whether task options may ask for replicas (``REPLICAS``) and what message
+    the exceptions of ``t_raise`` tasks carry (``raise_msg``).
     """
 
-    def __init__(self, rng: random.Random, cfg: Any, size: int, specs: Specs,
-                 replicas: bool, raise_msg: str) -> None:
-        self.rng, self.cfg, self.size, self.specs = rng, cfg, size, specs
-        self.replicas, self.raise_msg = replicas, raise_msg
-        self.workers = list(range(1, size)) or [0]
+    REPLICAS = False
+    raise_msg = "raised by a test task"
+
+    def __init__(self, rng: random.Random, size: int, specs: Specs) -> None:
+        self.rng, self.size, self.specs = rng, size, specs
         self.nodes: list[Node] = []
         self.failures: list[str] = []
         self.counts: dict[str, int] = {}
+
+    @property
+    def workers(self) -> list[int]:
+        """The ranks that run tasks."""
+        return list(range(1, self.size)) or [0]
 
     # --- the nodes ---
     def fail(self, msg: str, node: Optional[Node] = None) -> None:
@@ -116,8 +122,8 @@ class RandomDag:
         if self.rng.random() < 0.25:
             opts["rank"] = self.rng.choice(self.workers)
         if self.rng.random() < 0.15:
-            opts["inline_threshold"] = self.rng.choice([0, 100, self.cfg.inline_threshold])
-        if self.replicas and self.rng.random() < 0.1 and self.size > 1:
+            opts["inline_threshold"] = self.rng.choice([0, 100, self.specs.cfg.inline_threshold])
+        if self.REPLICAS and self.rng.random() < 0.1 and self.size > 1:
             opts["replicas"] = self.rng.randint(1, min(3, self.size))
         return opts
 

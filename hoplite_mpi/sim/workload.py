@@ -34,12 +34,14 @@ class Workload(RandomDag):
 
     OPS = {"put": 8, "build": 10, "apply": 14, "literal_arg": 3, "multi": 4, "raise": 4, "pack": 3,
            "spawn": 6, "delete": 4, "drop": 3, "broadcast": 5, "reduce": 7, "check": 6}
+    REPLICAS = True
+    raise_msg = "sim"
 
     def __init__(self, rng: random.Random, sim: Any, ops: int) -> None:
         cfg = sim.config
         specs = Specs(rng, cfg, rng.randrange(1 << 30), max_bytes=max(8192, 2 * cfg.inline_threshold),
                       max_str=2000, max_objects=300)
-        super().__init__(rng, cfg, sim.size, specs, replicas=True, raise_msg="sim")
+        super().__init__(rng, sim.size, specs)
         self.sim, self.ops = sim, ops
         self.pending_reduces: list[Node] = []
 

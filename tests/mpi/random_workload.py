@@ -117,9 +117,13 @@ class Workload(RandomDag):
     def __init__(self, seed, ops, known, victim, cfg, big):
         rng = random.Random(seed)
         specs = Specs(rng, cfg, seed * 1000003, max_bytes=None if big else cfg.inline_threshold * 2)
-        super().__init__(rng, cfg, hm.world_size(), specs, replicas=False, raise_msg=f"seed {seed}")
-        self.seed, self.ops, self.known, self.victim, self.big = seed, ops, known, victim, big
+        super().__init__(rng, hm.world_size(), specs)
+        self.seed, self.ops, self.known, self.victim = seed, ops, known, victim
         self.T = T if victim is None else 40.0    # kills: recovery is quick; keep hangs cheap
+
+    @property
+    def raise_msg(self):
+        return f"seed {self.seed}"
 
     def fail(self, msg, node=None):
         super().fail(msg, node)
