@@ -62,12 +62,16 @@ class RandomDag:
         specs: the value specs drawn (:class:`~.values.Specs` over ``rng`` and the job's
             config, whose inline threshold task options use too).
 
-    A subclass says whether task options may ask for replicas (``REPLICAS``) and what message
-    the exceptions of ``t_raise`` tasks carry (``raise_msg``).
+    A subclass says whether task options may ask for replicas (``REPLICAS``), what message the
+    exceptions of ``t_raise`` tasks carry (``raise_msg``), and how its programs of child tasks
+    look (:meth:`gen_prog`: ``PROG_MIN``, ``CHILD``, ``CHILD_PLAIN``).
     """
 
     REPLICAS = False
     raise_msg = "raised by a test task"
+    PROG_MIN = 1            # steps of a program at least (at most 4)
+    CHILD = "nested"        # the step kind of a child running its own program
+    CHILD_PLAIN = True      # whether a child's value is plain (usable by later steps)
 
     def __init__(self, rng: random.Random, size: int, specs: Specs) -> None:
         self.rng, self.size, self.specs = rng, size, specs
@@ -214,6 +218,28 @@ class RandomDag:
                                              "tag": box["tag"]}]
         self.add(ref, f"t_pack{opts} of {x.i} box {[n.i for n in inner]}", value=value, errors=errs,
                  deps=[x.i], nested=[n.i for n in inner], pinned=opts.get("rank"))
+
+    def gen_prog(self, depth: int) -> list:
+        """A program for a task that starts children: steps ``("build", spec)``, ``("put",
+        spec)``, ``("apply", fname, [i, ...])`` over the plain values so far (the task's
+        argument first), and below ``depth`` 2 ``(CHILD, program, i)``."""
+        prog, plain = [], [0]     # indices of the values later steps may use
+        for _ in range(self.rng.randint(self.PROG_MIN, 4)):
+            r = self.rng.random()
+            if r < 0.3:
+                prog.append(("build", self.specs.value(1)))
+            elif r < 0.45:
+                prog.append(("put", self.specs.value(1)))
+            elif r < 0.85 or depth >= 2:
+                fname = self.rng.choice(["id", "view", "add1", "digest", "pair"])
+                prog.append(("apply", fname, [self.rng.choice(plain)
+                                              for _ in range(2 if fname == "pair" else 1)]))
+            else:
+                prog.append((self.CHILD, self.gen_prog(depth + 1), self.rng.choice(plain)))
+                if not self.CHILD_PLAIN:
+                    continue
+            plain.append(len(prog))
+        return prog
 
     def read_where_sent(self, x: Node, ranks) -> None:
         """After a broadcast of ``x`` to ``ranks``: a task on one of them digests it."""

@@ -36,6 +36,7 @@ class Workload(RandomDag):
            "spawn": 6, "delete": 4, "drop": 3, "broadcast": 5, "reduce": 7, "check": 6}
     REPLICAS = True
     raise_msg = "sim"
+    PROG_MIN, CHILD, CHILD_PLAIN = 0, "spawn", False     # (a spawn step's value is [ref])
 
     def __init__(self, rng: random.Random, sim: Any, ops: int) -> None:
         cfg = sim.config
@@ -112,24 +113,6 @@ class Workload(RandomDag):
             yield Ready(users)
 
     # --- operations only the simulation has, or that wait (generators) ---
-    def gen_prog(self, depth: int) -> list:
-        prog, plain = [], [0]     # indices of values that are not a spawn step's [ref]
-        for _ in range(self.rng.randint(0, 4)):
-            r = self.rng.random()
-            if r < 0.3:
-                prog.append(("build", self.specs.value(1)))
-            elif r < 0.45:
-                prog.append(("put", self.specs.value(1)))
-            elif r < 0.85 or depth >= 2:
-                fname = self.rng.choice(["id", "view", "add1", "digest", "pair"])
-                prog.append(("apply", fname, [self.rng.choice(plain)
-                                              for _ in range(2 if fname == "pair" else 1)]))
-            else:
-                prog.append(("spawn", self.gen_prog(depth + 1), self.rng.choice(plain)))
-                continue
-            plain.append(len(prog))
-        return prog
-
     def op_spawn(self) -> None:
         x = self.pick()
         if x is None:

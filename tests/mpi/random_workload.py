@@ -143,23 +143,6 @@ class Workload(RandomDag):
         self.add(ref, f"t_deref{opts} of {[n.i for n in inner]}", value=value, errors=errs,
                  nested=[n.i for n in inner], pinned=opts.get("rank"))
 
-    def gen_prog(self, depth):
-        prog, nvals = [], 1
-        for _ in range(self.rng.randint(1, 4)):
-            r = self.rng.random()
-            if r < 0.3:
-                prog.append(("build", self.specs.value(1)))
-            elif r < 0.45:
-                prog.append(("put", self.specs.value(1)))
-            elif r < 0.85 or depth >= 2:
-                fname = self.rng.choice(["id", "view", "add1", "digest", "pair"])
-                k = 2 if fname == "pair" else 1
-                prog.append(("apply", fname, [self.rng.randrange(nvals) for _ in range(k)]))
-            else:
-                prog.append(("nested", self.gen_prog(depth + 1), self.rng.randrange(nvals)))
-            nvals += 1
-        return prog
-
     def op_nested(self):
         x = self.pick()
         if x is None:
