@@ -224,7 +224,7 @@ def test_a_dropped_message_kind_is_found(monkeypatch):
 
 def test_a_corrupted_byte_is_found(monkeypatch):
     """A transport that flips one byte of every 50th chunk must fail seeds (exact compare)."""
-    match = local.LocalTransport._match
+    match = local.Matching._match
     count = [0]
 
     def corrupt(self, req, chunk):
@@ -232,6 +232,6 @@ def test_a_corrupted_byte_is_found(monkeypatch):
         if count[0] % 50 == 0 and chunk.data:
             chunk.data = bytes([chunk.data[0] ^ 0xFF]) + chunk.data[1:]
         match(self, req, chunk)
-    monkeypatch.setattr(local.LocalTransport, "_match", corrupt)
+    monkeypatch.setattr(local.Matching, "_match", corrupt)
     results = [simulate(seed, ops=30, kills=False) for seed in range(1, 9)]
     assert any(not r.ok for r in results)

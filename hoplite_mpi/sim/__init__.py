@@ -5,8 +5,9 @@
 - :mod:`.simulator`: :func:`simulate` runs one seed: random ranks, config, workload, kills;
   returns a :class:`SimResult` (failures, trace digest for replay checks).
 - :mod:`.workload` (the driver program and its sequential reference), :mod:`.driver` (what it
-  waits on), :mod:`.tasks` (its remote functions), :mod:`.worker` (tasks run inline),
-  :mod:`.values` (value specs shared with ``tests/mpi/random_workload.py``).
+  waits on), :mod:`.tasks` (its remote functions), :mod:`.worker` (tasks run inline); shared
+  with ``tests/mpi/random_workload.py``: :mod:`.dag` (the objects, the operations of the same
+  draws, a reduce's reference value) and :mod:`.values` (value specs).
 
 Run ``python -m hoplite_mpi.sim --seeds 1-1000`` (soak) or ``--seed S`` (replay one, verbose).
 """

@@ -1,7 +1,8 @@
 """The simulated driver program: a random workload checked against a sequential reference.
 
-Like ``tests/mpi/random_workload.py`` (whose value generators it shares, :mod:`.values`), but a
-generator that yields where the real program would block (:mod:`.driver`).  Operations: puts,
+Like ``tests/mpi/random_workload.py`` (whose values, :mod:`.values`, and operations of the same
+draws, :mod:`.dag`, it shares), but a generator that yields where the real program would block
+(:mod:`.driver`).  Operations: puts,
 tasks building values of every kind around the inline threshold and the chunk size, tasks of
 existing objects, literal (large) arguments, ``num_returns > 1`` (also a wrong count), tasks that
 raise, tasks returning refs, tasks that start child tasks and puts (:func:`.tasks.t_spawn`),
@@ -16,115 +17,52 @@ HopliteError).  ``failures`` collects what did not match.
 """
 from __future__ import annotations
 
-import functools
 import random
 from typing import Any, Iterator
 
 import numpy as np
 
 from .. import api
-from ..errors import HopliteError, ObjectLostError, RankLostError
+from .dag import LOSS_ERRORS, Node, RandomDag
 from .driver import Broadcast, Get, Ready, Sleep
-from .tasks import Spawned, run_prog, t_apply, t_build, t_multi, t_pack, t_raise, t_spawn
-from .values import (EXCEPTIONS, REDUCIBLE, Mismatch, NodeRef, Specs, _dtype, apply, build, compare,
-                     digest)
-
-LOSS_ERRORS = (RankLostError, ObjectLostError, HopliteError)
+from .tasks import Spawned, run_prog, t_apply, t_build, t_spawn
+from .values import Specs, build
 
 
-class Node:
-    """One object: its ref, its reference value or expected error type names."""
-
-    __slots__ = ("i", "ref", "ref_id", "value", "errors", "deps", "pinned", "deleted", "dropped",
-                 "desc", "reduce_target", "users", "reduce", "lossy")
-
-    def __init__(self, i, ref, desc, value=None, errors=None, deps=(), pinned=None, lossy=False):
-        self.i, self.ref, self.ref_id, self.desc = i, ref, ref.id, desc
-        self.value, self.errors = value, errors
-        self.deps, self.pinned, self.lossy = list(deps), pinned, lossy
-        self.deleted = self.dropped = False
-        self.reduce_target = None
-        self.users: list[int] = []
-        self.reduce = None     # (op, num, inputs) of a reduce result
-
-
-class Workload:
+class Workload(RandomDag):
     """The driver program of one seed (``run()`` is the generator the simulator drives)."""
 
     OPS = {"put": 8, "build": 10, "apply": 14, "literal_arg": 3, "multi": 4, "raise": 4, "pack": 3,
            "spawn": 6, "delete": 4, "drop": 3, "broadcast": 5, "reduce": 7, "check": 6}
+    REPLICAS = True
+    raise_msg = "sim"
+    PROG_MIN, CHILD, CHILD_PLAIN = 0, "spawn", False     # (a spawn step's value is [ref])
 
     def __init__(self, rng: random.Random, sim: Any, ops: int) -> None:
-        self.rng, self.sim, self.ops = rng, sim, ops
-        self.cfg = sim.config
-        self.size = sim.size
-        self.workers = list(range(1, self.size)) or [0]
-        self.nodes: list[Node] = []
-        self.failures: list[str] = []
-        self.counts: dict[str, int] = {}
-        self.specs = Specs(rng, self.cfg, rng.randrange(1 << 30),
-                           max_bytes=max(8192, 2 * self.cfg.inline_threshold), max_str=2000,
-                           max_objects=300)
-        self.value_spec, self.array_spec, self.next_seed = \
-            self.specs.value, self.specs.array, self.specs.next_seed
+        cfg = sim.config
+        specs = Specs(rng, cfg, rng.randrange(1 << 30), max_bytes=max(8192, 2 * cfg.inline_threshold),
+                      max_str=2000, max_objects=300)
+        super().__init__(rng, sim.size, specs)
+        self.sim, self.ops = sim, ops
+        self.pending_reduces: list[Node] = []
 
-    # --- helpers ---
-    def fail(self, msg: str, node: Node | None = None) -> None:
-        if node is not None:
-            msg += "\n    lineage: " + "\n             ".join(self.lineage(node))
-        self.failures.append(msg)
-
-    def lineage(self, node: Node, seen: set | None = None) -> list[str]:
-        seen = set() if seen is None else seen
-        out = []
-        for d in node.deps:
-            if d not in seen:
-                seen.add(d)
-                out += self.lineage(self.nodes[d], seen)
-        return out + [f"{node.i} ({node.ref_id:#x}): {node.desc[:200]}"
-                      + (" [deleted]" if node.deleted else "") + (" [dropped]" if node.dropped else "")]
-
-    def add(self, ref, desc, value=None, errors=None, deps=(), pinned=None, lossy=False) -> Node:
+    def add(self, ref, desc, value=None, errors=None, deps=(), nested=(), pinned=None,
+            lossy=False) -> Node:
+        """As :meth:`RandomDag.add`; ``nested`` is not recorded: no simulated task reads the refs
+        nested in its arguments (they are only compared), so a delete need not wait for it."""
         spec = self.sim.submitted.get(getattr(ref, "_task_id", None))
         if spec is not None and set(spec.deps) - {self.nodes[d].ref_id for d in deps}:
             # a large literal argument became a hidden put, freed once the task ended: no
             # lineage for the result after that (Scheduler.object_lost: "an input was freed")
             lossy = True
-        node = Node(len(self.nodes), ref, desc, value, errors, deps, pinned, lossy)
-        self.nodes.append(node)
-        for d in deps:
-            self.nodes[d].users.append(node.i)
-        return node
+        return super().add(ref, desc, value, errors, deps, (), pinned, lossy)
 
-    def live(self, pred=lambda n: True) -> list[Node]:
-        return [n for n in self.nodes if not n.deleted and not n.dropped and pred(n)]
-
-    def pick(self, pred=lambda n: True) -> Node | None:
-        """A random live node usable as an argument (its reference value is known: not a
-        spawned ``[ref]``, not a reduce still unchecked) that satisfies ``pred``."""
-        cands = self.live(lambda n: not n.lossy and (n.reduce is None or n.value is not None
-                                                      or n.errors) and pred(n))
-        return self.rng.choice(cands) if cands else None
-
-    def task_options(self) -> dict:
-        opts: dict = {}
-        if self.rng.random() < 0.25:
-            opts["rank"] = self.rng.choice(self.workers)
-        if self.rng.random() < 0.15:
-            opts["inline_threshold"] = self.rng.choice([0, 100, self.cfg.inline_threshold])
-        if self.rng.random() < 0.1 and self.size > 1:
-            opts["replicas"] = self.rng.randint(1, min(3, self.size))
-        return opts
-
-    def expected_from(self, deps) -> set | None:
-        errs: set = set()
-        for d in deps:
-            errs |= self.nodes[d].errors or set()
-        return errs or None
+    def usable(self, n: Node) -> bool:
+        """Not a spawned ``[ref]`` (no lineage), not a reduce still unchecked (no value yet)."""
+        return not n.lossy and (n.reduce is None or n.value is not None or n.errors)
 
     # --- failure semantics ---
     def may_lose(self, n: Node, seen: set | None = None) -> bool:
-        """Under kills: may this node's result be a typed loss error instead of its value?"""
         victims = self.sim.lost()
         if not victims:
             return False
@@ -139,11 +77,6 @@ class Workload:
             if dn.deleted or dn.dropped or self.may_lose(dn, seen):
                 return True
         return False
-
-    def error_ok(self, n: Node, exc: BaseException) -> bool:
-        if n.errors and type(exc).__name__ in n.errors:
-            return True
-        return self.may_lose(n) and isinstance(exc, LOSS_ERRORS)
 
     # --- checks (generators) ---
     def check(self, nodes: list[Node]) -> Iterator:
@@ -171,10 +104,7 @@ class Workload:
             yield g
             yield from self.check_result(n, g.result, want.value)
             return
-        try:
-            compare(got, want, self.nodes)
-        except Mismatch as m:
-            self.fail(f"node {n.i} ({n.desc[:200]}): {m}", n)
+        self.compare(n, got, want)
 
     def wait_users(self, x: Node) -> Iterator:
         users = [self.nodes[u].ref for u in x.users
@@ -182,95 +112,8 @@ class Workload:
         if users:
             yield Ready(users)
 
-    # --- operations (generators) ---
-    def op_put(self) -> Iterator:
-        spec = self.value_spec()
-        self.add(api.put(build(spec)), f"put {spec!r:.120}", value=build(spec))
-        return iter(())
-
-    def op_build(self) -> Iterator:
-        spec, opts = self.value_spec(), self.task_options()
-        ref = t_build.options(**opts).remote(spec)
-        self.add(ref, f"t_build{opts} {spec!r:.120}", value=build(spec), pinned=opts.get("rank"))
-        return iter(())
-
-    def op_apply(self) -> Iterator:
-        fname = self.rng.choice(["id", "id", "view", "add1", "pair", "digest"])
-        args = [self.pick() for _ in range(2 if fname == "pair" else 1)]
-        if any(a is None for a in args):
-            return self.op_put()
-        opts = self.task_options()
-        ref = t_apply.options(**opts).remote(fname, *[a.ref for a in args])
-        deps = [a.i for a in args]
-        errs = self.expected_from(deps)
-        value = None if errs else apply(fname, [a.value for a in args])
-        self.add(ref, f"t_apply{opts} {fname} of {deps}", value=value, errors=errs, deps=deps,
-                 pinned=opts.get("rank"))
-        return iter(())
-
-    def op_literal_arg(self) -> Iterator:
-        spec, opts = self.value_spec(), self.task_options()
-        ref = t_apply.options(**opts).remote("id", build(spec))
-        self.add(ref, f"t_apply{opts} id of literal {spec!r:.100}", value=build(spec),
-                 pinned=opts.get("rank"))
-        return iter(())
-
-    def op_multi(self) -> Iterator:
-        k = self.rng.randint(2, 4)
-        specs = [self.value_spec(1) for _ in range(k)]
-        opts = self.task_options()
-        wrong = self.rng.random() < 0.1
-        refs = t_multi.options(num_returns=k + wrong, **opts).remote(specs)
-        for j, ref in enumerate(refs):
-            self.add(ref, f"t_multi{opts} wrong={wrong} return {j}",
-                     value=None if wrong else build(specs[j]),
-                     errors={"ValueError"} if wrong else None, pinned=opts.get("rank"))
-        return iter(())
-
-    def op_raise(self) -> Iterator:
-        exc = self.rng.choice(list(EXCEPTIONS))
-        dep = self.pick() if self.rng.random() < 0.5 else None
-        opts = self.task_options()
-        deps = [dep.i] if dep else []
-        ref = t_raise.options(**opts).remote(exc, "sim", *([dep.ref] if dep else []))
-        self.add(ref, f"t_raise{opts} {exc} after {deps}", errors=self.expected_from(deps) or {exc},
-                 deps=deps, pinned=opts.get("rank"))
-        return iter(())
-
-    def op_pack(self) -> Iterator:
-        x = self.pick()
-        inner = [self.pick() for _ in range(self.rng.randint(0, 3))]
-        if x is None or any(n is None for n in inner):
-            return self.op_build()
-        box = {"refs": [n.ref for n in inner], "tag": self.rng.randint(0, 99)}
-        opts = self.task_options()
-        ref = t_pack.options(**opts).remote(x.ref, box)
-        errs = self.expected_from([x.i])
-        value = None if errs else [x.value, {"refs": [NodeRef(n.i, n.ref.hex()) for n in inner],
-                                             "tag": box["tag"]}]
-        self.add(ref, f"t_pack{opts} of {x.i} box {[n.i for n in inner]}", value=value, errors=errs,
-                 deps=[x.i], pinned=opts.get("rank"))
-        return iter(())
-
-    def gen_prog(self, depth: int) -> list:
-        prog, plain = [], [0]     # indices of values that are not a spawn step's [ref]
-        for _ in range(self.rng.randint(0, 4)):
-            r = self.rng.random()
-            if r < 0.3:
-                prog.append(("build", self.value_spec(1)))
-            elif r < 0.45:
-                prog.append(("put", self.value_spec(1)))
-            elif r < 0.85 or depth >= 2:
-                fname = self.rng.choice(["id", "view", "add1", "digest", "pair"])
-                prog.append(("apply", fname, [self.rng.choice(plain)
-                                              for _ in range(2 if fname == "pair" else 1)]))
-            else:
-                prog.append(("spawn", self.gen_prog(depth + 1), self.rng.choice(plain)))
-                continue
-            plain.append(len(prog))
-        return prog
-
-    def op_spawn(self) -> Iterator:
+    # --- operations only the simulation has, or that wait (generators) ---
+    def op_spawn(self) -> None:
         x = self.pick()
         if x is None:
             return self.op_build()
@@ -281,7 +124,6 @@ class Workload:
         # a child's put lives only on the task's rank (no lineage): lost with it
         self.add(ref, f"t_spawn{opts} of {x.i} prog {prog!r:.200}", value=value, errors=errs,
                  deps=[x.i], pinned=opts.get("rank"), lossy=True)
-        return iter(())
 
     def op_delete(self) -> Iterator:
         x = self.pick(lambda n: not n.errors)
@@ -336,29 +178,20 @@ class Workload:
                 self.fail(f"node {x.i} ({x.desc[:200]}): broadcast to {ranks} raised "
                           f"{type(exc).__name__}: {str(exc)[:300]}", x)
             return
-        targets = [r for r in ranks if r in self.workers and r != 0]
-        if targets:     # read it where it was sent
-            r = rng.choice(targets)
-            ref = t_apply.options(rank=r).remote("digest", x.ref)
-            self.add(ref, f"digest on rank {r} of broadcast node {x.i}",
-                     value=None if x.errors else digest(x.value), errors=x.errors, deps=[x.i], pinned=r)
+        self.read_where_sent(x, ranks)
 
     def op_reduce(self) -> Iterator:
         rng = self.rng
-        op = rng.choice(["sum", "max", "min", "prod", "sum"])
-        dtype = rng.choice(REDUCIBLE)
-        if op in ("max", "min") and _dtype(dtype).kind == "c":
-            dtype = "f8"
-        if op == "prod" and _dtype(dtype).kind == "f" and _dtype(dtype).itemsize == 2:
-            dtype = "f4"
-        shape = build(self.array_spec(dtype=dtype, prod_safe=(op == "prod"))).shape
+        op, dtype, spec0 = self.reduce_kind()
+        shape = build(spec0).shape
         if not shape:        # (asfortranarray makes a 0-d array 1-d: shapes would differ)
             shape = (1,)
         if int(np.prod(shape)) == 0 and rng.random() < 0.7:
             shape = (rng.randint(1, 3000),)
         inputs = []
         for _ in range(rng.randint(1, max(2, min(7, len(self.workers) + 3)))):
-            spec = ("nd", dtype, shape, rng.choice(["C", "F"]), self.next_seed(), None, op == "prod")
+            spec = ("nd", dtype, shape, rng.choice(["C", "F"]), self.specs.next_seed(), None,
+                    op == "prod")
             if rng.random() < 0.3:
                 n = self.add(api.put(build(spec)), f"put array {spec}", value=build(spec))
             else:
@@ -372,9 +205,8 @@ class Workload:
                     n = self.add(ref2, f"t_apply{opts} id of {n.i} (array)", value=n.value,
                                  deps=[n.i], pinned=opts.get("rank"))
             inputs.append(n)
-        if rng.random() < 0.1:     # a failed input
-            exc = rng.choice(list(EXCEPTIONS))
-            inputs.append(self.add(t_raise.remote(exc, "reduce input"), f"t_raise {exc}", errors={exc}))
+        if rng.random() < 0.1:
+            inputs.append(self.failed_input())
         if rng.random() < 0.2:
             inputs.append(inputs[0])
         num = None if rng.random() < 0.5 else rng.randint(1, len(inputs))
@@ -395,36 +227,11 @@ class Workload:
     def check_reduce(self, node: Node) -> Iterator:
         """Wait for a reduce and set its reference value from the inputs it used."""
         yield Ready([node.ref])
-        op, num, inputs = node.reduce
-        failing = [n for n in inputs if n.errors]
         exc = node.ref.exception(0)
         if exc is not None:
-            if failing and type(exc).__name__ in set().union(*(n.errors for n in failing)):
-                node.errors = set().union(*(n.errors for n in failing))
-            elif self.error_ok(node, exc):
-                node.errors = {type(exc).__name__}
-            else:
-                self.fail(f"node {node.i} ({node.desc}): reduce failed with {type(exc).__name__}: "
-                          f"{str(exc)[:300]}", node)
-                node.errors = {type(exc).__name__}
-            return
-        used = self.sim.rt0.reduced.get(node.ref_id)
-        by_id: dict = {}
-        for n in inputs:
-            by_id.setdefault(n.ref_id, n)
-        k = len(inputs) if num is None else num
-        if used is None or len(used) != k or not all(i in by_id for i in used):
-            self.fail(f"node {node.i} ({node.desc}): reduce used {used}, expected {k} of the inputs", node)
-            node.errors = {"?"}
-            return
-        if any(by_id[i].errors for i in used):
-            self.fail(f"node {node.i} ({node.desc}): reduce of a failed input gave a value", node)
-            node.errors = {"?"}
-            return
-        ufunc = getattr(np, {"sum": "add", "prod": "multiply", "max": "maximum", "min": "minimum"}[op])
-        vals = [by_id[i].value for i in used]
-        value = functools.reduce(lambda a, b: ufunc(a, b), vals) if len(vals) > 1 else vals[0].copy()
-        node.value = np.asarray(value, dtype=vals[0].dtype).astype(vals[0].dtype)
+            self.reduce_failed(node, exc)
+        else:
+            self.reduce_done(node, self.sim.rt0.reduced.get(node.ref_id))
 
     def op_check(self) -> Iterator:
         cands = self.live(lambda n: n.reduce is None or n.value is not None or n.errors)
@@ -434,12 +241,11 @@ class Workload:
     # --- the program ---
     def run(self) -> Iterator:
         """The driver program (a generator of waitables)."""
-        self.pending_reduces: list[Node] = []
         ops, weights = zip(*self.OPS.items())
         for _ in range(self.ops):
             op = self.rng.choices(ops, weights)[0]
             self.counts[op] = self.counts.get(op, 0) + 1
-            yield from getattr(self, "op_" + op)()
+            yield from getattr(self, "op_" + op)() or ()     # (None: it waits for nothing)
             if self.rng.random() < 0.4:
                 yield Sleep(self.rng.uniform(0, 2e-3))
         for node in self.pending_reduces:

@@ -32,13 +32,6 @@ class PeerFailure(Exception):
         self.refused = refused
 
 
-def describe_streams(streams: Sequence) -> list[str]:
-    """Lines for :meth:`Transport.stream_summary` of streams with ``send, peer, tag, next,
-    chunks, inflight`` (the layout both transports use)."""
-    return [f"stream {'send to' if s.send else 'receive from'} {s.peer} tag {s.tag}: "
-            f"chunk {s.next}/{len(s.chunks)}, {len(s.inflight)} in flight" for s in list(streams)]
-
-
 class Transport(abc.ABC):
     """Control messages (picklable batches) and chunked object streams between ranks.
 

@@ -4,15 +4,18 @@
   ``comm.improbe`` (never a blocking receive, so an idle rank can sleep between polls).
 - Object streams: ``Isend``/``Irecv`` of raw buffer slices (no pickling, no copy), a window of
   ``window`` chunks in flight per stream, tag ``Tag.DATA_BASE + tag``.  MPI's non-overtaking rule
-  for one (source, tag, communicator) keeps the chunks of a stream in order.
+  for one (source, tag, communicator) keeps the chunks of a stream in order.  The streams and the
+  drains of failed ones are :class:`~.streams.StreamTable`'s (shared with :mod:`.local`); here
+  are MPI's requests for it (:class:`_Requests`).
 
 The communicator's error handler is ``ERRORS_RETURN`` so that a failed peer raises
 ``MPI.Exception`` here (ULFM: ``MPI_ERR_PROC_FAILED``), which becomes :class:`PeerFailure` for the
 stream concerned; the job goes on.  Only ULFM's failure classes (PROC_FAILED, PROC_FAILED_PENDING,
-REVOKED) mean a death (``PeerFailure.dead``); any other MPI error fails only that stream.  Dead ranks are learned from ``Comm.Get_failed`` (a local call,
-~0.3 us, which ULFM updates while MPI is progressed: 10-50 ms after a SIGKILL here) and reported by
-:meth:`MPITransport.failures`; an ``ANY_SOURCE`` probe that reports a failure is acknowledged
-(``Ack_failed``) and repeated; control sends to a dead rank are dropped.
+REVOKED) mean a death (``PeerFailure.dead``); any other MPI error fails only that stream.  Dead
+ranks are learned from ``Comm.Get_failed`` (a local call, ~0.3 us, which ULFM updates while MPI
+is progressed: 10-50 ms after a SIGKILL here) and reported by :meth:`MPITransport.failures`; an
+``ANY_SOURCE`` probe that reports a failure is acknowledged (``Ack_failed``) and repeated; control
+sends to a dead rank are dropped.
 
 Waking: a rank with nothing to do sleeps in :meth:`MPITransport.wait`; every control batch sent to
 a rank on the same host also rings that rank's doorbell (:mod:`.doorbell`), so it polls at once
@@ -20,40 +23,20 @@ instead of after its backoff delay.
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import time
 import uuid
-from collections import deque
+from typing import Any, Optional
 
 from mpi4py import MPI
 
 from ..protocol import Tag
-from .base import PeerFailure, Transport, describe_streams
 from .doorbell import make_bell
-
-log = logging.getLogger("hoplite_mpi")
-
-# a receive stream failed by a non-death error keeps matching (and discarding) its sender's
-# messages until none came for this long (the sender posts no new chunks once told; see drains)
-DRAIN_SECONDS = 30.0
+from .streams import Requests, Stream, StreamError, StreamTable, StreamTransport
 
 
-class _Stream:
-    __slots__ = ("peer", "tag", "chunks", "next", "inflight", "on_chunk", "on_done", "on_error", "send",
-                 "available", "withdrawn")
-
-    def __init__(self, peer, tag, chunks, send, on_chunk, on_done, on_error, available=None):
-        self.peer, self.tag, self.chunks, self.send = peer, tag, chunks, send
-        self.available = available
-        self.withdrawn = False        # (shutdown) its posted receives were cancelled
-        self.next = 0
-        self.inflight: deque = deque()
-        self.on_chunk, self.on_done, self.on_error = on_chunk, on_done, on_error
-
-
-class MPITransport(Transport):
+class MPITransport(StreamTransport):
     """Transport over an MPI communicator (which it owns: pass a ``Dup``)."""
 
     def __init__(self, comm: "MPI.Comm", window: int = 4) -> None:
@@ -62,28 +45,20 @@ class MPITransport(Transport):
         self.comm.Set_errhandler(MPI.ERRORS_RETURN)
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
-        self.window = window
-        self.tag_ub = int(comm.Get_attr(MPI.TAG_UB) or 32767)
         self._sends: list = []           # pending control isend requests
-        self._streams: list[_Stream] = []
-        # [peer, mpi tag, deadline, [(request, buffer)]]: receive streams that failed for another
-        # reason than a death; what their sender still sends is matched and discarded here, so
-        # no Isend of the sender stays unmatched (it would never complete: a busy engine, and a
-        # pending request at MPI_Finalize)
-        self._drains: list[list] = []
         self._status = MPI.Status()
         key = comm.bcast(uuid.uuid4().hex[:16] if self.rank == 0 else None, root=0)
         hosts = comm.allgather(socket.gethostname())
         self.bell = make_bell(key, self.rank, [r for r, h in enumerate(hosts) if h == hosts[self.rank]])
-        self.failed: set[int] = set()     # dead ranks reported by failures()
-        self._nfailed = 0
-        self._group = comm.Get_group()
         self.ft = _has_ulfm(comm)
+        self.dead = _DeadRanks(comm, self.ft)
+        self.streams = StreamTable(_Requests(comm, self.dead.ranks, self._status), window,
+                                   int(comm.Get_attr(MPI.TAG_UB) or 32767))
 
     # --- control ----------------------------------------------------------------------------
 
     def send(self, dest: int, batch: list) -> None:
-        if dest in self.failed:
+        if dest in self.dead.ranks:
             return
         try:
             self._sends.append(self.comm.isend(batch, dest, Tag.CONTROL))
@@ -134,153 +109,22 @@ class MPITransport(Transport):
         return True
 
     def exclude(self, rank: int) -> None:
-        self.failed.add(rank)
+        self.dead.ranks.add(rank)
 
     def failures(self) -> list[int]:
         """Ranks found dead since the last call (ULFM; always empty without it)."""
-        if not self.ft:
-            return []
-        group = self.comm.Get_failed()
-        try:
-            n = group.Get_size()
-            if n == self._nfailed:
-                return []
-            ranks = MPI.Group.Translate_ranks(group, list(range(n)), self._group)
-        finally:
-            group.Free()
-        self._nfailed = n
-        new = sorted(set(ranks) - self.failed)
-        self.failed.update(new)
-        return new
+        return self.dead.poll()
 
-    # --- streams ----------------------------------------------------------------------------
+    # --- streams (StreamTransport: a StreamTable) ------------------------------------------
 
-    def data_tag(self, tag: int) -> int:
-        """The MPI tag of stream ``tag`` (wrapped below the MPI tag upper bound)."""
-        return Tag.DATA_BASE + tag % (self.tag_ub - Tag.DATA_BASE)
-
-    def send_stream(self, dest, tag, chunks, on_done, on_error, available=None) -> None:
-        self._streams.append(_Stream(dest, self.data_tag(tag), chunks, True, None, on_done, on_error,
-                                     available))
-
-    def recv_stream(self, source, tag, chunks, on_chunk, on_error) -> None:
-        self._streams.append(_Stream(source, self.data_tag(tag), chunks, False, on_chunk, None, on_error))
-
-    def cancel_stream(self, peer, tag) -> None:
-        mpi_tag = self.data_tag(tag)
-        for s in self._streams:
-            if not s.send and s.peer == peer and s.tag == mpi_tag:
-                for req, _ in s.inflight:
-                    _cancel(req)
-                s.inflight.clear()
-                s.next = len(s.chunks)  # finished: dropped at the next progress()
-
-    def fail_stream(self, peer, tag, failure) -> None:
-        mpi_tag = self.data_tag(tag)
-        for s in self._streams:
-            if not s.send and s.peer == peer and s.tag == mpi_tag:
-                # (the peer refused before sending anything: cancel the posted receives, they can
-                # match nothing; a drain would wait for them in vain)
-                self._streams.remove(s)
-                _fail(s, failure.detail, failure.dead, failure.mpi_error, failure.refused)
-                return
-
-    def stop_send_stream(self, peer, tag) -> None:
-        for s in self._streams:
-            if s.send and s.peer == peer and s.tag == tag:
-                s.chunks = s.chunks[:s.next]    # finishes once the chunks in flight complete
-
-    def _end(self, s: _Stream, detail: str, dead: bool, mpi_error: int = 0) -> None:
-        """Fail stream ``s``; a receive stream that failed for another reason than a death
-        drains its sender's remaining messages (see ``_drains``)."""
-        if not s.send and not dead:
-            # its receives in flight are not cancelled (one already matched would go on writing
-            # into a buffer freed meanwhile): the drain waits for them, keeping their buffers
-            self._drains.append([s.peer, s.tag, time.monotonic() + DRAIN_SECONDS, list(s.inflight)])
-            s.inflight.clear()
-        _fail(s, detail, dead, mpi_error)
-
-    def _progress_drains(self) -> None:
-        now = time.monotonic()
-        status = self._status
-        keep = []
-        for d in self._drains:
-            peer, tag, _, reqs = d
-            reqs[:] = [(r, b) for r, b in reqs if not _done(r)]
-            if reqs and now > d[2]:     # silent for DRAIN_SECONDS: what is posted will not match
-                for r, _ in reqs:
-                    _cancel_only(r)
-            while peer not in self.failed:
-                try:
-                    msg = self.comm.improbe(peer, tag, status)
-                except MPI.Exception:
-                    break
-                if msg is None:
-                    break
-                buf = bytearray(status.Get_count(MPI.BYTE))
-                reqs.append((msg.Irecv([buf, MPI.BYTE]), buf))
-                d[2] = now + DRAIN_SECONDS
-            if peer not in self.failed and (reqs or now < d[2]):
-                keep.append(d)
-        self._drains = keep
-
-    def _drive(self, s: _Stream) -> tuple[bool, bool]:
-        """Advance one stream; returns (finished, progressed)."""
-        progressed = False
-        while s.inflight and s.inflight[0][0].Test():
-            _, nbytes = s.inflight.popleft()
-            progressed = True
-            if s.on_chunk is not None:
-                s.on_chunk(nbytes)
-        limit = len(s.chunks) if s.available is None else min(len(s.chunks), s.available())
-        while s.next < limit and len(s.inflight) < self.window:
-            buf = s.chunks[s.next]
-            if s.send:
-                req = self.comm.Isend([buf, MPI.BYTE], s.peer, s.tag)
-            else:
-                req = self.comm.Irecv([buf, MPI.BYTE], s.peer, s.tag)
-            s.inflight.append((req, len(buf)))
-            s.next += 1
-            progressed = True
-        finished = s.next >= len(s.chunks) and not s.inflight
-        if finished and s.on_done is not None:
-            s.on_done()
-        return finished, progressed
-
-    def progress(self) -> bool:
-        progressed = False
-        if self._sends:
-            before = len(self._sends)
-            self._sends = [r for r in self._sends if not _done(r)]
-            progressed = len(self._sends) != before
-        if self._streams:
-            keep = []
-            for s in self._streams:
-                if s.peer in self.failed:   # (also a hung rank declared dead: no MPI error)
-                    _fail(s, "rank excluded (declared dead)")
-                    progressed = True
-                    continue
-                try:
-                    finished, moved = self._drive(s)
-                except MPI.Exception as exc:
-                    # only ULFM's failure classes mean the peer is gone; any other MPI error
-                    # (e.g. MPI_ERR_TRUNCATE) fails this stream's objects, not the rank
-                    cls = exc.Get_error_class()
-                    self._end(s, str(exc), dead=cls in _FAILURE_CLASSES, mpi_error=cls)
-                    progressed = True
-                    continue
-                except Exception as exc:   # a callback's bug: fail this stream only
-                    log.exception("rank %d: a stream callback failed", self.rank)
-                    self._end(s, f"{type(exc).__name__}: {exc}", dead=False)
-                    progressed = True
-                    continue
-                progressed |= moved or finished
-                if not finished:
-                    keep.append(s)
-            self._streams = keep
-        if self._drains:
-            self._progress_drains()
-        return progressed
+    def _prune_sends(self) -> bool:
+        """Forget completed control sends (one to a dead rank counts as completed); returns
+        whether any completed."""
+        if not self._sends:
+            return False
+        before = len(self._sends)
+        self._sends = [r for r in self._sends if not _done(r)]
+        return len(self._sends) != before
 
     # --- shutdown ---------------------------------------------------------------------------
 
@@ -290,67 +134,103 @@ class MPITransport(Transport):
         communicator that is then freed made MPI_Finalize hang under ULFM."""
         return self._receive_arrived(MPI.ANY_TAG)
 
-    def quiesce(self) -> bool:
-        progressed = False
-        if self._sends:
-            before = len(self._sends)
-            self._sends = [r for r in self._sends if not _done(r)]
-            progressed = len(self._sends) != before
-        keep = []
-        for s in self._streams:
-            if s.peer in self.failed:
-                for req, _ in s.inflight:
-                    _cancel(req)
-                s.inflight.clear()
-                progressed = True
-                continue
-            if not s.send and not s.withdrawn:
-                for req, _ in s.inflight:      # posted receives: cancel (a matched one completes)
-                    try:
-                        req.Cancel()
-                    except MPI.Exception:
-                        pass
-                s.withdrawn = True
-            still = deque()
-            for req, nbytes in s.inflight:
-                if not _done(req):
-                    still.append((req, nbytes))
-            progressed |= len(still) != len(s.inflight)
-            s.inflight = still
-            if still:
-                keep.append(s)
-        self._streams = keep
-        if self._drains:     # (new messages of a drained stream are taken by drain() now)
-            for d in self._drains:
-                for r, _ in d[3]:   # posted receives: cancel (a matched one completes)
-                    _cancel_only(r)
-                d[3][:] = [(r, b) for r, b in d[3] if not _done(r)]
-            before = len(self._drains)
-            self._drains = [d for d in self._drains if d[3] and d[0] not in self.failed]
-            progressed |= len(self._drains) != before
-        return progressed
-
-    def idle(self) -> bool:
-        return not self._sends and not self._streams and not self._drains
-
-    def stream_summary(self) -> list[str]:
-        return describe_streams(self._streams)
-
-    def busy(self) -> bool:
-        # pending control sends count: a large pickled batch goes by rendezvous and needs this
-        # side to progress it
-        return bool(self._streams or self._sends)
-
     def close(self) -> None:
-        for s in self._streams:
-            for req, _ in s.inflight:
-                _cancel(req)
-        self._streams = []
+        self.streams.close()
         for req in self._sends:
             _cancel(req)
         self._sends = []
         self.bell.close()
+        self.dead.close()
+
+
+class _DeadRanks:
+    """The ranks of ``comm`` known dead: ``ranks`` (reported by :meth:`poll`, or excluded by
+    the runtime), learned from ULFM's ``Comm.Get_failed`` (a local call, ~0.3 us)."""
+
+    def __init__(self, comm: "MPI.Comm", ft: bool) -> None:
+        self.comm, self.ft = comm, ft
+        self.ranks: set[int] = set()
+        self._count = 0                  # the size of Get_failed's group at the last poll
+        self._group = comm.Get_group()
+
+    def poll(self) -> list[int]:
+        """Ranks found dead since the last call (always none without ULFM)."""
+        if not self.ft:
+            return []
+        group = self.comm.Get_failed()
+        try:
+            n = group.Get_size()
+            if n == self._count:
+                return []
+            ranks = MPI.Group.Translate_ranks(group, list(range(n)), self._group)
+        finally:
+            group.Free()
+        self._count = n
+        new = sorted(set(ranks) - self.ranks)
+        self.ranks.update(new)
+        return new
+
+    def close(self) -> None:
         self._group.Free()
+
+
+class _Requests(Requests):
+    """MPI's requests for the stream table: ``Isend``/``Irecv`` of raw buffer slices (no
+    pickling, no copy); an ``MPI.Exception`` becomes :class:`StreamError`, ``dead`` for ULFM's
+    failure classes only."""
+
+    def __init__(self, comm: "MPI.Comm", failed: set, status: "MPI.Status") -> None:
+        self.comm, self.failed, self.status = comm, failed, status
+
+    def post(self, s: Stream, buf: Any) -> Any:
+        try:
+            if s.send:
+                return self.comm.Isend([buf, MPI.BYTE], s.peer, s.tag)
+            return self.comm.Irecv([buf, MPI.BYTE], s.peer, s.tag)
+        except MPI.Exception as exc:
+            raise _stream_error(exc) from exc
+
+    def test(self, req: Any) -> bool:
+        try:
+            return req.Test()
+        except MPI.Exception as exc:
+            raise _stream_error(exc) from exc
+
+    def done(self, req: Any) -> bool:
+        return _done(req)
+
+    def cancel(self, req: Any) -> None:
+        _cancel(req)
+
+    def withdraw(self, req: Any) -> None:
+        """Ask MPI to cancel ``req`` and keep it (it completes, cancelled or matched, on a Test)."""
+        try:
+            req.Cancel()
+        except MPI.Exception:
+            pass
+
+    def down(self, peer: int) -> Optional[tuple[str, int]]:
+        # (a death ULFM reports fails the requests themselves; this is a rank the runtime
+        # declared dead, a hung one: no MPI error)
+        return ("rank excluded (declared dead)", 0) if peer in self.failed else None
+
+    def discard_next(self, peer: int, tag: int) -> Optional[tuple[Any, Any]]:
+        try:
+            msg = self.comm.improbe(peer, tag, self.status)
+        except MPI.Exception:
+            return None
+        if msg is None:
+            return None
+        buf = bytearray(self.status.Get_count(MPI.BYTE))
+        return msg.Irecv([buf, MPI.BYTE]), buf
+
+    def now(self) -> float:
+        return time.monotonic()
+
+
+def _stream_error(exc: "MPI.Exception") -> StreamError:
+    cls = exc.Get_error_class()
+    return StreamError(str(exc), cls in _FAILURE_CLASSES, cls)
 
 
 _FAILURE_CLASSES = frozenset(c for c in (getattr(MPI, "ERR_PROC_FAILED", None),
@@ -387,27 +267,6 @@ def _done(req) -> bool:
         return req.Test()
     except MPI.Exception:
         return True
-
-
-def _fail(s: _Stream, detail: str, dead: bool = True, mpi_error: int = 0,
-          refused: bool = False) -> None:
-    """End stream ``s`` (its peer is gone, or ``dead=False``: an MPI error that is not a death):
-    drop its requests, report the failure."""
-    for req, _ in s.inflight:
-        _cancel(req)
-    s.inflight.clear()
-    try:
-        s.on_error(PeerFailure(s.peer, detail, dead, mpi_error, s.tag, refused))
-    except Exception:   # (the engine goes on; the runtime logs its own errors)
-        log.exception("error handler of a stream with rank %d failed", s.peer)
-
-
-def _cancel_only(req) -> None:
-    """Ask MPI to cancel ``req`` and keep it (it completes, cancelled or matched, on a Test)."""
-    try:
-        req.Cancel()
-    except MPI.Exception:
-        pass
 
 
 def _cancel(req) -> None:
