@@ -53,9 +53,13 @@ class Driver:
         """Deliver the objects to local refs and to readiness waiters."""
         done = instruction.infos
         self.ctx.refs.notify(done)
-        if self.ready_waiters:
+        if self.ready_waiters or self.stale_lookups:
             for info in done:
                 for callback in self.ready_waiters.pop(info.object_id, ()):
+                    callback(info)
+                # a lookup that named only dead holders after the rebuild had started (the
+                # ObjectLost was handled before it) is answered by the rebuilt copy (seed 53649)
+                for callback in self.stale_lookups.pop(info.object_id, ()):
                     callback(info)
 
     def _free(self, instruction: FreeObjects) -> None:
@@ -175,7 +179,8 @@ class Driver:
     def rank_lost(self, loss: Loss) -> None:
         """The scheduler re-registers at moved shards what only the driver knows (small values,
         deletions), rebuilds objects whose copies and shard both died, asks shards about results
-        whose maker died (DirCheck), re-sends lookups waiting at a dead primary, and retries the dead rank's tasks (see its RankLost event)."""
+        whose maker died (DirCheck), re-sends lookups waiting at a dead primary, and retries the
+        dead rank's tasks (see its RankLost event)."""
         self.scheduled(self.scheduler.handle(RankLost(loss.rank, frozenset(loss.moved),
                                                       frozenset(loss.changed),
                                                       frozenset(self.ctx.dead))))
