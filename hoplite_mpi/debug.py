@@ -53,12 +53,12 @@ def engine_state(rt: Any) -> str:
     engine runs, so it is a best-effort snapshot (a section that changed under it says so)."""
     lines = [f"---- hoplite_mpi rank {rt.rank} state ----",
              f"dead ranks: {sorted(rt.dead)}",
-             f"waiting for a directory lookup: {_ids(rt.lookups.waiting)}",
-             f"fetching: {_ids(rt.fetcher.fetching)}",
+             f"waiting for a directory lookup: {_ids(rt.ctx.lookups.waiting)}",
+             f"fetching: {_ids(rt.ctx.fetcher.fetching)}",
              "receiving: " + ", ".join(f"{format_id(o)} from {r}"
-                                       for o, (r, _) in list(rt.fetcher.receiving.items())[:20]),
-             f"pulls deferred until the copy starts: {_ids(rt.server.deferred)}",
-             f"reduce steps running here: {_ids(rt.steps.running)}"]
+                                       for o, (r, _) in list(rt.ctx.fetcher.receiving.items())[:20]),
+             f"pulls deferred until the copy starts: {_ids(rt.ctx.server.deferred)}",
+             f"reduce steps running here: {_ids(rt.ctx.steps.running)}"]
     if rt.engine.closing:      # shutting down: whose last message is still awaited
         waiting = rt.shutdown_role.waiting()
         lines.append(f"shutting down: last message still awaited from {waiting}, "

@@ -48,9 +48,9 @@ class Shutdown:
         for rank in range(ctx.size):
             if rank != ctx.rank and rank not in ctx.dead:
                 ctx.send(rank, last)
-        engine.discard_local()
+        engine.outbox.discard_local()
         self.on_close()
-        engine.flush()
+        engine.outbox.flush()
         engine.stop()
 
     def on_last_message(self, source: int, msg: Any) -> None:

@@ -221,7 +221,7 @@ class Simulation:
             self.kill(sr.rank, "step raised")
             return True
         for item in sr.rt.take_ready():
-            sr.rt.refs.deliver(item)
+            sr.rt.ctx.refs.deliver(item)
         if active:
             self.trace(f"step {sr.rank}")
         return active
@@ -253,7 +253,7 @@ class Simulation:
                 if deadline is not None:
                     t = min(t, max(deadline, self.net.now) + STEP)
             else:
-                t = min(t, self.net.now + sr.rt.engine.next_timer_delay(math.inf))
+                t = min(t, self.net.now + sr.rt.engine.timers.next_delay(math.inf))
         return t
 
     def run(self) -> list[str]:

@@ -69,7 +69,7 @@ class SimWorker(Worker):
             if len(got) == len(need):
                 self._queued(msg, got)
         for oid, info in need.items():
-            rt.engine.call_soon(rt.fetcher.fetch_from, info, lambda v, oid=oid: arrived(oid, v))
+            rt.engine.call_soon(rt.ctx.fetcher.fetch_from, info, lambda v, oid=oid: arrived(oid, v))
 
     def _queued(self, msg: RunTask, got: dict) -> None:
         self._ready.append((msg, got))
