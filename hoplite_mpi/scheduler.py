@@ -23,8 +23,8 @@ Events: protocol messages as they arrive (a :class:`~hoplite_mpi.protocol.TaskSp
 task; :class:`~hoplite_mpi.protocol.TaskDone`, :class:`~hoplite_mpi.protocol.TaskBlocked`,
 :class:`~hoplite_mpi.protocol.ObjectLost`, :class:`~hoplite_mpi.protocol.TaskExit`) and the
 events defined here (:class:`ObjectKnown`, :class:`LookedUp`, :class:`ObjectDeleted`,
-:class:`Forget`, :class:`Release`, :class:`Cancel`, :class:`RankLost`).  What the shell may still
-ask is answered by query methods (:meth:`Scheduler.object_info`, :meth:`Scheduler.produces`,
+:class:`Forget`, :class:`Release`, :class:`Cancel`) and :class:`~hoplite_mpi.events.RankLost`.
+What the shell may still ask is answered by query methods (:meth:`Scheduler.object_info`, :meth:`Scheduler.produces`,
 :meth:`Scheduler.task_name`, :meth:`Scheduler.pending`).
 """
 from __future__ import annotations
@@ -35,12 +35,11 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional
 
 from .errors import ObjectDeletedError, ObjectLostError, RankLostError, WorkerCrashedError
+from .events import Instruction, Outbox, RankLost
 from .ids import format_id
 from .protocol import (DirAdd, DirCheck, DirDelete, DirLookup, Free, ObjectInfo, ObjectLost, RunTask,
                        TaskBlocked, TaskDone, TaskExit, TaskSpec)
 from .serialization import error_info, local_error, to_bytes
-
-Outbox = list
 
 
 def _deleted_error(object_id: int) -> tuple:
@@ -101,27 +100,7 @@ class Cancel:
     task_id: int
 
 
-@dataclass(slots=True)
-class RankLost:
-    """Rank ``rank`` died (ULFM, or declared dead).  ``dead``: every rank dead now.  ``moved``:
-    shard indexes whose replicas are all dead now (what only rank 0 knows is registered there
-    again: small values, deletions; an object whose copies died with that shard is rebuilt);
-    ``changed``: shards whose primary was ``rank`` (lookups waiting there are sent again).
-    Shard indexes are those of the ``shard_of`` given to the scheduler."""
-
-    rank: int
-    moved: frozenset = frozenset()
-    changed: frozenset = frozenset()
-    dead: frozenset = frozenset()
-
-
 # --- local instructions (in handle()'s output beside the (rank, message) sends) -----------------
-
-class Instruction:
-    """A local instruction (anything in the output that is not a ``(rank, message)`` tuple)."""
-
-    __slots__ = ()
-
 
 @dataclass(slots=True)
 class Completed(Instruction):
