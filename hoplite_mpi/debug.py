@@ -15,7 +15,6 @@ from __future__ import annotations
 import faulthandler
 import signal
 import sys
-from collections import Counter
 from typing import Any
 
 from .ids import format_id
@@ -98,12 +97,10 @@ def _store(rt: Any) -> list[str]:
 
 
 def _scheduler(rt: Any) -> list[str]:
-    sched = rt.scheduler
-    states = Counter(str(t.state) for t in list(sched.tasks.values()))
-    out = [f"scheduler: tasks by state {dict(states)}, in flight per worker {dict(sched.inflight)}, "
-           f"lost ranks {sorted(sched.lost_ranks)}, stats {sched.stats}"]
-    for tid, task in list(sched.tasks.items())[:MAX_LINES]:
-        missing = f", waiting for {_ids(task.missing)}" if task.missing else ""
-        out.append(f"task {format_id(tid)} {task.spec.name} {task.state} on rank {task.rank}, "
-                   f"attempt {task.attempts}{missing}")
+    snap = rt.scheduler.snapshot(MAX_LINES)
+    out = [f"scheduler: tasks by state {snap['states']}, in flight per worker {snap['inflight']}, "
+           f"lost ranks {snap['lost_ranks']}, stats {snap['stats']}"]
+    for tid, name, state, rank, attempts, missing in snap["tasks"]:
+        waiting = f", waiting for {_ids(missing)}" if missing else ""
+        out.append(f"task {format_id(tid)} {name} {state} on rank {rank}, attempt {attempts}{waiting}")
     return out

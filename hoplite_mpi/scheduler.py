@@ -29,7 +29,7 @@ What the shell may still ask is answered by query methods (:meth:`Scheduler.obje
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional
@@ -177,7 +177,8 @@ class Scheduler:
         shard_ranks: maps an object id to the ranks of its directory shard.
         tasks_per_worker: in-flight limit per worker (``Config.tasks_per_worker``).
         rank: the rank the scheduler runs on (0).
-        shard_of: maps an object id to its shard's index (as in :class:`RankLost`).
+        shard_of: maps an object id to its shard's index (as in
+            :class:`~hoplite_mpi.events.RankLost`).
     """
 
     def __init__(self, workers: Iterable[int], shard_ranks: Callable[[int], tuple[int, ...]],
@@ -256,6 +257,20 @@ class Scheduler:
     def pending(self) -> int:
         """Tasks not finished yet."""
         return len(self.tasks)
+
+    def snapshot(self, max_tasks: int = 60) -> dict:
+        """A copy of the state, for diagnostics (debug.py's summary, tests): ``states`` (unfinished
+        tasks per state), ``inflight`` (tasks placed per worker), ``lost_ranks``, ``stats``,
+        ``released`` (objects freed once no task uses them), ``dep_count`` (object id ->
+        unfinished tasks using it), and ``tasks``: up to ``max_tasks`` unfinished tasks as
+        ``(task_id, name, state, rank, attempts, missing ids)``.  Any thread: read without a lock
+        while the engine runs, so a copy may raise RuntimeError (a table changed under it)."""
+        tasks = list(self.tasks.items())
+        return {"states": dict(Counter(t.state for _, t in tasks)), "inflight": dict(self.inflight),
+                "lost_ranks": sorted(self.lost_ranks), "stats": dict(self.stats),
+                "released": set(self.released), "dep_count": dict(self.dep_count),
+                "tasks": [(tid, t.spec.name, t.state, t.rank, t.attempts, tuple(t.missing))
+                          for tid, t in tasks[:max_tasks]]}
 
     # --- events --------------------------------------------------------------------------
 
