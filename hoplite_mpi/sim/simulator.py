@@ -201,6 +201,10 @@ class Simulation:
     def trace(self, event: str) -> None:
         self._hash.update(f"{self.net.now:.9f} {event}\n".encode())
 
+    def digest(self) -> str:
+        """The trace so far (a hex digest: same seed, same digest)."""
+        return self._hash.hexdigest()
+
     # --- setup -----------------------------------------------------------------------------
 
     def _build(self) -> None:
@@ -383,7 +387,7 @@ def simulate(seed: int, ops: Optional[int] = None, kills: Optional[bool] = None,
     counts = dict(getattr(sim, "workload", None).counts) if hasattr(sim, "workload") else {}
     return SimResult(seed, not failures, failures, sim.size, sim.config, sim.faults.kills,
                      sim.faults.pauses, sim.net.now,
-                     sim.rounds, sim._hash.hexdigest(), time.perf_counter() - t0,
+                     sim.rounds, sim.digest(), time.perf_counter() - t0,
                      time.process_time() - c0, counts,
                      ("" if kills is None else f" --kills {'on' if kills else 'off'}")
                      + ("" if ops is None else f" --ops {ops}"))
