@@ -20,8 +20,8 @@ chunk.  After the last arrival one transfer remains, instead of a pull into that
 followed by the target's pull of the sum.  The bytes moved are the same ((n - 1) * S).
 
 The coordinator has one entry point, :meth:`ReduceCoordinator.handle`: one event in (:class:`Start`,
-:class:`InputReady`, :class:`RankLost`, or the messages ``ReduceStepDone``, ``ReduceResume`` and
-``Fetched`` as they arrive), one list of instructions out, to be carried out in order:
+:class:`InputReady`, :class:`~hoplite_mpi.events.RankLost`, or the messages ``ReduceStepDone``,
+``ReduceResume`` and ``Fetched`` as they arrive), one list of instructions out, to be carried out in order:
 ``(rank, message)`` tuples to send, then local instructions (not tuples): :class:`Replanned`,
 :class:`WatchInputs`, :class:`Reduced`.
 """
@@ -35,12 +35,11 @@ from typing import Callable, Optional
 import numpy as np
 
 from .errors import HopliteError
+from .events import Instruction, Outbox, RankLost
 from .ids import format_id
 from .protocol import (DirAdd, Fetch, Fetched, Free, ObjectInfo, ReduceAbort, ReduceLate, ReduceResume,
                        ReduceStep, ReduceStepDone)
 from .serialization import error_info, local_error, serialize, to_bytes
-
-Outbox = list
 
 OPS = {"sum": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum}
 
@@ -155,20 +154,7 @@ class InputReady:
     info: ObjectInfo
 
 
-@dataclass(slots=True)
-class RankLost:
-    """``rank`` died (see :meth:`ReduceCoordinator._rank_lost`)."""
-
-    rank: int
-
-
 # --- local instructions (in handle()'s output beside the (rank, message) sends) -----------------
-
-class Instruction:
-    """A local instruction (anything in the output that is not a ``(rank, message)`` tuple)."""
-
-    __slots__ = ()
-
 
 @dataclass(slots=True)
 class Replanned(Instruction):

@@ -34,26 +34,17 @@ class Context:
     """Shared by the components of one rank (see the module docstring).
 
     Attributes:
-        rank, size: this rank and the number of ranks.  dead: ranks lost (the engine's set).
-        shards: the shard map (``directory.shard_map``).  stats: counters.
-        catalog, lookups, fetcher, server, broadcasts, steps, shard, refs: the components every
-            rank has.  driver, coordinator: rank 0 only (else None).  tasks: ranks that run
-            tasks (else None).
+        rank, size, transport, clock, stats, dead (ranks lost), send, send_all, call_soon: the
+            engine's (properties).  shards: the shard map (``directory.shard_map``).
+        catalog, lookups, fetcher, server, broadcasts, steps, freeing, shard, refs: the components
+            every rank has (the runtime reads them here too).  driver, coordinator: rank 0 only
+            (else None).  tasks: ranks that run tasks (else None).
         rank_lost: ``rank_lost(rank)`` (the runtime's), for a component that learns of a death
             first.  engine_state: ``() -> str``, the rank's state for error logs.
     """
 
     def __init__(self, engine: Any, config: Any, store: Any, ids: Any, shards: list) -> None:
         self.engine = engine
-        self.transport = engine.transport
-        self.rank: int = engine.rank
-        self.size: int = engine.size
-        self.clock = engine.clock
-        self.dead: set[int] = engine.dead
-        self.stats = engine.stats
-        self.send = engine.send
-        self.send_all = engine.send_all
-        self.call_soon = engine.call_soon
         self.config = config
         self.store = store
         self.ids = ids
@@ -65,6 +56,7 @@ class Context:
         self.server: Any = None
         self.broadcasts: Any = None
         self.steps: Any = None
+        self.freeing: Any = None
         self.shard: Any = None
         self.refs: Any = None
         self.driver: Any = None
@@ -72,6 +64,44 @@ class Context:
         self.tasks: Any = None
         self.rank_lost: Callable[[int], None] = lambda rank: None
         self.engine_state: Callable[[], str] = lambda: ""
+
+    # (the engine's, under the names components use)
+
+    @property
+    def transport(self) -> Any:
+        return self.engine.transport
+
+    @property
+    def rank(self) -> int:
+        return self.engine.rank
+
+    @property
+    def size(self) -> int:
+        return self.engine.size
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self.engine.clock
+
+    @property
+    def dead(self) -> set[int]:
+        return self.engine.peers.dead
+
+    @property
+    def stats(self) -> Any:
+        return self.engine.stats
+
+    def send(self, dest: int, msg: Any) -> None:
+        """Queue a message (:meth:`~.engine.Outbox.send`)."""
+        self.engine.outbox.send(dest, msg)
+
+    def send_all(self, out: list) -> None:
+        """Queue ``[(dest, msg), ...]`` (a state machine's output)."""
+        self.engine.outbox.send_all(out)
+
+    def call_soon(self, fn: Callable, *args: Any) -> None:
+        """Run ``fn(*args)`` on the engine thread (any thread; :meth:`~.engine.Engine.call_soon`)."""
+        self.engine.call_soon(fn, *args)
 
     def next_tag(self) -> int:
         """A fresh transport tag for a data stream received by this rank."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import faulthandler
 import signal
 import sys
-from collections import Counter
 from typing import Any
 
 from .ids import format_id
@@ -53,12 +52,12 @@ def engine_state(rt: Any) -> str:
     engine runs, so it is a best-effort snapshot (a section that changed under it says so)."""
     lines = [f"---- hoplite_mpi rank {rt.rank} state ----",
              f"dead ranks: {sorted(rt.dead)}",
-             f"waiting for a directory lookup: {_ids(rt.lookups.waiting)}",
-             f"fetching: {_ids(rt.fetcher.fetching)}",
+             f"waiting for a directory lookup: {_ids(rt.ctx.lookups.waiting)}",
+             f"fetching: {_ids(rt.ctx.fetcher.fetching)}",
              "receiving: " + ", ".join(f"{format_id(o)} from {r}"
-                                       for o, (r, _) in list(rt.fetcher.receiving.items())[:20]),
-             f"pulls deferred until the copy starts: {_ids(rt.server.deferred)}",
-             f"reduce steps running here: {_ids(rt.steps.running)}"]
+                                       for o, (r, _) in list(rt.ctx.fetcher.receiving.items())[:20]),
+             f"pulls deferred until the copy starts: {_ids(rt.ctx.server.deferred)}",
+             f"reduce steps running here: {_ids(rt.ctx.steps.running)}"]
     if rt.engine.closing:      # shutting down: whose last message is still awaited
         waiting = rt.shutdown_role.waiting()
         lines.append(f"shutting down: last message still awaited from {waiting}, "
@@ -98,12 +97,10 @@ def _store(rt: Any) -> list[str]:
 
 
 def _scheduler(rt: Any) -> list[str]:
-    sched = rt.scheduler
-    states = Counter(str(t.state) for t in list(sched.tasks.values()))
-    out = [f"scheduler: tasks by state {dict(states)}, in flight per worker {dict(sched.inflight)}, "
-           f"lost ranks {sorted(sched.lost_ranks)}, stats {sched.stats}"]
-    for tid, task in list(sched.tasks.items())[:MAX_LINES]:
-        missing = f", waiting for {_ids(task.missing)}" if task.missing else ""
-        out.append(f"task {format_id(tid)} {task.spec.name} {task.state} on rank {task.rank}, "
-                   f"attempt {task.attempts}{missing}")
+    snap = rt.scheduler.snapshot(MAX_LINES)
+    out = [f"scheduler: tasks by state {snap['states']}, in flight per worker {snap['inflight']}, "
+           f"lost ranks {snap['lost_ranks']}, stats {snap['stats']}"]
+    for tid, name, state, rank, attempts, missing in snap["tasks"]:
+        waiting = f", waiting for {_ids(missing)}" if missing else ""
+        out.append(f"task {format_id(tid)} {name} {state} on rank {rank}, attempt {attempts}{waiting}")
     return out

@@ -15,11 +15,10 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+from .events import Outbox
 from .ids import origin_rank
 from .protocol import (DirAdd, DirCheck, DirDelete, DirLookup, DirPartial, DirPull, DirReply, DirSender,
                        Free, ObjectInfo, ObjectLost)
-
-Outbox = list  # list[tuple[int, object]]
 
 # automatically freed ids a shard remembers (see DirectoryShard.delete): a copy registered late
 # races with the free by one message flight, so this is ample; ~80 bytes each, per shard

@@ -12,7 +12,9 @@ when a step did nothing.  A simulation (:mod:`hoplite_mpi.sim`) calls :meth:`Eng
 with a virtual ``clock``; nothing here reads the wall clock except through ``clock``.
 
 No role code lives here: roles register message handlers (:meth:`Engine.on`), peer-failure hooks
-(:meth:`Engine.on_peer_failure`) and timers (:meth:`Engine.call_later`, :meth:`Engine.every`).
+(``engine.peers``: :meth:`Peers.on_failure`) and timers (``engine.timers``:
+:meth:`Timers.call_later`, :meth:`Timers.every`), and queue messages in ``engine.outbox``
+(:meth:`Outbox.send`).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import logging
 import queue
 import time
 from collections import defaultdict, deque
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 from .errors import RuntimeShutdownError
 
@@ -58,7 +60,7 @@ class Backoff:
 
 
 class Timer:
-    """A pending :meth:`Engine.call_later`; :meth:`cancel` keeps it from running."""
+    """A pending :meth:`Timers.call_later`; :meth:`cancel` keeps it from running."""
 
     __slots__ = ("when", "fn", "args", "cancelled")
 
@@ -67,6 +69,138 @@ class Timer:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+class Timers:
+    """The engine's timers on its ``clock`` (engine thread only): a heap by due time, ties in
+    the order they were set."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._heap: list = []
+        self._seq = itertools.count()
+
+    def call_later(self, delay: float, fn: Callable, *args: Any) -> Timer:
+        """Run ``fn(*args)`` once ``delay`` seconds of ``clock`` have passed."""
+        timer = Timer(self.clock() + delay, fn, args)
+        heapq.heappush(self._heap, (timer.when, next(self._seq), timer))
+        return timer
+
+    def every(self, interval: float, fn: Callable[[float], None]) -> None:
+        """Run ``fn(now)`` every ``interval`` seconds from now on."""
+        def tick() -> None:
+            self.call_later(interval, tick)
+            fn(self.clock())
+        self.call_later(interval, tick)
+
+    def due(self) -> Iterator[Timer]:
+        """The timers due now, earliest first, each taken off the heap as it is yielded (so one
+        that an earlier one cancels, or sets due already, is seen as by a plain loop)."""
+        heap = self._heap
+        if heap:
+            now = self.clock()
+            while heap and heap[0][0] <= now:
+                timer = heapq.heappop(heap)[2]
+                if not timer.cancelled:
+                    yield timer
+
+    def next_delay(self, delay: float) -> float:
+        """``delay``, shortened to the next timer's due time."""
+        if self._heap:
+            return max(0.0, min(delay, self._heap[0][0] - self.clock()))
+        return delay
+
+
+class Peers:
+    """What the engine knows of the other ranks' liveness (engine thread).
+
+    Attributes:
+        dead: ranks lost (reported by the transport or declared dead); shared by every component.
+        heard: ``rank -> clock()`` of its last control batch, while ``track_heard`` is set (rank
+            0's heartbeat monitor, roles/membership.py, reads it).
+        hooks: ``hook(rank)`` per rank the transport reports dead, in the order registered.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.dead: set[int] = set()
+        self.heard: dict[int, float] = {}
+        self.track_heard = False
+        self.hooks: list[Callable[[int], None]] = []
+
+    def on_failure(self, hook: Callable[[int], None]) -> None:
+        """Call ``hook(rank)`` (engine thread) for each rank the transport reports dead."""
+        self.hooks.append(hook)
+
+    def heard_from(self, rank: int) -> None:
+        """A control batch came from ``rank`` (any batch is a sign of life)."""
+        if self.track_heard:
+            self.heard[rank] = self.clock()
+
+
+class Outbox:
+    """Messages queued during a step: a batch per destination, handed to the transport by
+    :meth:`flush`, and this rank's own messages, which the engine dispatches itself."""
+
+    def __init__(self, rank: int, transport: Any) -> None:
+        self.rank = rank
+        self.transport = transport
+        self._batches: dict[int, list] = defaultdict(list)
+        self._local: deque = deque()
+
+    def send(self, dest: int, msg: Any) -> None:
+        """(engine thread) Queue a message; batches go out at the end of the step."""
+        if dest == self.rank:
+            self._local.append(msg)
+        else:
+            self._batches[dest].append(msg)
+
+    def send_all(self, out: list) -> None:
+        """Queue ``[(dest, msg), ...]`` (a state machine's output)."""
+        for dest, msg in out:
+            self.send(dest, msg)
+
+    def flush(self) -> None:
+        """Hand every queued batch to the transport now."""
+        if self._batches:
+            batches, self._batches = self._batches, defaultdict(list)
+            for dest, batch in batches.items():
+                self.transport.send(dest, batch)
+
+    def take_local(self) -> deque:
+        """This rank's own messages queued so far (those queued from now on wait for the next
+        call)."""
+        local, self._local = self._local, deque()
+        return local
+
+    def discard_local(self) -> None:
+        """Drop this rank's own messages not yet handled (shutdown)."""
+        self._local.clear()
+
+
+class Calls:
+    """Work other threads hand the engine (:meth:`Engine.call_soon`), and the wake-up of an
+    engine sleeping while none is queued."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self.wake = wake
+        self.sleeping = False      # (set by the loop before its last look at the queue)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def put(self, fn: Callable, args: tuple) -> None:
+        self._queue.put((fn, args))
+        if self.sleeping:
+            self.wake()
+
+    def get(self) -> Optional[tuple]:
+        """The next ``(fn, args)``, or None if none is queued."""
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def empty(self) -> bool:
+        return self._queue.empty()
 
 
 class Engine:
@@ -78,8 +212,9 @@ class Engine:
         backoff_max: seconds; the longest idle sleep (``Config.backoff_max``).
 
     Attributes:
-        dead: ranks lost (reported by the transport or declared dead); shared by every component.
-        heard: ``rank -> clock()`` of its last control batch, when ``track_heard`` is set.
+        outbox: messages queued this step (:class:`Outbox`: ``send``, ``send_all``, ``flush``).
+        timers: :class:`Timers` (``call_later``, ``every``) on ``clock``.
+        peers: :class:`Peers`: dead ranks, when each rank was last heard of, failure hooks.
         stats: counters (messages handled by type, engine errors, ...).
         closing: set by :meth:`stop`: the loop ends after the current step and messages that
             still arrive go to ``on_leftover`` (shutdown's quiescence, in the runtime).
@@ -88,24 +223,24 @@ class Engine:
     def __init__(self, transport: Any, clock: Callable[[], float] = time.monotonic,
                  backoff_max: float = 0.01) -> None:
         self.transport = transport
-        self.rank: int = transport.rank
-        self.size: int = transport.size
         self.clock = clock
         self.backoff = Backoff(backoff_max)
-        self.dead: set[int] = set()
-        self.heard: dict[int, float] = {}
-        self.track_heard = False
+        self.outbox = Outbox(transport.rank, transport)
+        self.timers = Timers(clock)
+        self.peers = Peers(clock)
         self.stats: dict[str, int] = defaultdict(int)
         self.closing = False
         self.on_leftover: Callable[[int, list], None] = lambda source, batch: None
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        self._sleeping = False
-        self._outbox: dict[int, list] = defaultdict(list)
-        self._local: deque = deque()
+        self._calls = Calls(transport.wake)
         self._handlers: dict[type, Callable[[int, Any], None]] = {}
-        self._failure_hooks: list[Callable[[int], None]] = []
-        self._timers: list = []
-        self._seq = itertools.count()
+
+    @property
+    def rank(self) -> int:
+        return self.transport.rank
+
+    @property
+    def size(self) -> int:
+        return self.transport.size
 
     # --- registration ----------------------------------------------------------------------
 
@@ -115,23 +250,6 @@ class Engine:
             raise ValueError(f"a handler for {msg_type.__name__} is registered already")
         self._handlers[msg_type] = handler
 
-    def on_peer_failure(self, hook: Callable[[int], None]) -> None:
-        """Call ``hook(rank)`` (engine thread) for each rank the transport reports dead."""
-        self._failure_hooks.append(hook)
-
-    def call_later(self, delay: float, fn: Callable, *args: Any) -> Timer:
-        """(engine thread) Run ``fn(*args)`` once ``delay`` seconds of ``clock`` have passed."""
-        timer = Timer(self.clock() + delay, fn, args)
-        heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
-        return timer
-
-    def every(self, interval: float, fn: Callable[[float], None]) -> None:
-        """(engine thread) Run ``fn(now)`` every ``interval`` seconds from now on."""
-        def tick() -> None:
-            self.call_later(interval, tick)
-            fn(self.clock())
-        self.call_later(interval, tick)
-
     # --- threads -> engine -----------------------------------------------------------------
 
     def call_soon(self, fn: Callable, *args: Any) -> None:
@@ -139,34 +257,9 @@ class Engine:
         RuntimeShutdownError once the engine is stopping (it runs no more calls)."""
         if self.closing:
             raise RuntimeShutdownError("the hoplite_mpi runtime is shut down")
-        self._calls.put((fn, args))
-        if self._sleeping:
-            self.transport.wake()
+        self._calls.put(fn, args)
 
     # --- messages --------------------------------------------------------------------------
-
-    def send(self, dest: int, msg: Any) -> None:
-        """(engine thread) Queue a message; batches go out at the end of the step."""
-        if dest == self.rank:
-            self._local.append(msg)
-        else:
-            self._outbox[dest].append(msg)
-
-    def send_all(self, out: list) -> None:
-        """Queue ``[(dest, msg), ...]`` (a state machine's output)."""
-        for dest, msg in out:
-            self.send(dest, msg)
-
-    def flush(self) -> None:
-        """Hand every queued batch to the transport now."""
-        if self._outbox:
-            outbox, self._outbox = self._outbox, defaultdict(list)
-            for dest, batch in outbox.items():
-                self.transport.send(dest, batch)
-
-    def discard_local(self) -> None:
-        """Drop this rank's own messages not yet handled (shutdown)."""
-        self._local.clear()
 
     def dispatch(self, source: int, msg: Any) -> None:
         self.stats[type(msg).__name__] += 1
@@ -193,25 +286,23 @@ class Engine:
         active = False
         calls = self._calls
         while True:
-            try:
-                fn, args = calls.get_nowait()
-            except queue.Empty:
+            call = calls.get()
+            if call is None:
                 break
-            self.guarded(fn, *args)
+            self.guarded(call[0], *call[1])
             active = True
             if self.closing:          # (this call was the driver's shutdown)
                 return True
-        transport = self.transport
+        transport, peers = self.transport, self.peers
         # (once closing, this rank's last messages are out: nothing below may send more)
         for source, batch in transport.receive():
             active = True
-            if source in self.dead:    # declared dead (hung): whatever it still says is void
+            if source in peers.dead:   # declared dead (hung): whatever it still says is void
                 continue
             if self.closing:           # (a Shutdown earlier in this round)
                 self.on_leftover(source, batch)
                 continue
-            if self.track_heard:
-                self.heard[source] = self.clock()   # any batch is a sign of life
+            peers.heard_from(source)
             for i, msg in enumerate(batch):
                 self.dispatch(source, msg)
                 if self.closing:       # nothing after a Shutdown is acted on
@@ -221,33 +312,28 @@ class Engine:
             return True
         for rank in transport.failures():
             active = True
-            for hook in self._failure_hooks:
+            for hook in peers.hooks:
                 self.guarded(hook, rank)
-        if self._timers:
-            now = self.clock()
-            while self._timers and self._timers[0][0] <= now:
-                timer = heapq.heappop(self._timers)[2]
-                if not timer.cancelled:
-                    self.guarded(timer.fn, *timer.args)
+        for timer in self.timers.due():
+            self.guarded(timer.fn, *timer.args)
         # only the messages queued so far: one that makes another local message each time (a
         # request answered by this rank's own shard) then cannot keep the engine from the
         # transport, heartbeats and death notices
-        local = self._local
-        for _ in range(len(local)):
+        for msg in self.outbox.take_local():
             if self.closing:
                 return True
             active = True
-            self.dispatch(self.rank, local.popleft())
+            self.dispatch(self.rank, msg)
         if self.closing:
             return True
         if transport.progress():
             active = True
-        self.flush()
+        self.outbox.flush()
         return active
 
     def run(self) -> None:
         """Step until :meth:`stop`, sleeping by the :class:`Backoff` policy when idle."""
-        transport, backoff, clock = self.transport, self.backoff, self.clock
+        transport, backoff, clock, calls = self.transport, self.backoff, self.clock, self._calls
         backoff.active(clock())
         while not self.closing:
             if self.step():
@@ -257,14 +343,7 @@ class Engine:
             if not delay:
                 time.sleep(0)          # yield the core, but answer within microseconds
                 continue
-            self._sleeping = True      # set before the last look at the queue: no lost wake-up
-            if self._calls.empty() and transport.wait(self.next_timer_delay(delay)):
+            calls.sleeping = True      # set before the last look at the queue: no lost wake-up
+            if calls.empty() and transport.wait(self.timers.next_delay(delay)):
                 backoff.active(clock())    # rung: the message may lag its doorbell
-            self._sleeping = False
-
-    def next_timer_delay(self, delay: float) -> float:
-        """``delay``, shortened to the next timer's due time."""
-        if self._timers:
-            return max(0.0, min(delay, self._timers[0][0] - self.clock()))
-        return delay
-
+            calls.sleeping = False

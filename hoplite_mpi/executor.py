@@ -55,6 +55,18 @@ def _is_comm(obj: Any) -> bool:
     return isinstance(obj, MPI.Comm)
 
 
+class _CommMode:
+    """An Executor's ``MPICommExecutor`` mode: the communicator and root it was given, and the
+    state of its current ``with`` block (``owns_runtime``: the block started the runtime and
+    shuts it down at its end; ``as_server``: this rank serves tasks in the block)."""
+
+    def __init__(self, comm: Any, root: int) -> None:
+        self.comm, self.root = comm, root
+        self.owns_runtime = False
+        self.entered = False
+        self.as_server = False
+
+
 class Executor(cf.Executor):
     """Run callables as hoplite_mpi tasks.
 
@@ -99,18 +111,13 @@ class Executor(cf.Executor):
         from .config import Config
         Config.from_sources(self._options)   # unknown keywords / bad values fail here, on every rank
         self._max_workers = max_workers
-        self._initializer = initializer
-        self._initargs = tuple(initargs)
-        self._comm = comm
-        self._root = root
+        self._init = (initializer, tuple(initargs)) if initializer is not None else None
+        self._init_identity: Optional[tuple[bytes, bytes]] = None    # (pickled at first submit)
+        self._comm_mode = _CommMode(comm, root) if comm is not None else None
         self._lock = threading.Lock()
         self._pending: set = set()
         self._shutdown = False
         self._broken: Optional[str] = None
-        self._owns_runtime = False
-        self._entered = False
-        self._entered_as_server = False
-        self._init_identity: Optional[tuple[bytes, bytes]] = None
         # function -> its pickled identity; weak keys, so the executor does not keep submitted
         # functions (and what they reference, e.g. a bound method's object) alive
         self._fn_ids: "weakref.WeakKeyDictionary[Callable, tuple[bytes, bytes]]" = \
@@ -130,36 +137,39 @@ class Executor(cf.Executor):
         then).  Each block starts afresh (not shut down, not broken).
 
         Raises RuntimeError (``comm`` mode) if this executor is already inside a ``with`` block."""
-        if self._comm is None:
+        mode = self._comm_mode
+        if mode is None:
             return self
-        if self._entered:
+        if mode.entered:
             raise RuntimeError("this executor is already entered (a with block inside its own with block)")
-        rt, self._owns_runtime = session.start_or_join(self._comm, self._root, self._options)
-        self._entered = True
+        rt, mode.owns_runtime = session.start_or_join(mode.comm, mode.root, self._options)
+        mode.entered = True
         with self._lock:
             self._shutdown = False
             self._broken = None
         if rt.rank != 0:
-            self._entered_as_server = True
+            mode.as_server = True
             try:
                 rt.serve()
             finally:
                 session.served(rt)
-                self._entered = False
+                mode.entered = False
             return None
-        self._entered_as_server = False
+        mode.as_server = False
         return self
 
     def __exit__(self, *exc: Any) -> bool:
-        if self._entered_as_server:
+        mode = self._comm_mode
+        if mode is not None and mode.as_server:
             return False
         try:
             self.shutdown(wait=True)
-            if self._owns_runtime:
+            if mode is not None and mode.owns_runtime:
                 session.shutdown()
-                self._owns_runtime = False
+                mode.owns_runtime = False
         finally:
-            self._entered = False
+            if mode is not None:
+                mode.entered = False
         return False
 
     def bootup(self, wait: bool = True) -> "Executor":
@@ -204,10 +214,9 @@ class Executor(cf.Executor):
         try:
             identity = self._identity(fn, name)
             init = None
-            if self._initializer is not None:
+            if self._init is not None:
                 if self._init_identity is None:
-                    self._init_identity = fn_identity((self._initializer, self._initargs),
-                                                       "the executor's initializer")
+                    self._init_identity = fn_identity(self._init, "the executor's initializer")
                 init = self._init_identity
             ref = submit_task(rt, identity, name, args, kwargs, {}, self._allowed(rt), init,
                                   original_errors=True)

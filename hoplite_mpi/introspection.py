@@ -128,7 +128,7 @@ def object_info(refs: Union[ObjectRef, Iterable[ObjectRef]], timeout: Optional[f
             if ref.cancelled():
                 raise cf.CancelledError(ref.hex())
             fut = asked[ref] = rt.waiter()
-            rt.call_soon(rt.lookups.lookup, ref.id, fut.set_result)
+            rt.call_soon(rt.ctx.lookups.lookup, ref.id, fut.set_result)
         for ref, fut in asked.items():
             try:
                 info = fut.result(remaining(deadline))

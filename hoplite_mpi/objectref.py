@@ -68,11 +68,17 @@ class ObjectRef(cf.Future):
     def hex(self) -> str:
         return format_id(self.id)
 
-    # called by the runtime (notifier thread)
-    def _set_ready(self) -> None:
+    # Completion, for the runtime (as Future.set_result / set_exception are for executors, not
+    # for user code): refs.py on the notifier thread, values.put on the caller's.  Both raise
+    # concurrent.futures.InvalidStateError if the ref is done already (a concurrent cancel).
+
+    def set_ready(self) -> None:
+        """The object exists: complete the ref (``result()`` then fetches its value)."""
         self.set_result(_READY)
 
-    def _set_failed(self, exc: BaseException) -> None:
+    def set_failed(self, exc: BaseException) -> None:
+        """The object is an error object or was deleted: fail the ref with ``exc`` (for an
+        Executor's future, a pickling error's own exception: see ``new_refs``)."""
         if self._original_errors and isinstance(exc, SerializationError) and exc.original is not None:
             # a return value that could not be pickled: concurrent.futures gives the pickler's
             # own exception (the remote traceback stays attached as __cause__)
@@ -144,11 +150,6 @@ def new_ref(rt: Any, object_id: int, inputs: Optional[Sequence[ObjectRef]] = Non
 def inputs_of(ref: ObjectRef) -> Sequence[ObjectRef]:
     """The input refs given to :func:`new_ref` (a reduce's), else ()."""
     return getattr(ref, "_inputs", ())
-
-
-def mark_ready(ref: ObjectRef) -> None:
-    """Complete ``ref`` now: its object exists (a ``put``)."""
-    ref._set_ready()
 
 
 def check_refs(refs: Sequence[Any], what: str) -> None:

@@ -99,11 +99,11 @@ class Refs:
             return
         try:
             if isinstance(item, int):
-                ref._set_failed(ObjectDeletedError(format_id(oid)))
+                ref.set_failed(ObjectDeletedError(format_id(oid)))
             elif item.error:
-                ref._set_failed(rebuild_error(item.inline))
+                ref.set_failed(rebuild_error(item.inline))
             else:
-                ref._set_ready()
+                ref.set_ready()
         except Exception:  # a concurrent cancel() won the race: nothing to deliver
             log.debug("ref %s already completed", format_id(oid))
 

@@ -65,70 +65,63 @@ class Runtime:
             from .transport.mpi import MPITransport
             transport = MPITransport(comm, config.window)
         self.comm = comm
-        self.config = config
-        self.transport = transport
-        self.rank: int = transport.rank
-        self.size: int = transport.size
-        self.threads = threads
-        self.exit_process = exit_process
         self.engine = engine = Engine(transport, clock, config.backoff_max)
-        self.ids = IdGenerator(self.rank)
+        rank, size = transport.rank, transport.size
         if threads:
-            faults.arm(self.rank)
-        self.store = ObjectStore()
-        self.shards = shard_map(self.size, min(config.replication, self.size))
-        self.worker_ranks = list(range(1, self.size)) or [0]
-        self.ctx = ctx = Context(engine, config, self.store, self.ids, self.shards)
+            faults.arm(rank)
+        # the components, in the context they share (the runtime reads them there too)
+        self.ctx = ctx = Context(engine, config, ObjectStore(), IdGenerator(rank),
+                                 shard_map(size, min(config.replication, size)))
         ctx.rank_lost = self.rank_lost
         ctx.engine_state = lambda: engine_state(self)
         # the object plane (every rank)
-        self.catalog = ctx.catalog = Catalog(ctx)
-        self.lookups = ctx.lookups = Lookups(ctx)
-        self.fetcher = ctx.fetcher = Fetcher(ctx)
-        self.server = ctx.server = Server(ctx)
-        self.broadcasts = ctx.broadcasts = Broadcasts(ctx)
-        self.steps = ctx.steps = ReduceSteps(ctx)
-        self.freeing = ctx.freeing = Freeing(ctx)
-        self.refs = ctx.refs = Refs(ctx)
+        ctx.catalog = Catalog(ctx)
+        ctx.lookups = Lookups(ctx)
+        ctx.fetcher = Fetcher(ctx)
+        ctx.server = Server(ctx)
+        ctx.broadcasts = Broadcasts(ctx)
+        ctx.steps = ReduceSteps(ctx)
+        ctx.freeing = Freeing(ctx)
+        ctx.refs = Refs(ctx)
         # roles
-        self.shard = ctx.shard = ShardRole(ctx)
+        ctx.shard = ShardRole(ctx)
         self.membership = Membership(ctx, exit_process)
-        self.driver: Optional[Driver] = None
-        self.coordination: Optional[Coordination] = None
-        if self.rank == 0:
-            self.driver = ctx.driver = Driver(ctx, self.worker_ranks)
-            self.coordination = ctx.coordinator = Coordination(ctx)
-        self.tasks: Optional[TaskRole] = None
-        if self.rank in self.worker_ranks:
-            self.tasks = ctx.tasks = TaskRole(ctx, worker or Worker)
-            if self.rank != 0 and threads:
-                guard_exit(self.tasks.task_exits)
-        self.shutdown_role = Shutdown(ctx, self.tasks.close if self.tasks else lambda: None)
+        if rank == 0:
+            ctx.driver = Driver(ctx, self.worker_ranks)
+            ctx.coordinator = Coordination(ctx)
+        if rank in self.worker_ranks:
+            ctx.tasks = TaskRole(ctx, worker or Worker)
+            if rank != 0 and threads:
+                guard_exit(ctx.tasks.task_exits)
+        self.shutdown_role = Shutdown(ctx, ctx.tasks.close if ctx.tasks else lambda: None)
         self.sent_blobs: set = set()   # function ids already sent to the scheduler from here
         self.stopped = threading.Event()   # the engine thread has ended
         self.closed = False
         self._wire()
-        self._engine = threading.Thread(target=self._run, name=f"hoplite-engine-{self.rank}", daemon=True)
-        self._notifier = threading.Thread(target=self.refs.run, name="hoplite-notify", daemon=True)
+        # the engine thread and the notifier thread (none with threads=False)
+        self._threads: tuple[threading.Thread, ...] = () if not threads else (
+            threading.Thread(target=self._run, name=f"hoplite-engine-{rank}", daemon=True),
+            threading.Thread(target=ctx.refs.run, name="hoplite-notify", daemon=True))
 
     def _wire(self) -> None:
         """Who handles which message (one handler per type)."""
-        on, engine = self.engine.on, self.engine
-        fetcher, server, steps, shard = self.fetcher, self.server, self.steps, self.shard
+        ctx, engine = self.ctx, self.engine
+        on = engine.on
+        fetcher, server, steps, shard = ctx.fetcher, ctx.server, ctx.steps, ctx.shard
         on(P.DirAdd, shard.on_message)                     # roles/shard.py
         on(P.DirLookup, shard.on_message)
         on(P.DirPull, shard.on_message)
         on(P.DirPartial, shard.on_message)
         on(P.DirCheck, shard.on_message)
-        on(P.DirDelete, self.freeing.on_dir_delete)        # objects/free.py
-        on(P.Free, self.freeing.on_free)
-        on(P.DirReply, self.lookups.on_reply)              # objects/lookup.py
+        on(P.DirDelete, ctx.freeing.on_dir_delete)         # objects/free.py
+        on(P.Free, ctx.freeing.on_free)
+        on(P.DirReply, ctx.lookups.on_reply)               # objects/lookup.py
         on(P.DirSender, fetcher.on_sender)                 # objects/fetch.py
         on(P.PullRefused, fetcher.on_pull_refused)
         on(P.Pull, server.on_pull)                         # objects/serve.py
         on(P.StreamCancel, lambda src, m: self.transport.stop_send_stream(src, m.mpi_tag))
-        on(P.Fetch, self.broadcasts.on_fetch)              # objects/broadcast.py
-        on(P.Fetched, self.broadcasts.on_fetched)
+        on(P.Fetch, ctx.broadcasts.on_fetch)               # objects/broadcast.py
+        on(P.Fetched, ctx.broadcasts.on_fetched)
         on(P.ReduceStep, steps.on_step)                    # objects/reduce_node.py
         on(P.ReduceLate, steps.on_late)
         on(P.ReduceAbort, steps.on_abort)
@@ -136,32 +129,33 @@ class Runtime:
         on(P.MemberDown, self.membership.on_member_down)   # roles/membership.py
         on(P.Shutdown, self.shutdown_role.on_last_message)      # roles/shutdown.py
         on(P.ShutdownAck, self.shutdown_role.on_last_message)
-        if self.driver is not None:                        # roles/driver.py, roles/coordinator.py
-            on(P.SubmitTask, self.driver.on_submit)
-            on(P.TaskDone, self.driver.on_task_done)
-            on(P.TaskBlocked, self.driver.on_task_blocked)
-            on(P.ObjectLost, self.driver.on_object_lost)
-            on(P.TaskExit, self.driver.on_task_exit)
-            on(P.ReduceRequest, self.coordination.on_request)
-            on(P.ReduceStepDone, self.coordination.on_step_done)
-            on(P.ReduceResume, self.coordination.on_resume)
-        if self.tasks is not None:                         # roles/tasks.py
-            on(P.RunTask, self.tasks.on_run_task)
-            if self.driver is None:
-                on(P.TaskExit, self.tasks.on_task_exit_echo)
-        engine.on_peer_failure(self.rank_lost)
+        driver, coordinator, tasks = ctx.driver, ctx.coordinator, ctx.tasks
+        if driver is not None:                             # roles/driver.py, roles/coordinator.py
+            on(P.SubmitTask, driver.on_submit)
+            on(P.TaskDone, driver.on_task_done)
+            on(P.TaskBlocked, driver.on_task_blocked)
+            on(P.ObjectLost, driver.on_object_lost)
+            on(P.TaskExit, driver.on_task_exit)
+            on(P.ReduceRequest, coordinator.on_request)
+            on(P.ReduceStepDone, coordinator.on_step_done)
+            on(P.ReduceResume, coordinator.on_resume)
+        if tasks is not None:                              # roles/tasks.py
+            on(P.RunTask, tasks.on_run_task)
+            if driver is None:
+                on(P.TaskExit, tasks.on_task_exit_echo)
+        engine.peers.on_failure(self.rank_lost)
         engine.on_leftover = self.shutdown_role.note_goodbye
-        engine.track_heard = self.driver is not None
+        engine.peers.track_heard = driver is not None
         if self.transport.ft:
-            config = self.config
-            engine.every(min(config.heartbeat, config.heartbeat_timeout / 4), self.membership.heartbeat)
+            config = ctx.config
+            engine.timers.every(min(config.heartbeat, config.heartbeat_timeout / 4),
+                                self.membership.heartbeat)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> "Runtime":
-        if self.threads:
-            self._engine.start()
-            self._notifier.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def step(self) -> bool:
@@ -178,7 +172,7 @@ class Runtime:
 
     def take_ready(self) -> list:
         """(``threads=False``) What completed since the last call (see :meth:`Refs.take_ready`)."""
-        return self.refs.take_ready()
+        return self.ctx.refs.take_ready()
 
     def _run(self) -> None:
         """The engine thread: the loop, then shutdown's quiescence."""
@@ -220,13 +214,14 @@ class Runtime:
             return
         self.closed = True
         self.membership.closed = True
-        if self.threads:
-            self._engine.join(timeout=self.config.shutdown_timeout + 10)
-            if self._engine.is_alive():     # still in MPI: finalizing now could hang or crash
+        if self._threads:
+            engine_thread = self._threads[0]
+            engine_thread.join(timeout=self.config.shutdown_timeout + 10)
+            if engine_thread.is_alive():    # still in MPI: finalizing now could hang or crash
                 log.warning("rank %d: the progress engine did not stop", self.rank)
                 self.shutdown_role.unclean = True
-        self.refs.stop()
-        self.refs.fail_waiters()
+        self.ctx.refs.stop()
+        self.ctx.refs.fail_waiters()
         if self.unclean:
             return
         self.transport.close()
@@ -241,51 +236,78 @@ class Runtime:
         """(engine) ``rank`` died (ULFM) or was declared dead: every component is told, in order
         (shard entries first, so that what they re-register reaches the new shards before the
         requests sent again)."""
-        dead = self.engine.dead
-        if rank in dead or rank == self.rank:
+        ctx = self.ctx
+        dead = ctx.dead
+        if rank in dead or rank == ctx.rank:
             return
         if rank == 0:
-            log.error("rank %d: rank 0 (the driver) died; exiting", self.rank)
-            logging.shutdown()
-            self.exit_process(1)
+            self.membership.driver_lost()
             return
-        log.warning("rank %d: rank %d died; going on without it", self.rank, rank)
-        self.engine.stats["ranks_lost"] += 1
-        ctx = self.ctx
-        n = len(self.shards)
+        log.warning("rank %d: rank %d died; going on without it", ctx.rank, rank)
+        ctx.stats["ranks_lost"] += 1
+        n = len(ctx.shards)
         primary = [ctx.shard_primary(s) for s in range(n)]
-        moved = {s for s, ranks in enumerate(self.shards) if not set(ranks) - dead - {rank}}
+        moved = {s for s, ranks in enumerate(ctx.shards) if not set(ranks) - dead - {rank}}
         dead.add(rank)
         self.transport.exclude(rank)     # (ULFM-reported ranks are excluded already; hung ones not)
         loss = Loss(rank, moved, {s for s in range(n) if primary[s] == rank})
-        for component in (self.shard, self.lookups, self.fetcher, self.server, self.driver,
-                          self.coordination, self.broadcasts):
+        for component in (ctx.shard, ctx.lookups, ctx.fetcher, ctx.server, ctx.driver,
+                          ctx.coordinator, ctx.broadcasts):
             if component is not None:
                 component.rank_lost(loss)
 
     # --- the API layer's calls ------------------------------------------------------------------
 
     @property
+    def rank(self) -> int:
+        return self.ctx.rank
+
+    @property
+    def size(self) -> int:
+        return self.ctx.size
+
+    @property
+    def transport(self) -> Any:
+        return self.engine.transport
+
+    @property
+    def config(self) -> Config:
+        return self.ctx.config
+
+    @property
+    def store(self) -> ObjectStore:
+        return self.ctx.store
+
+    @property
+    def ids(self) -> IdGenerator:
+        return self.ctx.ids
+
+    @property
+    def worker_ranks(self) -> list[int]:
+        """The ranks that run tasks: 1..N-1 (rank 0 alone in a job of one rank)."""
+        return list(range(1, self.size)) or [0]
+
+    @property
     def dead(self) -> set[int]:
-        return self.engine.dead
+        return self.ctx.dead
 
     @property
     def stats(self) -> Any:
-        return self.engine.stats
+        return self.ctx.stats
 
     @property
     def scheduler(self) -> Any:
         """The driver's scheduler (rank 0), else None."""
-        return self.driver.scheduler if self.driver is not None else None
+        return self.ctx.driver.scheduler if self.ctx.driver is not None else None
 
     @property
     def directory(self) -> Any:
-        return self.shard.directory
+        return self.ctx.shard.directory
 
     @property
     def reduced(self) -> dict:
         """(rank 0) result id -> the input ids a reduce used."""
-        return self.coordination.reduced if self.coordination is not None else {}
+        return self.ctx.coordinator.reduced if self.ctx.coordinator is not None else {}
 
     def call_soon(self, fn: Callable, *args: Any) -> None:
         """Run ``fn(*args)`` on the engine thread (thread-safe, returns at once).  Raises
@@ -309,73 +331,73 @@ class Runtime:
 
     def waiter(self) -> Any:
         """A Future failed with RuntimeShutdownError if the runtime shuts down first."""
-        return self.refs.waiter()
+        return self.ctx.refs.waiter()
 
     def send(self, dest: int, msg: Any) -> None:
         """(engine thread) Queue a message."""
-        self.engine.send(dest, msg)
+        self.ctx.send(dest, msg)
 
     def shard_ranks(self, object_id: int) -> tuple[int, ...]:
         return self.ctx.shard_ranks(object_id)
 
     def register_ref(self, ref: Any) -> Any:
         """Intern ``ref`` (one ObjectRef per id per process); returns the interned one."""
-        return self.refs.register(ref)
+        return self.ctx.refs.register(ref)
 
     def watch(self, object_id: int) -> None:
         """Complete the local ref of ``object_id`` once the object exists (directory lookup)."""
-        self.call_soon(self.refs.watch, object_id)
+        self.call_soon(self.ctx.refs.watch, object_id)
 
     def info(self, object_id: int) -> Any:
         """What this rank knows of the object (ObjectInfo) or None; a hint from other threads."""
-        return self.catalog.info(object_id)
+        return self.ctx.catalog.info(object_id)
 
     def is_deleted(self, object_id: int) -> bool:
-        return object_id in self.catalog.deleted
+        return object_id in self.ctx.catalog.deleted
 
     def local_frames(self, object_id: int) -> Any:
-        return self.catalog.local_frames(object_id)
+        return self.ctx.catalog.local_frames(object_id)
 
     def fetch(self, object_id: int, callback: Callable[[Any], None]) -> None:
         """(engine) See :meth:`Fetcher.fetch`."""
-        self.fetcher.fetch(object_id, callback)
+        self.ctx.fetcher.fetch(object_id, callback)
 
     def put(self, frames: list, object_id: int | None = None) -> int:
         """Store a serialized value as a new object on this rank (any thread).  Returns its id."""
-        return self.catalog.put(frames, object_id)
+        return self.ctx.catalog.put(frames, object_id)
 
     def delete(self, object_ids: list[int]) -> None:
         """Free objects everywhere (any thread).  Later fetches raise ObjectDeletedError."""
-        self.freeing.delete(object_ids)
+        self.ctx.freeing.delete(object_ids)
 
     def submit(self, spec: P.TaskSpec) -> None:
         """Hand a task to the scheduler (any thread)."""
-        if self.driver is not None:
-            self.call_soon(self.driver.submit, spec)
+        if self.ctx.driver is not None:
+            self.call_soon(self.ctx.driver.submit, spec)
         else:
             self.call_soon(self.send, 0, P.SubmitTask(spec))
 
     def release(self, object_id: int) -> None:
         """Driver (any thread, also a GC finaliser): the last ref to the object was dropped."""
-        if not self.closed and self.driver is not None:
-            self.call_soon(self.driver.release, object_id)
+        if not self.closed and self.ctx.driver is not None:
+            self.call_soon(self.ctx.driver.release, object_id)
 
     def cancel(self, task_id: int) -> bool:
         """Cancel a task not placed yet (driver).  Returns whether it was cancelled."""
-        if self.driver is None or self.closed:
+        if self.ctx.driver is None or self.closed:
             return False
-        return self.call(self.driver.cancel, task_id)
+        return self.call(self.ctx.driver.cancel, task_id)
 
     def set_blocked(self, blocked: bool) -> None:
         """The calling task thread enters/leaves a blocking wait (nested get/wait)."""
-        if self.tasks is not None:
-            self.tasks.set_blocked(blocked)
+        if self.ctx.tasks is not None:
+            self.ctx.tasks.set_blocked(blocked)
 
     def start_broadcast(self, object_id: int, ranks: list[int], done: Callable[[dict], None]) -> None:
         """(engine) See :meth:`Broadcasts.start`."""
-        self.broadcasts.start(object_id, ranks, done)
+        self.ctx.broadcasts.start(object_id, ranks, done)
 
     def start_reduce(self, reduce_id: int, inputs: list[int], op: bytes, num: int, target: int,
                      result_id: int, allreduce: bool) -> None:
         """(engine, rank 0) See :meth:`Coordination.start`."""
-        self.coordination.start(reduce_id, inputs, op, num, target, result_id, allreduce)
+        self.ctx.coordinator.start(reduce_id, inputs, op, num, target, result_id, allreduce)

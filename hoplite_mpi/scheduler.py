@@ -23,24 +23,23 @@ Events: protocol messages as they arrive (a :class:`~hoplite_mpi.protocol.TaskSp
 task; :class:`~hoplite_mpi.protocol.TaskDone`, :class:`~hoplite_mpi.protocol.TaskBlocked`,
 :class:`~hoplite_mpi.protocol.ObjectLost`, :class:`~hoplite_mpi.protocol.TaskExit`) and the
 events defined here (:class:`ObjectKnown`, :class:`LookedUp`, :class:`ObjectDeleted`,
-:class:`Forget`, :class:`Release`, :class:`Cancel`, :class:`RankLost`).  What the shell may still
-ask is answered by query methods (:meth:`Scheduler.object_info`, :meth:`Scheduler.produces`,
+:class:`Forget`, :class:`Release`, :class:`Cancel`) and :class:`~hoplite_mpi.events.RankLost`.
+What the shell may still ask is answered by query methods (:meth:`Scheduler.object_info`, :meth:`Scheduler.produces`,
 :meth:`Scheduler.task_name`, :meth:`Scheduler.pending`).
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional
 
 from .errors import ObjectDeletedError, ObjectLostError, RankLostError, WorkerCrashedError
+from .events import Instruction, Outbox, RankLost
 from .ids import format_id
 from .protocol import (DirAdd, DirCheck, DirDelete, DirLookup, Free, ObjectInfo, ObjectLost, RunTask,
                        TaskBlocked, TaskDone, TaskExit, TaskSpec)
 from .serialization import error_info, local_error, to_bytes
-
-Outbox = list
 
 
 def _deleted_error(object_id: int) -> tuple:
@@ -101,27 +100,7 @@ class Cancel:
     task_id: int
 
 
-@dataclass(slots=True)
-class RankLost:
-    """Rank ``rank`` died (ULFM, or declared dead).  ``dead``: every rank dead now.  ``moved``:
-    shard indexes whose replicas are all dead now (what only rank 0 knows is registered there
-    again: small values, deletions; an object whose copies died with that shard is rebuilt);
-    ``changed``: shards whose primary was ``rank`` (lookups waiting there are sent again).
-    Shard indexes are those of the ``shard_of`` given to the scheduler."""
-
-    rank: int
-    moved: frozenset = frozenset()
-    changed: frozenset = frozenset()
-    dead: frozenset = frozenset()
-
-
 # --- local instructions (in handle()'s output beside the (rank, message) sends) -----------------
-
-class Instruction:
-    """A local instruction (anything in the output that is not a ``(rank, message)`` tuple)."""
-
-    __slots__ = ()
-
 
 @dataclass(slots=True)
 class Completed(Instruction):
@@ -198,7 +177,8 @@ class Scheduler:
         shard_ranks: maps an object id to the ranks of its directory shard.
         tasks_per_worker: in-flight limit per worker (``Config.tasks_per_worker``).
         rank: the rank the scheduler runs on (0).
-        shard_of: maps an object id to its shard's index (as in :class:`RankLost`).
+        shard_of: maps an object id to its shard's index (as in
+            :class:`~hoplite_mpi.events.RankLost`).
     """
 
     def __init__(self, workers: Iterable[int], shard_ranks: Callable[[int], tuple[int, ...]],
@@ -277,6 +257,20 @@ class Scheduler:
     def pending(self) -> int:
         """Tasks not finished yet."""
         return len(self.tasks)
+
+    def snapshot(self, max_tasks: int = 60) -> dict:
+        """A copy of the state, for diagnostics (debug.py's summary, tests): ``states`` (unfinished
+        tasks per state), ``inflight`` (tasks placed per worker), ``lost_ranks``, ``stats``,
+        ``released`` (objects freed once no task uses them), ``dep_count`` (object id ->
+        unfinished tasks using it), and ``tasks``: up to ``max_tasks`` unfinished tasks as
+        ``(task_id, name, state, rank, attempts, missing ids)``.  Any thread: read without a lock
+        while the engine runs, so a copy may raise RuntimeError (a table changed under it)."""
+        tasks = list(self.tasks.items())
+        return {"states": dict(Counter(t.state for _, t in tasks)), "inflight": dict(self.inflight),
+                "lost_ranks": sorted(self.lost_ranks), "stats": dict(self.stats),
+                "released": set(self.released), "dep_count": dict(self.dep_count),
+                "tasks": [(tid, t.spec.name, t.state, t.rank, t.attempts, tuple(t.missing))
+                          for tid, t in tasks[:max_tasks]]}
 
     # --- events --------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 from . import session
 from .errors import ObjectDeletedError, RuntimeShutdownError
 from .ids import format_id
-from .objectref import ObjectRef, check_refs, mark_ready, new_ref
+from .objectref import ObjectRef, check_refs, new_ref
 from .protocol import ObjectInfo
 from .serialization import deserialize, rebuild_error, serialize
 from .store import DELETED
@@ -27,7 +27,7 @@ def put(value: Any) -> ObjectRef:
     frames = serialize(value, "the value given to put()", copy=True)
     oid = rt.put(frames)
     ref = new_ref(rt, oid)
-    mark_ready(ref)
+    ref.set_ready()
     return ref
 
 

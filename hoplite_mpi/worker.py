@@ -72,12 +72,54 @@ class DepPlaceholder:
         return (DepPlaceholder, (self.index,))
 
 
-class Worker:
-    """The task-executing role of one rank.
+class Functions:
+    """The functions and executor initializers sent to this rank (``RunTask.blobs``), each
+    loaded, or run, once (thread-safe)."""
 
-    Executor threads take tasks straight from a queue (the engine only appends), each holding one
-    of ``threads`` slots while it runs a task; a task blocked in a nested ``get``/``wait`` gives its
-    slot back and a new executor thread is started if none is idle.
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self._blobs: dict[bytes, bytes] = {}
+        self._loaded: dict[bytes, Any] = {}
+        self._inits: dict[bytes, BaseException | None] = {}
+        self._lock = threading.Lock()
+
+    def add(self, blobs: tuple) -> None:
+        """(engine thread) ``(key, blob)`` pairs of a RunTask."""
+        for key, blob in blobs:
+            self._blobs[key] = blob
+
+    def function(self, fn_id: bytes) -> Any:
+        fn = self._loaded.get(fn_id)
+        if fn is None:
+            with self._lock:
+                fn = self._loaded.get(fn_id)
+                if fn is None:
+                    fn = self._loaded[fn_id] = loads(self._blobs[fn_id])
+        return fn
+
+    def initialize(self, init_id: bytes) -> None:
+        """Run an Executor's initializer once on this rank; if it raised, every task of that
+        executor fails with BrokenExecutor (as in concurrent.futures / mpi4py.futures)."""
+        from concurrent.futures import BrokenExecutor
+
+        with self._lock:
+            if init_id not in self._inits:
+                try:
+                    initializer, initargs = loads(self._blobs[init_id])
+                    initializer(*initargs)
+                    self._inits[init_id] = None
+                except BaseException as exc:
+                    log.error("rank %d: executor initializer failed: %r", self.rank, exc)
+                    self._inits[init_id] = exc
+            error = self._inits[init_id]
+        if error is not None:
+            raise BrokenExecutor(f"the executor's initializer raised {error!r} on rank {self.rank}") from error
+
+
+class TaskRunner:
+    """Runs one task on the calling thread: loads its function, resolves its arguments, runs it,
+    serializes its return values and hands them to ``finished``.  :class:`Worker` runs tasks on
+    executor threads; the simulation's ``SimWorker`` runs them inline.
 
     Args:
         rank: this rank.
@@ -93,70 +135,19 @@ class Worker:
                  held: Callable[[int], bool] = lambda oid: False) -> None:
         self.rank = rank
         self.threads = threads
+        self.functions = Functions(rank)
+        self.executed = 0
         self._fetch = fetch
         self._held = held
         self._finished = finished
-        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
-        self._slots = threading.Semaphore(threads)
-        self._lock = threading.Lock()       # guards the counters and function/initializer tables
-        self._idle = 0
-        self._threads = 0
-        self._blobs: dict[bytes, bytes] = {}
-        self._functions: dict[bytes, Any] = {}
-        self._inits: dict[bytes, BaseException | None] = {}
-        self._closed = False
-        self.executed = 0
-        for _ in range(threads):
-            self._spawn()
-
-    # --- engine thread ---------------------------------------------------------------------
-
-    def enqueue(self, msg: RunTask) -> None:
-        """Queue a task (engine thread)."""
-        for key, blob in msg.blobs:
-            self._blobs[key] = blob
-        self._tasks.put(msg)
-
-    def close(self) -> None:
-        """Stop taking tasks; idle executor threads exit (running tasks finish on their own)."""
-        self._closed = True
-        with self._lock:
-            n = self._threads
-        for _ in range(n):
-            self._tasks.put(None)
-
-    # --- executor threads ------------------------------------------------------------------
-
-    def _spawn(self) -> None:
-        with self._lock:
-            self._threads += 1
-        threading.Thread(target=self._thread_main, daemon=True, name=f"hoplite-task-{self.rank}").start()
-
-    def _thread_main(self) -> None:
-        # An idle thread holds no slot (else a task leaving a nested get could wait for ever).
-        while True:
-            with self._lock:
-                self._idle += 1
-            msg = self._tasks.get()
-            with self._lock:
-                self._idle -= 1
-            if msg is None or self._closed:
-                return
-            with self._slots:
-                self._execute(msg)
 
     def block(self) -> None:
-        """The calling executor thread waits on other tasks: give its slot to another thread,
-        starting one if no thread is idle (so queued tasks, e.g. its children, can run)."""
-        with self._lock:
-            spawn = self._idle == 0
-        if spawn:
-            self._spawn()
-        self._slots.release()
+        """The calling thread waits on other tasks (see :meth:`Worker.block`)."""
+        raise NotImplementedError
 
     def unblock(self) -> None:
-        """The calling executor thread goes on: take a slot back (waits for one)."""
-        self._slots.acquire()
+        """The calling thread goes on (see :meth:`Worker.unblock`)."""
+        raise NotImplementedError
 
     def _execute(self, msg: RunTask) -> None:
         faults.reached("task")
@@ -172,10 +163,11 @@ class Worker:
             _context.task_id = None
         self.executed += 1
         self._finished(spec, results)
+
     def _run(self, spec: TaskSpec, deps: tuple[ObjectInfo, ...]) -> list:
         if spec.init_id is not None:
-            self._initialize(spec.init_id)
-        fn = self._function(spec.fn_id)
+            self.functions.initialize(spec.init_id)
+        fn = self.functions.function(spec.fn_id)
         values = []
         for info in deps:
             frames = info.inline if info.inline is not None else self._fetch_unslotted(info)
@@ -218,29 +210,92 @@ class Worker:
         finally:
             self.unblock()
 
-    def _function(self, fn_id: bytes) -> Any:
-        fn = self._functions.get(fn_id)
-        if fn is None:
-            with self._lock:
-                fn = self._functions.get(fn_id)
-                if fn is None:
-                    fn = self._functions[fn_id] = loads(self._blobs[fn_id])
-        return fn
 
-    def _initialize(self, init_id: bytes) -> None:
-        """Run an Executor's initializer once on this rank; if it raised, every task of that
-        executor fails with BrokenExecutor (as in concurrent.futures / mpi4py.futures)."""
-        from concurrent.futures import BrokenExecutor
+class _ExecutorThreads:
+    """The executor threads of a :class:`Worker`: they take tasks from a queue and run each
+    with ``run(msg)`` while holding one of ``slots`` slots; an idle thread holds none."""
 
+    def __init__(self, slots: int, run: Callable[[RunTask], None], name: str) -> None:
+        self.closed = False
+        self._run = run
+        self._name = name
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._slots = threading.Semaphore(slots)
+        self._lock = threading.Lock()       # guards the two counters
+        self._idle = 0
+        self._count = 0
+        for _ in range(slots):
+            self.spawn()
+
+    def put(self, msg: RunTask) -> None:
+        self._tasks.put(msg)
+
+    def close(self) -> None:
+        """Idle threads exit (running tasks finish on their own)."""
+        self.closed = True
         with self._lock:
-            if init_id not in self._inits:
-                try:
-                    initializer, initargs = loads(self._blobs[init_id])
-                    initializer(*initargs)
-                    self._inits[init_id] = None
-                except BaseException as exc:
-                    log.error("rank %d: executor initializer failed: %r", self.rank, exc)
-                    self._inits[init_id] = exc
-            error = self._inits[init_id]
-        if error is not None:
-            raise BrokenExecutor(f"the executor's initializer raised {error!r} on rank {self.rank}") from error
+            n = self._count
+        for _ in range(n):
+            self._tasks.put(None)
+
+    def spawn(self) -> None:
+        with self._lock:
+            self._count += 1
+        threading.Thread(target=self._main, daemon=True, name=self._name).start()
+
+    def _main(self) -> None:
+        # An idle thread holds no slot (else a task leaving a nested get could wait for ever).
+        while True:
+            with self._lock:
+                self._idle += 1
+            msg = self._tasks.get()
+            with self._lock:
+                self._idle -= 1
+            if msg is None or self.closed:
+                return
+            with self._slots:
+                self._run(msg)
+
+    def block(self) -> None:
+        """Give the calling thread's slot to another thread, starting one if none is idle."""
+        with self._lock:
+            spawn = self._idle == 0
+        if spawn:
+            self.spawn()
+        self._slots.release()
+
+    def unblock(self) -> None:
+        self._slots.acquire()
+
+
+class Worker(TaskRunner):
+    """The task-executing role of one rank (arguments: :class:`TaskRunner`'s).
+
+    Executor threads take tasks straight from a queue (the engine only appends), each holding one
+    of ``threads`` slots while it runs a task; a task blocked in a nested ``get``/``wait`` gives its
+    slot back and a new executor thread is started if none is idle.
+    """
+
+    def __init__(self, rank: int, threads: int, fetch: Callable[[ObjectInfo], list],
+                 finished: Callable[[TaskSpec, list], None],
+                 held: Callable[[int], bool] = lambda oid: False) -> None:
+        super().__init__(rank, threads, fetch, finished, held)
+        self._threads = _ExecutorThreads(threads, self._execute, f"hoplite-task-{rank}")
+
+    def enqueue(self, msg: RunTask) -> None:
+        """Queue a task (engine thread)."""
+        self.functions.add(msg.blobs)
+        self._threads.put(msg)
+
+    def close(self) -> None:
+        """Stop taking tasks; idle executor threads exit (running tasks finish on their own)."""
+        self._threads.close()
+
+    def block(self) -> None:
+        """The calling executor thread waits on other tasks: give its slot to another thread,
+        starting one if no thread is idle (so queued tasks, e.g. its children, can run)."""
+        self._threads.block()
+
+    def unblock(self) -> None:
+        """The calling executor thread goes on: take a slot back (waits for one)."""
+        self._threads.unblock()

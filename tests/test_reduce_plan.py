@@ -14,8 +14,9 @@ import pickle
 import numpy as np
 import pytest
 
-from hoplite_mpi.collectives import (InputReady, RankLost, ReduceCoordinator, Reduced, Replanned,
-                                     Start, WatchInputs, chain_length, tree_chain, tree_depth)
+from hoplite_mpi.collectives import (InputReady, ReduceCoordinator, Reduced, Replanned, Start,
+                                     WatchInputs, chain_length, tree_chain, tree_depth)
+from hoplite_mpi.events import RankLost
 from hoplite_mpi.protocol import (DirAdd, Fetch, Fetched, Free, ObjectInfo, ReduceAbort, ReduceLate,
                                   ReduceResume, ReduceStep, ReduceStepDone)
 from hoplite_mpi.serialization import frame_sizes, serialize

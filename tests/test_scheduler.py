@@ -18,12 +18,13 @@ from dataclasses import replace
 import pytest
 
 from hoplite_mpi.errors import ObjectDeletedError, RemoteTraceback
+from hoplite_mpi.events import RankLost
 from hoplite_mpi.ids import format_id
 from hoplite_mpi.protocol import (DirAdd, DirCheck, DirDelete, DirLookup, Free, ObjectInfo, ObjectLost, RunTask,
                                   TaskBlocked, TaskDone, TaskExit, TaskSpec)
 from hoplite_mpi.scheduler import (Cancel, Completed, Forget, FreeObjects, InvalidTransition,
-                                   LookedUp, ObjectDeleted, ObjectKnown, RankLost, Release,
-                                   Scheduler, TaskCancelled, TaskState)
+                                   LookedUp, ObjectDeleted, ObjectKnown, Release, Scheduler,
+                                   TaskCancelled, TaskState)
 from hoplite_mpi.serialization import frame_sizes, local_error, rebuild_error, serialize_error, to_bytes
 
 FN, FN_BLOB = b"fn-id", b"<fn blob>"

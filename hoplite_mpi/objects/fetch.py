@@ -136,7 +136,7 @@ class Fetcher:
         def again() -> None:
             if oid in self.fetching and oid not in self.receiving:
                 self.ask_sender(oid)
-        self.ctx.engine.call_later(RETRY_DELAY, again)
+        self.ctx.engine.timers.call_later(RETRY_DELAY, again)
 
     # --- the shard's answer and the stream ---------------------------------------------------
 

@@ -11,9 +11,10 @@ import logging
 from typing import Any
 
 from .. import protocol as P
-from ..collectives import (InputReady, RankLost, ReduceCoordinator, Reduced, Replanned, Start,
-                           WatchInputs, chain_length)
+from ..collectives import (InputReady, ReduceCoordinator, Reduced, Replanned, Start, WatchInputs,
+                           chain_length)
 from ..context import Loss
+from ..events import RankLost
 from ..ids import format_id
 
 log = logging.getLogger("hoplite_mpi")

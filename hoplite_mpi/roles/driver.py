@@ -15,10 +15,11 @@ from typing import Any, Callable, Optional
 from .. import protocol as P
 from ..context import Loss
 from ..errors import ObjectDeletedError
+from ..events import RankLost
 from ..ids import format_id, shard_of
 from ..protocol import ObjectInfo
 from ..scheduler import (Cancel, Completed, Forget, FreeObjects, LookedUp, ObjectDeleted,
-                         ObjectKnown, RankLost, Release, Scheduler, TaskCancelled)
+                         ObjectKnown, Release, Scheduler, TaskCancelled)
 from ..serialization import error_info, serialize_error
 
 log = logging.getLogger("hoplite_mpi")

@@ -1,7 +1,7 @@
 """Rank-loss detection beyond what ULFM reports: heartbeats.
 
 Workers send rank 0 a ``Heartbeat`` every ``Config.heartbeat`` seconds (any message counts as a
-sign of life: the engine records the time of every batch, ``Engine.heard``).  Rank 0 declares a
+sign of life: the engine records the time of every batch, ``Peers.heard``).  Rank 0 declares a
 worker not heard of for ``Config.heartbeat_timeout`` seconds dead (a hung rank: stopped,
 deadlocked, swapping; MPI only reports ranks that died): it tells every live worker
 (``MemberDown``, the hung rank too, which then exits) and handles the loss itself.
@@ -17,7 +17,7 @@ log = logging.getLogger("hoplite_mpi")
 
 
 class Membership:
-    """Stateless beyond the engine's ``heard`` table."""
+    """Stateless beyond the engine's ``heard`` table (``engine.peers``)."""
 
     def __init__(self, ctx: Any, exit_process: Callable[[int], None]) -> None:
         self.ctx = ctx
@@ -33,7 +33,7 @@ class Membership:
         if self.closed:
             return
         timeout = ctx.config.heartbeat_timeout
-        heard = ctx.engine.heard
+        heard = ctx.engine.peers.heard
         for rank in range(1, ctx.size):
             last = heard.setdefault(rank, now)
             if rank not in ctx.dead and now - last > timeout:
@@ -42,8 +42,14 @@ class Membership:
                 for other in range(1, ctx.size):
                     if other not in ctx.dead:
                         ctx.send(other, P.MemberDown(rank))   # (the hung rank too: it exits)
-                ctx.engine.flush()                # before the hung rank is excluded from sends
+                ctx.engine.outbox.flush()         # before the hung rank is excluded from sends
                 ctx.rank_lost(rank)
+
+    def driver_lost(self) -> None:
+        """(engine) Rank 0 died: this rank cannot go on without the driver; it exits."""
+        log.error("rank %d: rank 0 (the driver) died; exiting", self.ctx.rank)
+        logging.shutdown()
+        self.exit_process(1)
 
     def on_member_down(self, source: int, msg: P.MemberDown) -> None:
         ctx = self.ctx

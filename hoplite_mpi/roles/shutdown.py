@@ -19,6 +19,7 @@ is marked ``unclean`` (the process then exits without MPI_Finalize).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Optional
 
 from .. import protocol as P
@@ -48,9 +49,9 @@ class Shutdown:
         for rank in range(ctx.size):
             if rank != ctx.rank and rank not in ctx.dead:
                 ctx.send(rank, last)
-        engine.discard_local()
+        engine.outbox.discard_local()
         self.on_close()
-        engine.flush()
+        engine.outbox.flush()
         engine.stop()
 
     def on_last_message(self, source: int, msg: Any) -> None:
@@ -68,14 +69,21 @@ class Shutdown:
 
     def quiesce(self) -> None:
         """(engine thread, after :meth:`begin`) Drop whatever still arrives until every live
-        peer has sent its last message and this rank's sends have completed."""
-        delay = 2.5e-5
+        peer has sent its last message and this rank's sends have completed.  Between rounds it
+        waits by the engine's idle policy (:class:`~hoplite_mpi.engine.Backoff`)."""
+        ctx = self.ctx
+        backoff, clock, transport = ctx.engine.backoff, ctx.clock, ctx.transport
         while True:
             active, done = self.step()
             if done:
                 return
-            delay = 2.5e-5 if active else min(0.01, delay * 2)
-            self.ctx.transport.wait(delay)
+            if active:
+                backoff.active(clock())
+            delay = backoff.idle_delay(clock(), False)
+            if delay:
+                transport.wait(delay)
+            else:
+                time.sleep(0)          # yield the core
 
     def step(self) -> tuple[bool, bool]:
         """One round of quiescence: (whether anything happened, whether it is over)."""

@@ -134,13 +134,37 @@ class SimRank:
             self.sim.trace(f"task {msg.spec.task_id} on {self.rank}")
 
 
+class Faults:
+    """The rank kills and hangs of one seed: planned at the start (as counts of deliveries), and
+    those done so far (``killed``: ranks; ``kills``: (rank, virtual time); ``pauses``: (rank,
+    at, seconds)).  ``kills``: force kills on or off (None: the seed's ``rng`` chooses)."""
+
+    def __init__(self, seed: int, rng: random.Random, size: int, ops: int,
+                 kills: Optional[bool], heartbeat_timeout: float) -> None:
+        with_kills = kills if kills is not None else rng.random() < 0.4
+        self.kill_plan: list[tuple[int, int]] = []     # (after this many deliveries, rank)
+        if with_kills and size > 2:
+            victims = rng.sample(range(1, size), rng.randint(1, min(2, size - 2)))
+            self.kill_plan = sorted((rng.randint(0, 60 * ops), r) for r in victims)
+        # a hung rank (not stepped for a while: declared dead by rank 0's heartbeat timeout if
+        # long enough, then told so and exits when it runs again); its own generator keeps the
+        # other choices of a seed unchanged
+        prng = random.Random(seed ^ 0x5EED)
+        self.pause_plan: list[tuple[int, int, float]] = []    # (deliveries, rank, seconds)
+        if size > 2 and prng.random() < 0.15:
+            self.pause_plan.append((prng.randint(0, 60 * ops), prng.randrange(1, size),
+                                    heartbeat_timeout * prng.choice([0.5, 1.5, 2.5])))
+        self.killed: set[int] = set()
+        self.kills: list[tuple[int, float]] = []
+        self.pauses: list[tuple[int, float, float]] = []
+
+
 class Simulation:
     """One seed's job.  Attributes other modules read: ``net``, ``rt0``, ``config``, ``size``,
     ``killed`` (ranks killed so far), ``rng``."""
 
     def __init__(self, seed: int, ops: Optional[int] = None, kills: Optional[bool] = None,
                  time_limit: float = 300.0, round_limit: int = 200_000) -> None:
-        self.seed = seed
         self.rng = rng = random.Random(seed)
         self.size = rng.randint(2, 8)
         self.config = Config(chunk_size=rng.choice([64, 128, 256, 1024, 4096]),
@@ -150,36 +174,36 @@ class Simulation:
                              worker_threads=rng.randint(1, 2),
                              replication=rng.randint(1, min(3, self.size)))
         self.ops = ops if ops is not None else rng.randint(5, 40)
-        with_kills = kills if kills is not None else rng.random() < 0.4
-        self.kill_plan: list[tuple[int, int]] = []     # (after this many deliveries, rank)
-        if with_kills and self.size > 2:
-            victims = rng.sample(range(1, self.size), rng.randint(1, min(2, self.size - 2)))
-            self.kill_plan = sorted((rng.randint(0, 60 * self.ops), r) for r in victims)
-        # a hung rank (not stepped for a while: declared dead by rank 0's heartbeat timeout if
-        # long enough, then told so and exits when it runs again); its own generator keeps the
-        # other choices of a seed unchanged
-        prng = random.Random(seed ^ 0x5EED)
-        self.pause_plan: list[tuple[int, int, float]] = []    # (deliveries, rank, seconds)
-        if self.size > 2 and prng.random() < 0.15:
-            self.pause_plan.append((prng.randint(0, 60 * self.ops), prng.randrange(1, self.size),
-                                    self.config.heartbeat_timeout * prng.choice([0.5, 1.5, 2.5])))
-        self.time_limit, self.round_limit = time_limit, round_limit
+        self.faults = Faults(seed, rng, self.size, self.ops, kills, self.config.heartbeat_timeout)
+        self.limits = (time_limit, round_limit)        # virtual seconds, rounds
         self.net = Network(self.size, rng, window=self.config.window, eager=rng.random() < 0.7)
         self.ranks = [SimRank(self, r) for r in range(self.size)]
-        self.killed: set[int] = set()
         self.submitted: dict[int, Any] = {}     # task id -> TaskSpec, of the driver's tasks
-        self.kills: list[tuple[int, float]] = []
-        self.pauses: list[tuple[int, float, float]] = []     # (rank, at, seconds)
         self.failures: list[str] = []
         self._hash = hashlib.blake2b(digest_size=16)
         self.rounds = 0
 
+    @property
+    def killed(self) -> set[int]:
+        """Ranks killed so far."""
+        return self.faults.killed
+
+    @property
+    def rt0(self) -> Runtime:
+        """Rank 0's runtime (the driver's)."""
+        return self.ranks[0].rt
+
     def lost(self) -> set[int]:
         """Ranks killed, or declared dead by rank 0 (a hung rank) so far."""
-        return self.killed | (self.rt0.dead if hasattr(self, "rt0") else set())
+        rt0 = self.rt0
+        return self.killed | (rt0.dead if rt0 is not None else set())
 
     def trace(self, event: str) -> None:
         self._hash.update(f"{self.net.now:.9f} {event}\n".encode())
+
+    def digest(self) -> str:
+        """The trace so far (a hex digest: same seed, same digest)."""
+        return self._hash.hexdigest()
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -187,7 +211,6 @@ class Simulation:
         for sr in self.ranks:
             sr.rt = Runtime(None, self.config, self.net.transports[sr.rank], clock=self.net.clock,
                             threads=False, worker=sr.make_worker, exit_process=sr.exit_process)
-        self.rt0 = self.ranks[0].rt
         session.install(self.rt0)      # (the driver's API calls; a task sets its own rank's)
         submit = self.rt0.submit
 
@@ -203,8 +226,8 @@ class Simulation:
         if not sr.alive:
             return
         sr.alive = False
-        self.killed.add(rank)
-        self.kills.append((rank, self.net.now))
+        self.faults.killed.add(rank)
+        self.faults.kills.append((rank, self.net.now))
         self.net.kill(rank)
         self.trace(f"kill {rank} ({why})")
 
@@ -221,7 +244,7 @@ class Simulation:
             self.kill(sr.rank, "step raised")
             return True
         for item in sr.rt.take_ready():
-            sr.rt.refs.deliver(item)
+            sr.rt.ctx.refs.deliver(item)
         if active:
             self.trace(f"step {sr.rank}")
         return active
@@ -253,7 +276,7 @@ class Simulation:
                 if deadline is not None:
                     t = min(t, max(deadline, self.net.now) + STEP)
             else:
-                t = min(t, self.net.now + sr.rt.engine.next_timer_delay(math.inf))
+                t = min(t, self.net.now + sr.rt.engine.timers.next_delay(math.inf))
         return t
 
     def run(self) -> list[str]:
@@ -264,17 +287,18 @@ class Simulation:
         program = workload.run()
         waiting, finished, closing = None, False, False
         all_stepped = True
-        net, rng = self.net, self.rng
+        net, rng, faults = self.net, self.rng, self.faults
+        time_limit, round_limit = self.limits
         while True:
             self.rounds += 1
             net.run_due()
-            while self.kill_plan and net.delivered >= self.kill_plan[0][0]:
-                _, victim = self.kill_plan.pop(0)
+            while faults.kill_plan and net.delivered >= faults.kill_plan[0][0]:
+                _, victim = faults.kill_plan.pop(0)
                 self.kill(victim, "planned")
-            while self.pause_plan and net.delivered >= self.pause_plan[0][0]:
-                _, rank, seconds = self.pause_plan.pop(0)
+            while faults.pause_plan and net.delivered >= faults.pause_plan[0][0]:
+                _, rank, seconds = faults.pause_plan.pop(0)
                 self.ranks[rank].paused_until = net.now + seconds
-                self.pauses.append((rank, net.now, seconds))
+                faults.pauses.append((rank, net.now, seconds))
                 self.trace(f"pause {rank} {seconds}")
             active = False
             order = [sr for sr in self.ranks if sr.alive and sr.paused_until <= net.now]
@@ -298,7 +322,7 @@ class Simulation:
                 break
             if self.failures:
                 break
-            if net.now > self.time_limit or self.rounds > self.round_limit:
+            if net.now > time_limit or self.rounds > round_limit:
                 self._hang(waiting, closing)
                 break
             if active or not all_stepped:
@@ -361,8 +385,9 @@ def simulate(seed: int, ops: Optional[int] = None, kills: Optional[bool] = None,
     bugs = [r for r in capture.records if any(sign in r for sign in BUG_SIGNS)]
     failures = list(failures) + [f"logged: {r}" for r in bugs]
     counts = dict(getattr(sim, "workload", None).counts) if hasattr(sim, "workload") else {}
-    return SimResult(seed, not failures, failures, sim.size, sim.config, sim.kills, sim.pauses, sim.net.now,
-                     sim.rounds, sim._hash.hexdigest(), time.perf_counter() - t0,
+    return SimResult(seed, not failures, failures, sim.size, sim.config, sim.faults.kills,
+                     sim.faults.pauses, sim.net.now,
+                     sim.rounds, sim.digest(), time.perf_counter() - t0,
                      time.process_time() - c0, counts,
                      ("" if kills is None else f" --kills {'on' if kills else 'off'}")
                      + ("" if ops is None else f" --ops {ops}"))

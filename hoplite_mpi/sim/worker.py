@@ -5,12 +5,11 @@ engine without blocking (``Fetcher.fetch_from`` with a callback, as the real wor
 ``fetch_info`` does from its thread, holding no slot meanwhile); then the task waits for one of
 ``threads`` slots and runs for a random virtual duration:
 at its end the simulator calls :meth:`SimWorker.run`, which executes it exactly as the real
-worker does (``Worker._execute``: function loading, argument errors, return-value checks) and
+worker does (:class:`~hoplite_mpi.worker.TaskRunner`: function loading, argument errors, return-value checks) and
 reports with ``finished``.  A rank killed meanwhile never runs it.
 """
 from __future__ import annotations
 
-import threading
 from collections import deque
 from typing import Any, Callable
 
@@ -20,33 +19,25 @@ from ..ids import format_id
 from ..protocol import ObjectInfo, RunTask
 from ..serialization import rebuild_error
 from ..store import DELETED
-from ..worker import Worker
+from ..worker import TaskRunner
 
 
-class SimWorker(Worker):
+class SimWorker(TaskRunner):
     """The task role of one simulated rank (same constructor as :class:`~.worker.Worker`, plus
     ``host``: the simulator's rank, which gives ``rt`` (its Runtime, set after construction) and
     ``task_ready(worker, msg)`` (schedules :meth:`run` after the task's virtual duration))."""
 
     def __init__(self, rank: int, threads: int, fetch: Callable, finished: Callable,
                  held: Callable[[int], bool] = lambda oid: False, *, host: Any) -> None:
-        # (Worker.__init__ would start executor threads: set its fields here instead)
-        self.rank, self.threads = rank, threads
-        self._fetch, self._held, self._finished = fetch, held, finished
-        self._lock = threading.Lock()
-        self._blobs: dict[bytes, bytes] = {}
-        self._functions: dict[bytes, Any] = {}
-        self._inits: dict[bytes, BaseException | None] = {}
-        self._closed = False
-        self.executed = 0
+        super().__init__(rank, threads, fetch, finished, held)
         self.host = host
+        self._closed = False
         self._ready: deque = deque()          # (RunTask, fetched arguments) waiting for a slot
         self._running = 0
         self._args: dict[int, Any] = {}      # (the task being run) object id -> fetched value
 
     def enqueue(self, msg: RunTask) -> None:
-        for key, blob in msg.blobs:
-            self._blobs[key] = blob
+        self.functions.add(msg.blobs)
         self._resolve(msg)
 
     def close(self) -> None:
@@ -69,7 +60,7 @@ class SimWorker(Worker):
             if len(got) == len(need):
                 self._queued(msg, got)
         for oid, info in need.items():
-            rt.engine.call_soon(rt.fetcher.fetch_from, info, lambda v, oid=oid: arrived(oid, v))
+            rt.engine.call_soon(rt.ctx.fetcher.fetch_from, info, lambda v, oid=oid: arrived(oid, v))
 
     def _queued(self, msg: RunTask, got: dict) -> None:
         self._ready.append((msg, got))

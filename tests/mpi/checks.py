@@ -347,7 +347,8 @@ def check_dropped_refs_are_freed_once_unused():
     _until(lambda: hm.stats()["auto_freed"] - freed_before >= 6, "6 objects freed")
     _until(lambda: sum(_bytes_everywhere()) <= base + (2 << 20) + 4096,
            f"stores back near {base} bytes (+kept, +escaped): {_bytes_everywhere()} "
-           f"{rt.store.ids()} released={rt.scheduler.released} deps={rt.scheduler.dep_count}")
+           f"{rt.store.ids()} released={rt.scheduler.snapshot()['released']} "
+           f"deps={rt.scheduler.snapshot()['dep_count']}")
     assert hm.get(kept, timeout=T).sum() == 1 << 17
     assert hm.get(hm.get(box, timeout=T)["inner"], timeout=T).sum() == 1 << 17
 

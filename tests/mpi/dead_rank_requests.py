@@ -56,7 +56,7 @@ def main():
     hm.init()
     from hoplite_mpi.ids import shard_of
     puts = hm.get(put_small.options(rank=1).remote(16), timeout=T)
-    shards = testing.runtime().shards         # (the shard map: an internal)
+    shards = testing.runtime().ctx.shards     # (the shard map: an internal)
     on_dead_shard = sum(shards[shard_of(r.id, len(shards))][0] == 3 for r in puts)
     suicide.options(rank=3).remote()
     deadline = time.monotonic() + T

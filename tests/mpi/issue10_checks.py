@@ -105,18 +105,18 @@ def truncated_pull(box, holder):
         sizes = tuple(info.sizes) if info is not None else None
         entry = rt.store.allocate(oid, (sizes[0] - 1, sizes[1]))
         entry.sizes = sizes            # (the Pull asks for the right sizes: the holder sends)
-        rt.fetcher.fetching[oid] = [fut.set_result]
-        rt.fetcher.receive(oid, entry, holder, oid, rt.fetcher.pull_failed)
-    rt.call(lambda: rt.lookups.lookup(oid, lambda info: rt.catalog.known.__setitem__(oid, info)), timeout=T)
+        rt.ctx.fetcher.fetching[oid] = [fut.set_result]
+        rt.ctx.fetcher.receive(oid, entry, holder, oid, rt.ctx.fetcher.pull_failed)
+    rt.call(lambda: rt.ctx.lookups.lookup(oid, lambda info: rt.ctx.catalog.known.__setitem__(oid, info)), timeout=T)
     deadline = time.monotonic() + T
-    while rt.call(lambda: rt.catalog.known.get(oid), timeout=T) is None:   # the lookup's answer
+    while rt.call(lambda: rt.ctx.catalog.known.get(oid), timeout=T) is None:   # the lookup's answer
         assert time.monotonic() < deadline, "no lookup answer"
         time.sleep(0.01)
     rt.call(go, timeout=T)
     got = fut.result(T)
     from hoplite_mpi.serialization import rebuild_error
     exc = rebuild_error(got.inline)
-    rt.call(lambda: rt.catalog.known.pop(oid, None), timeout=T)
+    rt.call(lambda: rt.ctx.catalog.known.pop(oid, None), timeout=T)
     again = hm.get(box[0], timeout=T)
     return type(exc).__name__, exc.mpi_error, exc.detail, bool((again == np.arange(300_000)).all())
 
