@@ -78,12 +78,9 @@ def _streams(rt: Any) -> list[str]:
 
 
 def _directory(rt: Any) -> list[str]:
-    out = []
-    for oid, e in list(rt.directory._entries.items()):
-        if e.waiting or e.pulling or e.partial:
-            holders = e.info.holders if e.info is not None else None
-            out.append(f"directory {format_id(oid)}: holders {holders}, lookups waiting {e.waiting}, "
-                       f"pulls waiting {e.pulling}, partial copies (rank: sender) {e.partial}")
+    out = [f"directory {format_id(oid)}: holders {holders}, lookups waiting {waiting}, "
+           f"pulls waiting {pulling}, partial copies (rank: sender) {partial}"
+           for oid, holders, waiting, pulling, partial in rt.directory.busy()]
     return out or ["directory: no entry with waiters or partial copies"]
 
 

@@ -65,6 +65,14 @@ class DirectoryShard:
         entry = self._entries.get(object_id)
         return entry.info if entry else None
 
+    def busy(self) -> list[tuple[int, Optional[tuple], list, list, dict]]:
+        """(diagnostics) ``(object_id, holders or None, ranks waiting for a lookup, ranks waiting
+        for a sender, partial copies {rank: sender})`` of every entry someone waits on or that
+        has partial copies: copies of the shard's tables, read-only."""
+        return [(oid, e.info.holders if e.info is not None else None, list(e.waiting),
+                 list(e.pulling), dict(e.partial))
+                for oid, e in list(self._entries.items()) if e.waiting or e.pulling or e.partial]
+
     def handle(self, source: int, msg: object) -> Outbox:
         """Apply one message received from ``source``; return the messages to send."""
         if isinstance(msg, DirAdd):
