@@ -277,6 +277,22 @@ class Fetcher:
         if oid in self.fetching:
             self.ask_sender(oid)
 
+    def deleted(self, oid: int) -> None:
+        """``oid`` was deleted (``hm.delete`` anywhere): readers waiting here for a copy get
+        DELETED now (ObjectDeletedError) instead of waiting for the shard's answer, which a
+        shard that moved may never give (simulation seed 70179); an incomplete copy being
+        received is stopped and dropped."""
+        ctx = self.ctx
+        stream = self.receiving.pop(oid, None)
+        if stream is not None:
+            ctx.transport.cancel_stream(*stream)
+            entry = ctx.store.get(oid)
+            if entry is not None and not entry.complete:
+                ctx.store.delete(oid)
+                ctx.server.refuse_partial(oid)
+        for callback in self.fetching.pop(oid, ()):
+            callback(DELETED)
+
     def on_pull_refused(self, source: int, msg: P.PullRefused) -> None:
         ctx, oid = self.ctx, msg.object_id
         if msg.reason or oid not in self.fetching:

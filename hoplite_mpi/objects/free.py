@@ -44,6 +44,7 @@ class Freeing:
         if not msg.permanent:
             return
         ctx.catalog.deleted.add(oid)
+        ctx.fetcher.deleted(oid)
         if ctx.driver is not None:
             ctx.driver.deleted_elsewhere(oid)
 

@@ -66,8 +66,10 @@ class ShardRole:
         ctx, oid = self.ctx, msg.object_id
         self.replicated.discard(oid)
         self.want.pop(oid, None)
-        if ctx.rank in ctx.shard_ranks(oid):
-            ctx.send_all(self.directory.delete(oid, msg.permanent))
+        # applied even when this rank does not know yet that it is a shard rank of ``oid``: rank
+        # 0 re-sends deletions to a moved shard's new rank as soon as it sees the loss, which
+        # can be before that rank does (simulation seed 70179); elsewhere a tombstone is harmless
+        ctx.send_all(self.directory.delete(oid, msg.permanent))
 
     def rank_lost(self, loss: Loss) -> None:
         """Forget the dead rank in this rank's entries (objects left without a copy are reported
