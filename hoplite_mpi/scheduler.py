@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Optional
 from .errors import ObjectDeletedError, ObjectLostError, RankLostError, WorkerCrashedError
 from .events import Instruction, Outbox, RankLost
 from .ids import format_id
-from .protocol import (DirAdd, DirCheck, DirDelete, DirLookup, Free, ObjectInfo, ObjectLost, RunTask,
+from .protocol import (DirAdd, DirCheck, DirDelete, DirLookup, ObjectInfo, ObjectLost, RunTask,
                        TaskBlocked, TaskDone, TaskExit, TaskSpec)
 from .serialization import error_info, local_error, to_bytes
 
@@ -69,8 +69,8 @@ class LookedUp:
 class ObjectDeleted:
     """``hm.delete`` of the object (here or on another rank): tasks waiting for it fail with
     ObjectDeletedError.  ``uncache``: the delete was made on this rank, and if the object is a
-    small value the scheduler knows, every live worker drops its cached copy (``Free``), sent
-    ahead of any task placed later."""
+    small value the scheduler knows, every live worker drops its cached copy and records the
+    deletion (``DirDelete``), sent ahead of any task placed later."""
 
     object_id: int
     uncache: bool = False
@@ -382,7 +382,11 @@ class Scheduler:
         if event.uncache:
             info = self.objects.get(object_id)
             if info is not None and info.inline is not None:
-                out += [(rank, Free(object_id)) for rank in self.workers if rank != self.rank]
+                # a DirDelete, not a Free: the worker then knows the object is deleted before any
+                # task placed after the delete runs there, and answers its reads without the
+                # shard (whose own DirDelete may arrive after such a read's lookup: MPI orders
+                # messages per pair only; found by a real-MPI soak, seed 500062)
+                out += [(rank, DirDelete(object_id, True)) for rank in self.workers if rank != self.rank]
         self.deleted.add(object_id)
         self.objects.pop(object_id, None)
         self.lineage.pop(object_id, None)

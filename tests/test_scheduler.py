@@ -919,7 +919,7 @@ def test_deleting_a_small_value_here_uncaches_it_on_every_live_worker_first():
     s.rank_lost(2)
     b = first(20, 503)
     s.submit(b)
-    assert s(ObjectDeleted(500, uncache=True)) == [(1, Free(500)), (3, Free(500))]
+    assert s(ObjectDeleted(500, uncache=True)) == [(1, DirDelete(500, True)), (3, DirDelete(500, True))]
     assert s(ObjectDeleted(501, uncache=True)) == []          # not cached: a chunked object
     assert s(ObjectDeleted(503, uncache=True)) == [(SHARD, DirAdd(failed(20, deleted_error(503))))]
     assert s.object_info(500) is None and 500 in s.deleted
