@@ -38,6 +38,14 @@ its peers) moves the inputs combined so far into a tree (nothing was sent yet) a
 on there.  A broadcast of an inline value is the same one message per target
 (:mod:`hoplite_mpi.objects.broadcast`).  Larger objects take the tree-chain below.
 
+Star (mid-size objects, also ``Config.small_collectives``): for ``n`` inputs of chain length
+``k``, a star (the target's step pulls every input itself, each named by ``ReduceLate`` as it
+is placed, with no step on the inputs' ranks) costs ``c + (n - 1) * k`` in units of ``L`` and the
+tree-chain ``c + (levels - 1) + k``; :func:`star_cheaper` picks the star when
+``(n - 2) * k < levels - 1``: with the default ``B`` and ``L``, objects under ~75 KB (``k = 0``)
+that are not inline, e.g. a 64 KiB array (its pickle is a little over the inline threshold).
+Its rank-loss handling is that of the last arrival below (every slot is a late one).
+
 The coordinator has one entry point, :meth:`ReduceCoordinator.handle`: one event in (:class:`Start`,
 :class:`InputReady`, :class:`~hoplite_mpi.events.RankLost`, or the messages ``ReduceStepDone``,
 ``ReduceResume`` and ``Fetched`` as they arrive), one list of instructions out, to be carried out in order:
@@ -129,6 +137,22 @@ def tree_depth(n: int, k: int) -> int:
     if n <= 1:
         return 0
     return max(0, min(math.ceil(math.log2((n + 1) / (k + 1))), int(math.floor(math.log2(n + 1)))))
+
+
+def star_cheaper(n: int, k: int) -> bool:
+    """Whether a star (the target pulls every input itself and combines them) costs less than
+    the tree-chain for ``n`` inputs of chain length ``k``.  In units of ``L``: the star takes
+    ``c + (n - 1) * k`` (its hops, then the target receives ``n - 1`` objects of ``S`` bytes),
+    the tree-chain ``c + (levels - 1) + k`` (one hop per level below the root, bytes pipelined
+    through the chain), with the same ``c`` (the steps asked, the pulls sent, the result
+    reported): the star when ``(n - 2) * k < levels - 1``."""
+    if n <= 2:
+        return False
+    parent, _ = tree_chain(n, tree_depth(n, k))
+    level: list[int] = []
+    for p in parent:                 # (a parent comes before its children)
+        level.append(0 if p is None else level[p] + 1)
+    return (n - 2) * k < max(level)
 
 
 def tree_chain(n: int, depth: int) -> tuple[list[Optional[int]], list[int]]:
@@ -432,19 +456,23 @@ class ReduceCoordinator:
             # every slot works on C-order bytes with this canonical header
             self.head = bytes(serialize(np.empty(arr.shape, arr.dtype))[0])
             self.sizes = (len(self.head), info.sizes[1])
+        out: Outbox = []
         if not self.slots:
             n = self.num
-            parent, self.order = tree_chain(n, tree_depth(n, self.size_to_k(info.sizes[1])))
-            self.slots = [_Slot(i, p) for i, p in enumerate(parent)]
-            for slot in self.slots:
-                if slot.parent is not None:
-                    self.slots[slot.parent].children.append(slot.index)
+            k = self.size_to_k(info.sizes[1])
+            if self.small and star_cheaper(n, k):
+                out += self._star()
+            else:
+                parent, self.order = tree_chain(n, tree_depth(n, k))
+                self.slots = [_Slot(i, p) for i, p in enumerate(parent)]
+                for slot in self.slots:
+                    if slot.parent is not None:
+                        self.slots[slot.parent].children.append(slot.index)
         self.used.append(info.object_id)
         live = [h for h in info.holders if h not in self.dead]
         rank = live[0] if live else self.target
         slot = self._choose_slot(rank)
         slot.info, slot.rank = info, rank
-        out: Outbox = []
         if self.allreduce and rank != self.target and rank not in self.pending_fetch:
             self.pending_fetch.add(rank)
             out.append((rank, Fetch(self.result_id, self.reduce_id)))
@@ -580,6 +608,18 @@ class ReduceCoordinator:
                                                     self.sizes, adopt=self._adopt(True),
                                                     start=self.start)))
         return out
+
+    def _star(self) -> Outbox:
+        """(mid-size objects, see :func:`star_cheaper`) Every slot is late: the target's step
+        starts now as an accumulator of all ``num`` inputs, and each input, once placed, is
+        pulled by it directly (``ReduceLate``), with no step on the input's rank."""
+        n = self.num
+        self.slots = [_Slot(i, None, started=True, late=True) for i in range(n)]
+        self.order = list(range(n))
+        self.copy_step = _Slot(-1, None, rank=self.target, out_id=self.final_id, started=True)
+        return [(self.target, ReduceStep(self.reduce_id, self.final_id, None, (), self.op, True,
+                                         self.sizes, late=n, head=self.head,
+                                         adopt=self._adopt(True), start=self.start))]
 
     def _accumulate(self) -> Outbox:
         """One input is still to come: start the target's step now, with the children of the

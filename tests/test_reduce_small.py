@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from hoplite_mpi.collectives import ReduceCoordinator
-from hoplite_mpi.protocol import DirAdd, Fetch, Fetched, ObjectInfo, ReduceStep, ReduceLate
+from hoplite_mpi.protocol import (DirAdd, Fetch, Fetched, ObjectInfo, ReduceAbort, ReduceLate,
+                                  ReduceStep, ReduceStepDone)
 from hoplite_mpi.serialization import frame_sizes, rebuild_error, serialize, to_bytes
 
 from test_reduce_plan import RESULT, Fed, info as big_info
@@ -174,3 +175,71 @@ def test_inline_inputs_of_dead_makers_still_count():
     c.input_ready(small(10, 1, [1]))
     c.input_ready(small(11, 2, [1]))
     assert c.done and value_of(c.result).tolist() == [2]
+
+
+# --- the star (mid-size objects, star_cheaper) ---------------------------------------------------
+
+def mid(oid, rank, order="C"):
+    return big_info(oid, rank, shape=(128, 128), order=order)      # 64 KiB of float32
+
+
+def star_coordinator(inputs, target=0, num=None, allreduce=False, small_path=True, k=0):
+    ids = itertools.count(5000)
+    return Fed(ReduceCoordinator(1, list(inputs), pickle.dumps(np.add), num or len(inputs), target,
+                                 RESULT, lambda: next(ids), lambda nbytes: k, allreduce,
+                                 lambda oid: SHARDS, small=small_path, home=0))
+
+
+def test_star_cost_model():
+    from hoplite_mpi.collectives import star_cheaper
+    assert not star_cheaper(2, 0)                     # (two inputs: the same as a chain)
+    assert star_cheaper(4, 0) and star_cheaper(16, 0)
+    assert not star_cheaper(4, 2) and not star_cheaper(4, 7)
+
+
+def test_a_star_target_pulls_every_input_itself():
+    c = star_coordinator([10, 11, 12, 13], target=0)
+    c.begin()
+    out = c.input_ready(mid(10, 0))
+    (r, acc), (r2, late) = out
+    assert r == 0 and isinstance(acc, ReduceStep) and acc.late == 4 and acc.final
+    assert acc.input_info is None and acc.children == () and acc.out_id == RESULT
+    assert (r2, late) == (0, ReduceLate(1, RESULT, mid(10, 0), 0))
+    assert c.input_ready(mid(11, 1)) == [(0, ReduceLate(1, RESULT, mid(11, 1), 1))]
+    assert c.input_ready(mid(12, 2)) == [(0, ReduceLate(1, RESULT, mid(12, 2), 2))]
+    assert c.input_ready(mid(13, 3)) == [(0, ReduceLate(1, RESULT, mid(13, 3), 3))]
+    assert not c.done
+    c.step_done(ReduceStepDone(1, RESULT, 0, acc.sizes))
+    assert c.done and c.used == [10, 11, 12, 13]
+
+
+def test_a_star_input_in_fortran_order_gets_a_leaf_step_first():
+    c = star_coordinator([10, 11, 12])
+    c.begin()
+    c.input_ready(mid(10, 1))
+    out = c.input_ready(mid(11, 2, order="F"))
+    (r, leaf), (r0, late) = out
+    assert r == 2 and leaf.children == () and not leaf.final and leaf.input_info == mid(11, 2, order="F")
+    assert r0 == 0 and late.info.object_id == leaf.out_id and late.rank == 2
+
+
+def test_a_star_is_replanned_when_an_input_rank_dies():
+    c = star_coordinator([10, 11, 12], target=0)
+    c.begin()
+    c.input_ready(mid(10, 1))
+    c.input_ready(mid(11, 2))
+    out = c.rank_lost(2)
+    assert any(isinstance(m, ReduceAbort) for _, m in out)
+    c.resume(1, 0)
+    assert c.wants_inputs and c.reduce_id != 1
+    out = c.input_ready(mid(10, 1))
+    acc = [m for _, m in out if isinstance(m, ReduceStep)][0]
+    assert acc.late == 3 and acc.reduce_id == c.reduce_id
+
+
+def test_the_flag_off_or_a_large_object_keeps_the_tree_chain():
+    for c in (star_coordinator([10, 11, 12, 13], small_path=False),
+              star_coordinator([10, 11, 12, 13], k=7)):
+        c.begin()
+        out = c.input_ready(mid(10, 1)) + c.input_ready(mid(11, 2))
+        assert not any(isinstance(m, ReduceStep) and m.late == 4 for _, m in out)

@@ -39,7 +39,8 @@ class Broadcasts:
         # a small value known here goes to each target in the Fetch itself: one message out and
         # one answer, no directory hop (Config.small_collectives)
         info = ctx.catalog.info(object_id) if ctx.config.small_collectives else None
-        small = info if info is not None and info.inline is not None else None
+        small = info if (info is not None and info.inline is not None
+                         and object_id not in ctx.catalog.deleted) else None   # (deleted: the old way answers)
         for rank in ranks:
             if rank == ctx.rank:
                 self.on_fetch(ctx.rank, P.Fetch(object_id, token))
