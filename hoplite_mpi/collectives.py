@@ -378,7 +378,10 @@ class ReduceCoordinator:
                 arr = pickle.loads(head, buffers=[np.empty(info.sizes[1], np.uint8)])
         except Exception as exc:
             return self._fail(TypeError(f"reduce input {format_id(info.object_id)} is not a numpy array ({exc})"))
-        if not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        if self.dtype is not None and type(arr) is np.ndarray and arr.dtype == self.dtype \
+                and arr.shape == self.shape:
+            pass        # (as the first input, which was checked)
+        elif not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
             kind = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
             return self._fail(TypeError(f"reduce input {format_id(info.object_id)} has non-numeric type {kind}"))
         if self.dtype is None:
