@@ -2,8 +2,8 @@
 """Collectives benchmark: hm.reduce / hm.broadcast / hm.allreduce vs MPI in one MPI job (issue 3).
 
     timeout 900 mpirun -n 4 --oversubscribe --allow-run-as-root python benchmarks/collectives.py \
-        [--sizes 1K,1M,16M,64M,256M] [--iters 5] [--warmup 1] [--delta 0.05] \
-        [--stagger-sizes 16M,64M] [--json PATH] [--plot PATH.png]
+        [--sizes 1K,4K,64K,256K,1M,16M,64M,256M] [--iters 5] [--warmup 1] [--delta 0.05] \
+        [--stagger-sizes 16M,64M] [--flip small_collectives] [--json PATH] [--plot PATH.png]
 
 Run it with plain ``mpirun`` (not ``python -m hoplite_mpi``).  The data are float32 numpy arrays
 of the given sizes (K/M/G = KiB/MiB/GiB), one input per rank, all of the same shape.  OSU style:
@@ -405,6 +405,31 @@ def hm_size(nbytes: int, args, workers, nranks: int) -> dict:
     return res
 
 
+class flipped:
+    """``with flipped(name) as value:`` rank 0 runs with the boolean Config field ``name`` set to
+    the opposite of its value (``value``) for the body, then as before.  The collectives' paths
+    are chosen on rank 0 (the reduce coordinator, the broadcasting rank), so the same job
+    measures both settings (``--flip``).  Through the test hook: not an API."""
+
+    def __init__(self, name: str) -> None:
+        from hoplite_mpi import testing
+        self.rt = testing.runtime()
+        self.name = name
+
+    def _set(self, config) -> None:
+        self.rt.call(setattr, self.rt.ctx, "config", config)   # (on the engine thread)
+
+    def __enter__(self) -> bool:
+        import dataclasses
+        self.before = self.rt.ctx.config
+        value = not getattr(self.before, self.name)
+        self._set(dataclasses.replace(self.before, **{self.name: value}))
+        return value
+
+    def __exit__(self, *exc) -> None:
+        self._set(self.before)
+
+
 def hm_staggered(nbytes: int, args, workers, nranks: int, num=None) -> dict:
     """Staggered inputs, hm.reduce submitted before they exist (``num``: the subset variant)."""
     nelem = nbytes // 4
@@ -490,6 +515,14 @@ def hoplite_phase(args) -> dict:
         print(f"  hm  {size_label(nbytes):>8}: " + ", ".join(
             f"{op} {r[op]['median_ms']:.3g} ms" if "median_ms" in r.get(op, {}) else f"{op} n/a"
             for op in OPS), flush=True)
+        if args.flip:
+            with flipped(args.flip) as value:
+                r["flipped"] = hm_size(nbytes, args, workers, nranks)
+                r["flipped"]["setting"] = f"{args.flip}={value}"
+            f = r["flipped"]
+            print(f"  hm  {size_label(nbytes):>8} {args.flip}={value}: " + ", ".join(
+                f"{op} {f[op]['median_ms']:.3g} ms" if "median_ms" in f.get(op, {}) else f"{op} n/a"
+                for op in OPS), flush=True)
     k = max(1, nranks // 2)
     for nbytes in args.stagger_sizes:
         d = res["sizes"].setdefault(nbytes, {})
@@ -532,6 +565,12 @@ def build_rows(m: dict, h: dict, args, nranks: int) -> list[dict]:
         add(nbytes, "reduce + get", ms.get("reduce"), hs.get("reduce_get"))
         add(nbytes, "broadcast", ms.get("broadcast"), hs.get("broadcast"), t)
         add(nbytes, "allreduce", ms.get("allreduce"), hs.get("allreduce"), t)
+        fs = hs.get("flipped")
+        if fs:
+            flag = fs.get("setting", args.flip)
+            add(nbytes, f"reduce [{flag}]", ms.get("reduce"), fs.get("reduce"))
+            add(nbytes, f"broadcast [{flag}]", ms.get("broadcast"), fs.get("broadcast"))
+            add(nbytes, f"allreduce [{flag}]", ms.get("allreduce"), fs.get("allreduce"))
     k = max(1, nranks // 2)
     for nbytes in args.stagger_sizes:
         ms, hs = ms_all.get(nbytes, {}).get("staggered", {}), hs_all.get(nbytes, {})
@@ -667,7 +706,10 @@ def machine_meta(comm, args) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1K,1M,16M,64M,256M",
+    parser.add_argument("--flip", metavar="FIELD", default="",
+                        help="also measure every size with this boolean Config field flipped on "
+                             "rank 0 (e.g. small_collectives: before/after pairs in one job)")
+    parser.add_argument("--sizes", default="1K,4K,64K,256K,1M,16M,64M,256M",
                         help="comma-separated sizes in bytes, K/M/G suffixes (default %(default)s)")
     parser.add_argument("--stagger-sizes", default="16M,64M",
                         help="sizes of the staggered and subset reduce runs ('' for none)")

@@ -19,6 +19,33 @@ last input, when ready, is pulled by the target directly (``ReduceLate``) and ad
 chunk.  After the last arrival one transfer remains, instead of a pull into that input's rank
 followed by the target's pull of the sum.  The bytes moved are the same ((n - 1) * S).
 
+Inline path (small objects; ``Config.small_collectives``, on by default).  An object of at most
+``Config.inline_threshold`` serialized bytes is an inline value: its directory entry carries the
+value, and that entry reaches this coordinator with :class:`InputReady`.  So the gather a tree
+would do (every hop: a ReduceStep, a Pull, the chunk, a ReduceStepDone: ~4 control messages of
+Python, ``L`` each in the cost model, on each of ``D`` levels) is already done when the inputs are
+known, and the combine is ``n * S`` bytes of numpy on this rank (~1 us per KiB).  The path is
+therefore chosen by the first placed input: inline → the coordinator combines each input as it
+becomes ready (first ``num``, arrival order, the same checks of shape, dtype and op as the tree),
+and once ``num`` are in, the result is an inline value: registered at its shard (``DirAdd``) and
+sent, in a :class:`~hoplite_mpi.protocol.Fetch` that carries it, to the ranks that must hold it
+(the target if it is not this rank, and for an allreduce each contributing rank), which answer
+``Fetched``; cost: at most one round trip, against ``2 + D`` control hops and a step per input for
+the tree.  No step runs anywhere, so a rank loss re-plans nothing: inputs are values, and a target
+that dies after the combine does not lose the (inline) result.  An input that turns out not to be
+inline (a read-only array's pickle is one byte longer: one at the threshold may be larger than
+its peers) moves the inputs combined so far into a tree (nothing was sent yet) and the reduce goes
+on there.  A broadcast of an inline value is the same one message per target
+(:mod:`hoplite_mpi.objects.broadcast`).  Larger objects take the tree-chain below.
+
+Star (mid-size objects, also ``Config.small_collectives``): for ``n`` inputs of chain length
+``k``, a star (the target's step pulls every input itself, each named by ``ReduceLate`` as it
+is placed, with no step on the inputs' ranks) costs ``c + (n - 1) * k`` in units of ``L`` and the
+tree-chain ``c + (levels - 1) + k``; :func:`star_cheaper` picks the star when
+``(n - 2) * k < levels - 1``: with the default ``B`` and ``L``, objects under ~75 KB (``k = 0``)
+that are not inline, e.g. a 64 KiB array (its pickle is a little over the inline threshold).
+Its rank-loss handling is that of the last arrival below (every slot is a late one).
+
 The coordinator has one entry point, :meth:`ReduceCoordinator.handle`: one event in (:class:`Start`,
 :class:`InputReady`, :class:`~hoplite_mpi.events.RankLost`, or the messages ``ReduceStepDone``,
 ``ReduceResume`` and ``Fetched`` as they arrive), one list of instructions out, to be carried out in order:
@@ -110,6 +137,22 @@ def tree_depth(n: int, k: int) -> int:
     if n <= 1:
         return 0
     return max(0, min(math.ceil(math.log2((n + 1) / (k + 1))), int(math.floor(math.log2(n + 1)))))
+
+
+def star_cheaper(n: int, k: int) -> bool:
+    """Whether a star (the target pulls every input itself and combines them) costs less than
+    the tree-chain for ``n`` inputs of chain length ``k``.  In units of ``L``: the star takes
+    ``c + (n - 1) * k`` (its hops, then the target receives ``n - 1`` objects of ``S`` bytes),
+    the tree-chain ``c + (levels - 1) + k`` (one hop per level below the root, bytes pipelined
+    through the chain), with the same ``c`` (the steps asked, the pulls sent, the result
+    reported): the star when ``(n - 2) * k < levels - 1``."""
+    if n <= 2:
+        return False
+    parent, _ = tree_chain(n, tree_depth(n, k))
+    level: list[int] = []
+    for p in parent:                 # (a parent comes before its children)
+        level.append(0 if p is None else level[p] + 1)
+    return (n - 2) * k < max(level)
 
 
 def tree_chain(n: int, depth: int) -> tuple[list[Optional[int]], list[int]]:
@@ -215,11 +258,16 @@ class ReduceCoordinator:
         chain_k: Hoplite's chain length ``k`` for this object size (see :func:`chain_length`); it
             is computed from the first ready input when None and ``size_to_k`` is given.
         allreduce: also give the result to every rank that contributed an input.
+        shard_ranks: the directory shard ranks of an object id.
+        small: take the inline path when the inputs are inline values (``Config.small_collectives``).
+        home: the rank this coordinator runs on (it knows the result once :class:`Reduced` is
+            carried out: no copy is sent to it).
     """
 
     def __init__(self, reduce_id: int, inputs: list[int], op: bytes, num: int, target: int,
                  result_id: int, new_id: Callable[[], int], size_to_k: Callable[[int], int],
-                 allreduce: bool = False, shard_ranks: Callable[[int], tuple] = lambda oid: (0,)) -> None:
+                 allreduce: bool = False, shard_ranks: Callable[[int], tuple] = lambda oid: (0,),
+                 small: bool = False, home: int = 0) -> None:
         self.reduce_id = reduce_id
         self.inputs = list(inputs)
         self.op = op
@@ -235,6 +283,8 @@ class ReduceCoordinator:
         self.used: list[int] = []          # input ids placed, in arrival order
         self.head: Optional[bytes] = None
         self.sizes: Optional[tuple] = None
+        self.shape: Optional[tuple] = None
+        self.dtype: Optional[np.dtype] = None
         self.copy_step: Optional[_Slot] = None
         self.pending_fetch: set[int] = set()
         self.result_done = False
@@ -251,6 +301,13 @@ class ReduceCoordinator:
         self._reported = False        # Reduced given
         self.start = 0                # bytes of the result the target has given out (re-plans)
         self.awaiting: Optional[int] = None   # abandoned attempt whose ReduceResume is awaited
+        # the inline path (see the module docstring): chosen at the first placed input
+        self.small = small
+        self.home = home
+        self.path: Optional[str] = None       # "inline" or "tree" once the first input is placed
+        self.acc: Optional[np.ndarray] = None  # (inline) the combination of the inputs so far
+        self.held: list[ObjectInfo] = []      # (inline) their infos, to replay into a tree
+        self._ufunc: Optional[np.ufunc] = None
 
     # --- events ------------------------------------------------------------------------------
 
@@ -307,45 +364,118 @@ class ReduceCoordinator:
         return out
 
     def _place(self, info: ObjectInfo) -> Outbox:
-        """Put one occurrence of input ``info`` into the next slot."""
+        """Put one occurrence of input ``info`` into the next slot (or, on the inline path, into
+        the combination)."""
         head = info.head if info.inline is None else info.inline[0]
         if len(info.sizes) != 2 or head is None:
             return self._fail(TypeError(
                 f"reduce input {format_id(info.object_id)} is not a numpy array with an out-of-band "
                 f"buffer (C- or Fortran-contiguous numeric array expected)"))
         try:
-            arr = pickle.loads(head, buffers=[np.empty(info.sizes[1], np.uint8)])
+            if info.inline is not None:
+                arr = pickle.loads(head, buffers=info.inline[1:])
+            else:
+                arr = pickle.loads(head, buffers=[np.empty(info.sizes[1], np.uint8)])
         except Exception as exc:
             return self._fail(TypeError(f"reduce input {format_id(info.object_id)} is not a numpy array ({exc})"))
-        if not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        if self.dtype is not None and type(arr) is np.ndarray and arr.dtype == self.dtype \
+                and arr.shape == self.shape:
+            pass        # (as the first input, which was checked)
+        elif not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
             kind = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
             return self._fail(TypeError(f"reduce input {format_id(info.object_id)} has non-numeric type {kind}"))
-        if self.head is None:
-            why = check_op_dtype(pickle.loads(self.op), arr.dtype)
+        if self.dtype is None:
+            self._ufunc = pickle.loads(self.op)
+            why = check_op_dtype(self._ufunc, arr.dtype)
             if why is not None:
                 return self._fail(TypeError(f"reduce input {format_id(info.object_id)}: {why}"))
             self.shape, self.dtype = arr.shape, arr.dtype
-            # every slot works on C-order bytes with this canonical header
-            self.head = bytes(serialize(np.empty(arr.shape, arr.dtype))[0])
-            self.sizes = (len(self.head), info.sizes[1])
         elif arr.shape != self.shape or arr.dtype != self.dtype:
             first = format_id(self.used[0] if self.used else self.inputs[0])
             return self._fail(ValueError(
                 f"reduce input {format_id(info.object_id)} has shape {arr.shape} and dtype {arr.dtype}, "
                 f"but input {first} has shape {self.shape} and dtype {self.dtype}"))
+        if self.path is None:
+            self.path = "inline" if self.small and info.inline is not None else "tree"
+        if self.path == "inline":
+            if info.inline is not None:
+                return self._combine(info, arr)
+            return self._to_tree(info)
+        return self._place_in_tree(info, arr)
+
+    # --- the inline path ---------------------------------------------------------------------
+
+    def _combine(self, info: ObjectInfo, arr: np.ndarray) -> Outbox:
+        """(inline path) Combine the value of ``info`` into the result here; once ``num`` inputs
+        are in, the result is an inline value: registered at its shard, sent to the ranks that
+        must hold it (the target; an allreduce's contributors), done when they have it."""
+        self.used.append(info.object_id)
+        self.held.append(info)
+        try:
+            if self.acc is None:
+                self.acc = np.array(arr, order="C", copy=True)
+            else:
+                self._ufunc(self.acc, arr, out=self.acc)
+        except Exception as exc:    # the op failed on these values: the reduce fails
+            return self._fail(portable_error(
+                exc, f"reduce op np.{self._ufunc.__name__} failed on rank {self.home}"))
+        if len(self.used) < self.num:
+            return []
+        buffers: list = []     # (an ndarray: plain pickle writes what cloudpickle would)
+        head = pickle.dumps(self.acc, protocol=5, buffer_callback=buffers.append)
+        frames = (head,) + tuple(bytes(b.raw()) for b in buffers)
+        self.acc = None
+        self.result = ObjectInfo(self.result_id, tuple(len(f) for f in frames), (self.target,),
+                                 frames)
+        self.result_done = True
+        out: Outbox = [(r, DirAdd(self.result)) for r in self.shard_ranks(self.result_id)]
+        copies = {self.target}
+        if self.allreduce:
+            for held in self.held:
+                live = [h for h in held.holders if h not in self.dead]
+                copies.add(live[0] if live else self.target)
+        for rank in sorted(copies - self.dead - {self.home}):
+            self.pending_fetch.add(rank)
+            out.append((rank, Fetch(self.result_id, self.reduce_id, info=self.result)))
+        return out + self._maybe_finish()
+
+    def _to_tree(self, info: ObjectInfo) -> Outbox:
+        """(inline path) An input that is not inline (its pickle is larger, e.g. a read-only
+        array's at the threshold): nothing was sent yet, so the inputs placed so far go into a
+        tree as on the tree path, then this one."""
+        held, self.held, self.used, self.acc = self.held, [], [], None
+        self.path = "tree"
+        out: Outbox = []
+        for h in held + [info]:
+            if self.done:
+                break
+            out += self._place(h)
+        return out
+
+    # --- the tree path -----------------------------------------------------------------------
+
+    def _place_in_tree(self, info: ObjectInfo, arr: np.ndarray) -> Outbox:
+        if self.head is None:
+            # every slot works on C-order bytes with this canonical header
+            self.head = bytes(serialize(np.empty(arr.shape, arr.dtype))[0])
+            self.sizes = (len(self.head), info.sizes[1])
+        out: Outbox = []
         if not self.slots:
             n = self.num
-            parent, self.order = tree_chain(n, tree_depth(n, self.size_to_k(info.sizes[1])))
-            self.slots = [_Slot(i, p) for i, p in enumerate(parent)]
-            for slot in self.slots:
-                if slot.parent is not None:
-                    self.slots[slot.parent].children.append(slot.index)
+            k = self.size_to_k(info.sizes[1])
+            if self.small and star_cheaper(n, k):
+                out += self._star()
+            else:
+                parent, self.order = tree_chain(n, tree_depth(n, k))
+                self.slots = [_Slot(i, p) for i, p in enumerate(parent)]
+                for slot in self.slots:
+                    if slot.parent is not None:
+                        self.slots[slot.parent].children.append(slot.index)
         self.used.append(info.object_id)
         live = [h for h in info.holders if h not in self.dead]
         rank = live[0] if live else self.target
         slot = self._choose_slot(rank)
         slot.info, slot.rank = info, rank
-        out: Outbox = []
         if self.allreduce and rank != self.target and rank not in self.pending_fetch:
             self.pending_fetch.add(rank)
             out.append((rank, Fetch(self.result_id, self.reduce_id)))
@@ -481,6 +611,18 @@ class ReduceCoordinator:
                                                     self.sizes, adopt=self._adopt(True),
                                                     start=self.start)))
         return out
+
+    def _star(self) -> Outbox:
+        """(mid-size objects, see :func:`star_cheaper`) Every slot is late: the target's step
+        starts now as an accumulator of all ``num`` inputs, and each input, once placed, is
+        pulled by it directly (``ReduceLate``), with no step on the input's rank."""
+        n = self.num
+        self.slots = [_Slot(i, None, started=True, late=True) for i in range(n)]
+        self.order = list(range(n))
+        self.copy_step = _Slot(-1, None, rank=self.target, out_id=self.final_id, started=True)
+        return [(self.target, ReduceStep(self.reduce_id, self.final_id, None, (), self.op, True,
+                                         self.sizes, late=n, head=self.head,
+                                         adopt=self._adopt(True), start=self.start))]
 
     def _accumulate(self) -> Outbox:
         """One input is still to come: start the target's step now, with the children of the

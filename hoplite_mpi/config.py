@@ -12,6 +12,8 @@ import os
 from typing import Any, Mapping
 
 ENV_PREFIX = "HOPLITE_MPI_"
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+              "0": False, "false": False, "no": False, "off": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +26,9 @@ class Config:
         window: chunks of one transfer in flight at once (posted ``Isend``/``Irecv``).
         inline_threshold: objects of at most this many serialized bytes travel inside control
             messages (completion, directory replies) instead of a chunked transfer (Hoplite: 64 KiB).
+        small_collectives: reduces/allreduces of inline inputs are combined on rank 0 and their
+            result sent inline; a broadcast of an inline value sends it in one message per
+            target (no tree, no directory hop; see ``collectives``).  False: the tree for all.
         tasks_per_worker: tasks the scheduler keeps in flight on one worker rank (queued there),
             so fine-grained tasks do not wait for a round trip to rank 0.
         worker_threads: tasks one worker rank executes at the same time (tasks blocked in a
@@ -52,6 +57,7 @@ class Config:
     chunk_size: int = 1 << 20
     window: int = 4
     inline_threshold: int = 64 << 10
+    small_collectives: bool = True
     tasks_per_worker: int = 16
     worker_threads: int = 1
     replication: int = 1
@@ -74,6 +80,8 @@ class Config:
         if (not isinstance(self.inline_threshold, int) or isinstance(self.inline_threshold, bool)
                 or self.inline_threshold < 0):
             raise ValueError(f"inline_threshold must be an int >= 0, got {self.inline_threshold!r}")
+        if not isinstance(self.small_collectives, bool):
+            raise ValueError(f"small_collectives must be a bool, got {self.small_collectives!r}")
         if self.chunk_size % 64:
             raise ValueError(f"chunk_size must be a multiple of 64 bytes (whole array elements), got {self.chunk_size}")
         for name in ("backoff_max", "shutdown_timeout", "link_bandwidth", "link_latency",
@@ -106,6 +114,13 @@ class Config:
                 continue
             kind = type(field.default)
             bad = ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}")
+            if kind is bool:
+                word = raw.strip().lower()
+                if word not in BOOL_WORDS:
+                    raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid bool "
+                                     f"(one of {sorted(BOOL_WORDS)})")
+                values[name] = BOOL_WORDS[word]
+                continue
             try:
                 value = kind(raw) if kind is str else float(raw)
             except ValueError:

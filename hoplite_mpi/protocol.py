@@ -266,11 +266,14 @@ REPLICA_TOKEN = -1   # Fetch token of a background replica copy (its Fetched is 
 @message
 class Fetch:
     """Driver -> rank: make sure you hold a complete copy (broadcast), then answer Fetched.
-    (Primary shard -> rank with ``token=REPLICA_TOKEN``: make a background replica.)"""
+    (Primary shard -> rank with ``token=REPLICA_TOKEN``: make a background replica.)
+    ``info``: the object's value itself (inline; a small broadcast, or the result of a reduce of
+    small inputs): keep it, nothing to pull."""
 
     object_id: int
     token: int
     pulled: bool = False   # the driver already sent the DirPull for this rank (saves a hop)
+    info: Optional[ObjectInfo] = None
 
 
 @message

@@ -3,7 +3,8 @@
 The driver sends each target a ``Fetch`` and, in the same step, a ``DirPull`` on its behalf to the
 object's shard, so the shard and the target wake up together; each target pulls through the
 shard's chain of (partial) copies, so the copies form a pipelined tree built at run time (Hoplite
-§3.3), and answers ``Fetched``.  Replicas (``Config.replication``) are made the same way, with
+§3.3), and answers ``Fetched``.  A small (inline) value known to the broadcasting rank travels in
+the ``Fetch`` itself (``Config.small_collectives``): the target keeps it and answers at once.  Replicas (``Config.replication``) are made the same way, with
 ``REPLICA_TOKEN``.
 """
 from __future__ import annotations
@@ -35,9 +36,16 @@ class Broadcasts:
         token = ctx.ids.next()
         self.running[token] = (set(ranks), {}, done)
         shard = ctx.shard_ranks(object_id)[0]
+        # a small value known here goes to each target in the Fetch itself: one message out and
+        # one answer, no directory hop (Config.small_collectives)
+        info = ctx.catalog.info(object_id) if ctx.config.small_collectives else None
+        small = info if (info is not None and info.inline is not None
+                         and object_id not in ctx.catalog.deleted) else None   # (deleted: the old way answers)
         for rank in ranks:
             if rank == ctx.rank:
                 self.on_fetch(ctx.rank, P.Fetch(object_id, token))
+            elif small is not None:
+                ctx.send(rank, P.Fetch(object_id, token, info=small))
             else:
                 # The DirPull goes out from here together with the Fetch: the shard and the
                 # target wake up at the same time instead of one after the other (an idle rank
@@ -61,6 +69,10 @@ class Broadcasts:
                     error = repr(exc)
             ctx.send(source, P.Fetched(msg.token, ctx.rank, error))
         oid = msg.object_id
+        if msg.info is not None:            # the value itself: keep it (the cache of small values)
+            ctx.catalog.remember(msg.info, oid)
+            reply(msg.info)
+            return
         # (unless a rank of the object's shard is dead here: the driver's DirPull may have gone to
         # it, and this rank may have re-sent its pending requests already, before this Fetch came;
         # simulation seed 1709)

@@ -37,7 +37,8 @@ class Coordination:
         def k_of(nbytes: int) -> int:
             return chain_length(nbytes, ctx.config.link_bandwidth, ctx.config.link_latency)
         coord = ReduceCoordinator(reduce_id, inputs, op, num, target, result_id, ctx.ids.next, k_of,
-                                  allreduce, ctx.shard_ranks)
+                                  allreduce, ctx.shard_ranks, small=ctx.config.small_collectives,
+                                  home=ctx.rank)
         self.running[reduce_id] = coord
         self._coordinated(coord, coord.handle(Start(frozenset(ctx.dead))))
 

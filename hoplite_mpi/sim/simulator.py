@@ -172,7 +172,8 @@ class Simulation:
                              inline_threshold=rng.choice([0, 64, 256, 1000, 4096]),
                              tasks_per_worker=rng.randint(1, 4),
                              worker_threads=rng.randint(1, 2),
-                             replication=rng.randint(1, min(3, self.size)))
+                             replication=rng.randint(1, min(3, self.size)),
+                             small_collectives=rng.random() < 0.75)
         self.ops = ops if ops is not None else rng.randint(5, 40)
         self.faults = Faults(seed, rng, self.size, self.ops, kills, self.config.heartbeat_timeout)
         self.limits = (time_limit, round_limit)        # virtual seconds, rounds

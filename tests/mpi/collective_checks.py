@@ -656,6 +656,48 @@ def check_broadcast_small_inline():
     _broadcast(workers()[-1], workers()[:1], ((3,), "int64", 127, "any", "C"), delay=0.3)
 
 
+@hm.remote
+def is_local_task(box):
+    return hm.is_local(box[0]), hm.rank()
+
+
+def local_on(ref, r):
+    """``hm.is_local`` on rank ``r`` (a small value counts: no store entry for it)."""
+    if r == 0:
+        return hm.is_local(ref)
+    held, where = hm.get(is_local_task.options(rank=r).remote([ref]), timeout=T)
+    assert where == r
+    return held
+
+
+@check
+def check_small_collectives_hold_where_said():
+    # inline inputs (Config.small_collectives): combined on rank 0, the result sent to the
+    # target / the contributors in the Fetch itself; a broadcast sends the value the same way
+    refs, arrays = produce_many(all_ranks(), (100,), "float64", seed=131)
+    want = expected(arrays, "sum")
+    for r in all_ranks():
+        red = hm.reduce(refs, rank=r)
+        ready([red])
+        assert local_on(red, r), f"small reduce with rank={r}: not local there when done"
+        assert hm.locations(red, timeout=T)[red] == [r]
+        assert_same(hm.get(red, timeout=T), want, f"small reduce with rank={r}")
+    every = hm.allreduce(refs)
+    ready([every])
+    for r in all_ranks():
+        assert local_on(every, r), f"small allreduce: rank {r} (a contributor) has no copy"
+    k = min(2, len(refs))
+    first = hm.reduce(refs, num=k)
+    used = hm.reduced_inputs(first, timeout=T)
+    assert len(used) == k
+    assert_same(hm.get(first, timeout=T), expected([arrays[refs.index(u)] for u in used], "sum"),
+                "small first-k reduce")
+    value = hm.put(np.arange(50.0))
+    hm.broadcast(value, timeout=T)
+    for r in all_ranks():
+        assert local_on(value, r), f"small broadcast: rank {r} has no copy when it returned"
+
+
 @check
 def check_broadcast_32mib():
     _broadcast(workers()[0], None, _big_spec(131, 32 * MiB + 8))
