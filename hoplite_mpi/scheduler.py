@@ -415,25 +415,25 @@ class Scheduler:
         that were only on ``rank`` are the directory's business (:class:`ObjectLost`).
         Idempotent."""
         out: Outbox = []
-        for oid, info in self.objects.items():
-            # a result whose maker died: its shard may never have had its DirAdd (sent beside
-            # the TaskDone); the shard tells (DirCheck).  Moved shards: below (simulation seed 192)
-            if (event.rank in info.holders and info.inline is None and not info.error
-                    and self.shard_of(oid) not in event.moved and set(info.holders) <= event.dead):
-                out += [(r, DirCheck(oid, event.rank)) for r in self.shard_ranks(oid)]
-        if event.changed:
-            moved, shard_of, shard_ranks = event.moved, self.shard_of, self.shard_ranks
-            for oid, info in list(self.objects.items()):
-                if shard_of(oid) not in moved:
-                    continue
-                if info.inline is not None:
+        moved = event.moved if event.changed else frozenset()
+        shard_of, shard_ranks = self.shard_of, self.shard_ranks
+        for oid, info in list(self.objects.items()):
+            here = shard_of(oid) in moved
+            if info.inline is not None:
+                if here:
                     out += [(r, DirAdd(info)) for r in shard_ranks(oid)]
-                elif info.holders and set(info.holders) <= event.dead:
+            elif info.holders and set(info.holders) <= event.dead:
+                if here:
                     # its copy and its shard died: rebuilt from lineage, else (a put, a reduce
                     # result) an ObjectLostError value; a copy made elsewhere (a replica, a
                     # broadcast) that registers with the new shard still wins there
                     # (directory.add; simulation seed 52)
                     out += self._object_lost(ObjectLost(oid, event.rank))
+                elif event.rank in info.holders and not info.error:
+                    # a result whose maker died: its shard may never have had its DirAdd (sent
+                    # beside the TaskDone); the shard tells (DirCheck; simulation seed 192)
+                    out += [(r, DirCheck(oid, event.rank)) for r in shard_ranks(oid)]
+        if event.changed:
             for oid in self.deleted:
                 if shard_of(oid) in moved:
                     out += [(r, DirDelete(oid, True)) for r in shard_ranks(oid)]

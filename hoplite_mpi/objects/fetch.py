@@ -265,15 +265,28 @@ class Fetcher:
         for callback in self.fetching.pop(oid, ()):
             callback(info)
 
+    def _stop_receiving(self, oid: int) -> bool:
+        """Cancel the stream filling this rank's copy of ``oid``; whether one was running."""
+        stream = self.receiving.pop(oid, None)
+        if stream is not None:
+            self.ctx.transport.cancel_stream(*stream)
+        return stream is not None
+
+    def _drop_incomplete(self, oid: int) -> None:
+        """Drop this rank's copy of ``oid`` if it is incomplete (its own readers are refused)."""
+        ctx = self.ctx
+        entry = ctx.store.get(oid)
+        if entry is not None and not entry.complete:
+            ctx.store.delete(oid)
+            ctx.server.refuse_partial(oid)
+
     def copy_dropped(self, oid: int) -> None:
         """This rank's incomplete copy of ``oid`` was just dropped (``Free`` or ``hm.delete``)
         while readers here wait for it: stop its stream (its chunks would otherwise land in
         nothing and nobody would ever answer the readers) and ask the shard again, which answers
         'deleted' after a delete (readers get ObjectDeletedError), else a new sender
         (simulation seed 50312: a task's input deleted while the task's rank received it)."""
-        stream = self.receiving.pop(oid, None)
-        if stream is not None:
-            self.ctx.transport.cancel_stream(*stream)
+        self._stop_receiving(oid)
         if oid in self.fetching:
             self.ask_sender(oid)
 
@@ -282,14 +295,8 @@ class Fetcher:
         DELETED now (ObjectDeletedError) instead of waiting for the shard's answer, which a
         shard that moved may never give (simulation seed 70179); an incomplete copy being
         received is stopped and dropped."""
-        ctx = self.ctx
-        stream = self.receiving.pop(oid, None)
-        if stream is not None:
-            ctx.transport.cancel_stream(*stream)
-            entry = ctx.store.get(oid)
-            if entry is not None and not entry.complete:
-                ctx.store.delete(oid)
-                ctx.server.refuse_partial(oid)
+        if self._stop_receiving(oid):
+            self._drop_incomplete(oid)
         for callback in self.fetching.pop(oid, ()):
             callback(DELETED)
 
@@ -304,10 +311,7 @@ class Fetcher:
         # The sender dropped its copy (deleted/freed): cancel our receive and ask the shard anew.
         ctx.transport.cancel_stream(source, msg.tag)
         self.receiving.pop(oid, None)
-        entry = ctx.store.get(oid)
-        if entry is not None and not entry.complete:
-            ctx.store.delete(oid)
-            ctx.server.refuse_partial(oid)
+        self._drop_incomplete(oid)
         self.ask_sender(oid)
 
     def rank_lost(self, loss: Loss) -> None:
