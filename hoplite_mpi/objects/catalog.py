@@ -24,7 +24,7 @@ class Catalog:
 
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
-        self.known: dict[int, ObjectInfo] = {}     # small values put here or read here
+        self.known: dict[int, ObjectInfo] = {}     # small values put or read here; objects put here
         self.deleted: set[int] = set()             # ids deleted with hm.delete
         self.authority: Callable[[int], Optional[ObjectInfo]] = lambda oid: None
 
@@ -83,9 +83,10 @@ class Catalog:
         ctx = self.ctx
         oid = ctx.ids.next() if object_id is None else object_id
         info = self.describe(oid, frames, ctx.rank)
-        if info.inline is not None:
-            self.known[oid] = info
-        else:
+        # (known at once to this thread, chunked ones too: a reduce right after a put checks
+        # the input's dtype from it at call time, before the engine has stored the frames)
+        self.known[oid] = info
+        if info.inline is None:
             ctx.call_soon(ctx.store.put, oid, frames)
         ctx.call_soon(self.published, info)
         return oid
