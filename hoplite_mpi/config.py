@@ -29,6 +29,10 @@ class Config:
         small_collectives: reduces/allreduces of inline inputs are combined on rank 0 and their
             result sent inline; a broadcast of an inline value sends it in one message per
             target (no tree, no directory hop; see ``collectives``).  False: the tree for all.
+        worker_deps: a task whose missing inputs are all being made by tasks placed on one
+            worker rank is placed there at once and waits on the worker, which starts it the
+            moment the last input is made there (no rank-0 round trip per link of a chain;
+            Dask's worker-side dependency handling).  False: a task is placed once its inputs exist.
         tasks_per_worker: tasks the scheduler keeps in flight on one worker rank (queued there),
             so fine-grained tasks do not wait for a round trip to rank 0.
         worker_threads: tasks one worker rank executes at the same time (tasks blocked in a
@@ -58,6 +62,7 @@ class Config:
     window: int = 4
     inline_threshold: int = 64 << 10
     small_collectives: bool = True
+    worker_deps: bool = True
     tasks_per_worker: int = 16
     worker_threads: int = 1
     replication: int = 1
@@ -80,8 +85,9 @@ class Config:
         if (not isinstance(self.inline_threshold, int) or isinstance(self.inline_threshold, bool)
                 or self.inline_threshold < 0):
             raise ValueError(f"inline_threshold must be an int >= 0, got {self.inline_threshold!r}")
-        if not isinstance(self.small_collectives, bool):
-            raise ValueError(f"small_collectives must be a bool, got {self.small_collectives!r}")
+        for name in ("small_collectives", "worker_deps"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.chunk_size % 64:
             raise ValueError(f"chunk_size must be a multiple of 64 bytes (whole array elements), got {self.chunk_size}")
         for name in ("backoff_max", "shutdown_timeout", "link_bandwidth", "link_latency",

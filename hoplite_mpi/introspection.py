@@ -19,7 +19,8 @@ from .values import Blocking, remaining
 
 # the named counters of a rank (always in stats(), 0 until counted)
 COUNTERS = ("pulls", "serves", "replicas", "transfer_errors", "reduces_replanned",
-            "reduce_bytes_kept", "auto_freed", "ranks_lost", "worker_crashes", "engine_errors")
+            "reduce_bytes_kept", "auto_freed", "ranks_lost", "worker_crashes", "engine_errors",
+            "tasks_ahead")
 
 
 def stats() -> dict:
@@ -34,7 +35,9 @@ def stats() -> dict:
       re-planned after a rank loss), ``reduce_bytes_kept`` (driver: result bytes those re-plans
       did not compute again), ``auto_freed`` (driver: objects freed when their last ref went),
       ``ranks_lost`` (ranks this rank saw die), ``worker_crashes`` (driver: tasks whose process
-      exited under them), ``engine_errors`` (messages whose handling raised: a bug); any other
+      exited under them), ``engine_errors`` (messages whose handling raised: a bug),
+      ``tasks_ahead`` (worker: tasks placed here before their inputs were made, see
+      ``Config.worker_deps``); any other
       counter of the runtime appears too;
     - ``messages``: dict message type name -> messages of that type this rank received;
     - ``store_objects``, ``store_bytes``: copies (complete or being received) in this rank's

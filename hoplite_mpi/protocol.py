@@ -114,6 +114,8 @@ class RunTask:
     """Scheduler -> worker: run ``spec``; ``deps`` gives an ObjectInfo per dependency.
 
     ``blobs`` carries (id, blob) pairs of functions/initializers the worker has not seen yet.
+    A ``None`` in ``deps``: that input is being made by a task placed on this worker before
+    this one (``Config.worker_deps``); the task waits on the worker until it is made there.
     """
 
     spec: TaskSpec
@@ -128,6 +130,23 @@ class TaskDone:
     task_id: int
     rank: int
     results: tuple[ObjectInfo, ...]
+
+
+@message
+class Revoke:
+    """Scheduler -> worker: drop the task if it still waits for inputs made on the worker
+    (a cancel); answered by :class:`Revoked`."""
+
+    task_id: int
+
+
+@message
+class Revoked:
+    """Worker -> scheduler: whether the task was dropped before it started (``dropped``)."""
+
+    task_id: int
+    rank: int
+    dropped: bool
 
 
 @message

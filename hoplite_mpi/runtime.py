@@ -134,6 +134,7 @@ class Runtime:
             on(P.SubmitTask, driver.on_submit)
             on(P.TaskDone, driver.on_task_done)
             on(P.TaskBlocked, driver.on_task_blocked)
+            on(P.Revoked, driver.on_revoked)
             on(P.ObjectLost, driver.on_object_lost)
             on(P.TaskExit, driver.on_task_exit)
             on(P.ReduceRequest, coordinator.on_request)
@@ -141,6 +142,7 @@ class Runtime:
             on(P.ReduceResume, coordinator.on_resume)
         if tasks is not None:                              # roles/tasks.py
             on(P.RunTask, tasks.on_run_task)
+            on(P.Revoke, tasks.on_revoke)
             if driver is None:
                 on(P.TaskExit, tasks.on_task_exit_echo)
         engine.peers.on_failure(self.rank_lost)
@@ -383,10 +385,14 @@ class Runtime:
             self.call_soon(self.ctx.driver.release, object_id)
 
     def cancel(self, task_id: int) -> bool:
-        """Cancel a task not placed yet (driver).  Returns whether it was cancelled."""
+        """Cancel a task not started yet (driver).  Returns whether it was cancelled; a task
+        placed ahead on a worker (``Config.worker_deps``) is asked of that worker, one round
+        trip (RuntimeShutdownError if the runtime shuts down meanwhile)."""
         if self.ctx.driver is None or self.closed:
             return False
-        return self.call(self.ctx.driver.cancel, task_id)
+        fut = self.waiter()
+        self.call_soon(self.ctx.driver.cancel, task_id, fut.set_result)
+        return fut.result()
 
     def set_blocked(self, blocked: bool) -> None:
         """The calling task thread enters/leaves a blocking wait (nested get/wait)."""

@@ -12,6 +12,16 @@ most bytes of the task's inputs if it has room, else the least loaded rank.  Eac
 to ``tasks_per_worker`` tasks in flight; tasks blocked in a nested ``get`` do not count, so nested
 tasks can always be placed (no deadlock when every worker waits on children).
 
+Placement ahead (``worker_deps``; Dask's worker-side dependency handling): a WAITING task whose
+missing inputs are all made by tasks placed on one rank ``r`` (RUNNING there) is placed on ``r`` at
+once, its RunTask naming those inputs ``None``; the worker starts it the moment they are made
+there, without a round trip to rank 0 (a chain costs one local hand-off per link).  For rank 0 it
+is RUNNING on ``r`` (``_Task.ahead``; rank loss re-queues it like a running task, so it is placed
+ahead only while it has a retry left).  At most ``worker_threads`` tasks go ahead per missing
+object (a fan-out still spreads over the workers once the object exists).  Cancelling such a
+task asks the worker (:class:`~hoplite_mpi.protocol.Revoke`): it is cancelled only if it has not
+started there, answered by a :class:`TaskCancelled` instruction when the worker replies.
+
 One entry point, as Dask's ``handle_stimulus``: :meth:`Scheduler.handle` takes one event and
 returns one list of instructions, to be carried out in order.  An instruction is either a message
 to send, a plain ``(rank, message)`` tuple, or a local :class:`Instruction` (tell them apart with
@@ -37,8 +47,8 @@ from typing import Callable, Iterable, Optional
 from .errors import ObjectDeletedError, ObjectLostError, RankLostError, WorkerCrashedError
 from .events import Instruction, Outbox, RankLost
 from .ids import format_id
-from .protocol import (DirAdd, DirCheck, DirDelete, DirLookup, ObjectInfo, ObjectLost, RunTask,
-                       TaskBlocked, TaskDone, TaskExit, TaskSpec)
+from .protocol import (DirAdd, DirCheck, DirDelete, DirLookup, ObjectInfo, ObjectLost, Revoke,
+                       Revoked, RunTask, TaskBlocked, TaskDone, TaskExit, TaskSpec)
 from .serialization import error_info, local_error, to_bytes
 
 
@@ -119,9 +129,13 @@ class FreeObjects(Instruction):
 
 @dataclass(slots=True)
 class TaskCancelled(Instruction):
-    """The :class:`Cancel` succeeded: the task will not run."""
+    """The answer to a :class:`Cancel`: ``cancelled``, the task will not run; else it has
+    started (or finished) on its worker.  Only a task placed ahead gets a negative answer, later
+    (see :meth:`Scheduler.revoking`); a cancel of any other task is answered at once, or not at
+    all when it failed."""
 
     task_id: int
+    cancelled: bool = True
 
 
 class TaskState:
@@ -160,6 +174,7 @@ class _Task:
     rank: Optional[int] = None
     blocked: bool = False
     attempts: int = 0
+    ahead: bool = False      # placed before its inputs existed (see placement ahead)
     history: list = field(default_factory=list)
 
     def move(self, new: TaskState) -> None:
@@ -179,11 +194,14 @@ class Scheduler:
         rank: the rank the scheduler runs on (0).
         shard_of: maps an object id to its shard's index (as in
             :class:`~hoplite_mpi.events.RankLost`).
+        worker_deps: place tasks ahead (module docstring; ``Config.worker_deps``).
+        worker_threads: tasks placed ahead per missing object (``Config.worker_threads``).
     """
 
     def __init__(self, workers: Iterable[int], shard_ranks: Callable[[int], tuple[int, ...]],
                  tasks_per_worker: int = 16, rank: int = 0,
-                 shard_of: Callable[[int], int] = lambda oid: 0) -> None:
+                 shard_of: Callable[[int], int] = lambda oid: 0,
+                 worker_deps: bool = False, worker_threads: int = 1) -> None:
         self.workers = list(workers)
         if not self.workers:
             raise ValueError("the scheduler needs at least one worker rank")
@@ -208,13 +226,18 @@ class Scheduler:
         self._freed: list[int] = []                    # this event's, for the FreeObjects instruction
         self.lost_ranks: set[int] = set()
         self.lineage: dict[int, TaskSpec] = {}          # live chunked result -> the task that made it
+        self.worker_deps, self.worker_threads = worker_deps, worker_threads
+        self.candidates: list[int] = []                 # WAITING tasks that may go ahead now
+        self.ahead_later: dict[int, deque] = {}         # rank -> tasks to place ahead when it has room
+        self.ahead_count: dict[int, int] = {}           # missing object -> tasks placed ahead on it
+        self.revoking: set[int] = set()                 # tasks placed ahead, cancel asked of the worker
         self.stats = {"submitted": 0, "done": 0, "failed": 0, "retried": 0, "rebuilt": 0}
         self._handlers: dict[type, Callable] = {
             TaskSpec: self._submit, TaskDone: self._task_done, TaskBlocked: self._task_blocked,
             ObjectLost: self._object_lost, TaskExit: self._task_exit,
             ObjectKnown: self._object_known, LookedUp: self._looked_up,
             ObjectDeleted: self._object_deleted, Forget: self._forget, Release: self._release,
-            Cancel: self._cancel, RankLost: self._rank_lost}
+            Cancel: self._cancel, Revoked: self._revoked, RankLost: self._rank_lost}
 
     def handle(self, event: object) -> list:
         """Apply one event; returns the instructions, in order: ``(rank, message)`` sends, then
@@ -339,6 +362,8 @@ class Scheduler:
                     out.append((self.shard_ranks(oid)[0], DirLookup(oid, self.rank)))
         if not task.missing:
             self._make_ready(task)
+        elif self.worker_deps:
+            self.candidates.append(spec.task_id)
         return out + self._dispatch()
 
     def _object_known(self, event: ObjectKnown) -> Outbox:
@@ -362,6 +387,7 @@ class Scheduler:
             if info.object_id in self.deleted:
                 continue
             self.objects[info.object_id] = info
+            self.ahead_count.pop(info.object_id, None)
             for task_id in self.dependents.pop(info.object_id, ()):
                 task = self.tasks.get(task_id)
                 if task is None or task.state is not TaskState.WAITING:
@@ -447,6 +473,9 @@ class Scheduler:
         self.workers.remove(rank)
         del self.inflight[rank]
         self.sent_blobs.pop(rank, None)
+        self.ahead_later.pop(rank, None)
+        self.ahead_count.clear()    # (counts of tasks re-queued now; a stale count only holds
+                                    # back placement ahead until the object exists)
         requeue = []
         for task in list(self.tasks.values()):
             spec = task.spec
@@ -458,7 +487,7 @@ class Scheduler:
                     self._fail(task, self._lost_error(task, rank, why), out)
                 else:
                     task.move(TaskState.READY)
-                    task.rank, task.blocked = None, False
+                    task.rank, task.blocked, task.ahead = None, False, False
                     self.stats["retried"] += 1
                     requeue.append(task)
             elif task.state in (TaskState.WAITING, TaskState.READY) and (pinned or not self.workers):
@@ -469,7 +498,15 @@ class Scheduler:
         for task in reversed(requeue):          # lost work first: it was placed earliest
             self._queue(task.spec).appendleft(task.spec.task_id)
         self.ready.pop(("rank", rank), None)
-        return self._drain(out)
+        # cancels the dead rank can no longer answer: the tasks are rank 0's again
+        answers = []
+        for task_id in [t for t in self.revoking if self._revocable(t) is None]:
+            self.revoking.discard(task_id)
+            for item in self._cancel(Cancel(task_id)):
+                (answers if item.__class__ is TaskCancelled else out).append(item)
+            if not answers or answers[-1].task_id != task_id:
+                answers.append(TaskCancelled(task_id, False))
+        return self._drain(out) + answers     # (local instructions after the sends)
 
     @staticmethod
     def _no_rank_left(spec: TaskSpec, dead: set) -> bool:
@@ -592,13 +629,47 @@ class Scheduler:
         self.inflight[task.rank] += -1 if blocked else 1
         return self._dispatch() if blocked else []
 
+    def revoking_task(self, task_id: int) -> bool:
+        """Whether a cancel of the task waits for its worker's answer (a TaskCancelled comes
+        out of a later event: the worker's Revoked, or the loss of its rank)."""
+        return task_id in self.revoking
+
+    def _revocable(self, task_id: int) -> Optional[_Task]:
+        """The task if it is placed ahead and RUNNING (a worker may still drop it), else None."""
+        task = self.tasks.get(task_id)
+        return task if task is not None and task.ahead and task.state is TaskState.RUNNING else None
+
     def _cancel(self, event: Cancel) -> Outbox:
         task_id = event.task_id
         task = self.tasks.get(task_id)
+        if self._revocable(task_id) is not None:
+            if task_id in self.revoking:
+                return []
+            self.revoking.add(task_id)
+            return [(task.rank, Revoke(task_id))]
         if task is None or task.state not in (TaskState.WAITING, TaskState.READY):
             return []
         if task.state is TaskState.READY:
             self._queue(task.spec).remove(task_id)
+        out: Outbox = []
+        self._fail(task, to_bytes(local_error(CancelledError())), out, report=False)
+        out = self._drain(out)
+        out.append(TaskCancelled(task_id))
+        return out
+
+    def _revoked(self, msg: Revoked) -> Outbox:
+        """The worker's answer to a :class:`Revoke`: if it dropped the task before it started,
+        the task fails with CancelledError as by :class:`Cancel` (its dependents placed ahead
+        on that worker fail there).  Either way a :class:`TaskCancelled` answers the cancel."""
+        task_id = msg.task_id
+        if task_id not in self.revoking:
+            return []
+        self.revoking.discard(task_id)
+        task = self._revocable(task_id)
+        if not msg.dropped or task is None or task.rank != msg.rank:
+            return [TaskCancelled(task_id, False)]
+        if not task.blocked:
+            self.inflight[task.rank] -= 1
         out: Outbox = []
         self._fail(task, to_bytes(local_error(CancelledError())), out, report=False)
         out = self._drain(out)
@@ -627,6 +698,8 @@ class Scheduler:
         of tasks whose inputs went away meanwhile)."""
         out: Outbox = []
         failed: Outbox = []
+        ahead = self.worker_deps
+        candidates = self.candidates
         for key, queue in self.ready.items():
             while queue:
                 task = self.tasks[queue[0]]
@@ -636,6 +709,8 @@ class Scheduler:
                     if gone in self.producer:      # being rebuilt from lineage: wait for it
                         task.move(TaskState.WAITING)
                         self._wait_for(task, {d for d in task.spec.deps if d not in self.objects})
+                        if ahead:
+                            candidates.append(task.spec.task_id)
                         continue
                     self._fail(task, _deleted_error(gone), failed)
                     continue
@@ -644,9 +719,67 @@ class Scheduler:
                     break
                 queue.popleft()
                 out.append((rank, self._run(task, rank)))
+                if ahead:
+                    self._add_dependents(task.spec, candidates)
+        if ahead and (candidates or self.ahead_later):
+            self._place_ahead(out)
         if failed:
             out += self._drain(failed)
         return out
+
+    def _add_dependents(self, spec: TaskSpec, candidates: list) -> None:
+        dependents = self.dependents
+        for oid in spec.return_ids:
+            waiting = dependents.get(oid)
+            if waiting and self.ahead_count.get(oid, 0) < self.worker_threads:
+                candidates.extend(waiting)
+
+    def _place_ahead(self, out: Outbox) -> None:
+        """Place ahead the candidates that can go (module docstring), appending their RunTasks
+        to ``out``; tasks placed ahead make their own dependents candidates."""
+        limit, inflight = self.tasks_per_worker, self.inflight
+        todo = deque(self.candidates)
+        self.candidates = []
+        for rank in list(self.ahead_later):
+            if inflight[rank] < limit:
+                todo.extend(self.ahead_later.pop(rank))
+        while todo:
+            task = self.tasks.get(todo.popleft())
+            if task is None or task.state is not TaskState.WAITING:
+                continue
+            rank = self._ahead_rank(task)
+            if rank is None:
+                continue
+            if inflight[rank] >= limit:
+                self.ahead_later.setdefault(rank, deque()).append(task.spec.task_id)
+                continue
+            for oid in task.missing:
+                self.ahead_count[oid] = self.ahead_count.get(oid, 0) + 1
+            task.move(TaskState.READY)
+            out.append((rank, self._run(task, rank)))
+            self._add_dependents(task.spec, todo)
+
+    def _ahead_rank(self, task: _Task) -> Optional[int]:
+        """The rank ``task`` (WAITING) may be placed ahead on, or None."""
+        spec = task.spec
+        # (a loss while it waits must leave a retry; a pending cancel's answer must find it)
+        if task.attempts >= spec.max_retries or spec.task_id in self.revoking:
+            return None
+        rank = None
+        for oid in task.missing:
+            if self.ahead_count.get(oid, 0) >= self.worker_threads:
+                return None
+            maker_id = self.producer.get(oid)
+            maker = None if maker_id is None else self.tasks.get(maker_id)
+            if (maker is None or maker.state is not TaskState.RUNNING or maker_id in self.revoking
+                    or (rank is not None and maker.rank != rank)):
+                return None
+            rank = maker.rank
+        if rank is None or rank not in self.inflight:
+            return None
+        if (spec.rank is not None and spec.rank != rank) or (spec.allowed is not None and rank not in spec.allowed):
+            return None
+        return rank
 
     def _place(self, spec: TaskSpec) -> Optional[int]:
         limit = self.tasks_per_worker
@@ -669,6 +802,8 @@ class Scheduler:
         return rank if self.inflight[rank] < limit else None
 
     def _run(self, task: _Task, rank: int) -> RunTask:
+        """Move ``task`` (READY) to RUNNING on ``rank``; its RunTask (an input not made yet is
+        ``None`` in ``deps``: the task is placed ahead)."""
         task.move(TaskState.RUNNING)
         task.rank = rank
         task.attempts += 1
@@ -678,7 +813,10 @@ class Scheduler:
         blobs = tuple((key, self.blobs[key]) for key in (spec.fn_id, spec.init_id)
                       if key is not None and key not in sent)
         sent.update(key for key, _ in blobs)
-        return RunTask(spec, tuple(self.objects[oid] for oid in spec.deps), blobs)
+        objects = self.objects
+        deps = tuple(objects.get(oid) for oid in spec.deps)
+        task.ahead = None in deps
+        return RunTask(spec, deps, blobs)
 
     def _queue(self, spec: TaskSpec) -> deque:
         key = ("rank", spec.rank) if spec.rank is not None else spec.allowed

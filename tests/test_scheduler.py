@@ -42,6 +42,7 @@ class Fed:
         self.completed: list = []
         self.freed: list = []
         self.cancelled: list = []
+        self.not_cancelled: list = []    # cancels answered "it started" (placed ahead)
 
     def __getattr__(self, name):
         return getattr(self.sched, name)
@@ -63,7 +64,7 @@ class Fed:
                     self.freed += item.ids
                 else:
                     assert isinstance(item, TaskCancelled), item
-                    self.cancelled.append(item.task_id)
+                    (self.cancelled if item.cancelled else self.not_cancelled).append(item.task_id)
         return sends
 
     def submit(self, spec):
@@ -99,9 +100,10 @@ class Fed:
         return self(RankLost(rank))
 
 
-def make(workers=(1, 2, 3), cap=16, shards=(SHARD,), shard_of=lambda oid: 0) -> Fed:
+def make(workers=(1, 2, 3), cap=16, shards=(SHARD,), shard_of=lambda oid: 0,
+         ahead=False, threads=1) -> Fed:
     return Fed(Scheduler(list(workers), lambda oid: shards, tasks_per_worker=cap, rank=0,
-                         shard_of=shard_of))
+                         shard_of=shard_of, worker_deps=ahead, worker_threads=threads))
 
 
 def refused(s: Fed, spec: TaskSpec, exc_type: type, match: str = "") -> None:

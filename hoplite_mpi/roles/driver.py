@@ -31,13 +31,17 @@ class Driver:
 
     def __init__(self, ctx: Any, worker_ranks: list[int]) -> None:
         self.ctx = ctx
-        self.scheduler = Scheduler(worker_ranks, ctx.shard_ranks, ctx.config.tasks_per_worker,
-                                   shard_of=lambda oid: shard_of(oid, len(ctx.shards)))
+        config = ctx.config
+        self.scheduler = Scheduler(worker_ranks, ctx.shard_ranks, config.tasks_per_worker,
+                                   shard_of=lambda oid: shard_of(oid, len(ctx.shards)),
+                                   worker_deps=config.worker_deps,
+                                   worker_threads=config.worker_threads)
         self.ready_waiters: dict[int, list[Callable]] = {}
         self.stale_lookups: dict[int, list[Callable]] = {}
+        self.cancels: dict[int, list[Callable[[bool], None]]] = {}   # task -> cancel() answers
         ctx.catalog.authority = self.scheduler.object_info
         self._local = {Completed: self._completed, FreeObjects: self._free,
-                       TaskCancelled: lambda instruction: None}
+                       TaskCancelled: self._cancel_answered}
 
     def scheduled(self, out: list) -> None:
         """Carry out a scheduler's instructions in order: send the ``(rank, message)`` tuples,
@@ -97,11 +101,21 @@ class Driver:
         """The driver's last ref to the object was dropped."""
         self.scheduled(self.scheduler.handle(Release(object_id)))
 
-    def cancel(self, task_id: int) -> bool:
-        """Cancel a task not placed yet; whether it was."""
-        out = self.scheduler.handle(Cancel(task_id))
-        self.scheduled(out)
-        return any(item.__class__ is TaskCancelled for item in out)
+    def cancel(self, task_id: int, answer: Callable[[bool], None]) -> None:
+        """Cancel a task not started yet; ``answer(cancelled)`` at once, or for a task placed
+        ahead on a worker once that worker has answered (or died)."""
+        self.cancels.setdefault(task_id, []).append(answer)
+        self.scheduled(self.scheduler.handle(Cancel(task_id)))
+        if task_id in self.cancels and not self.scheduler.revoking_task(task_id):
+            for callback in self.cancels.pop(task_id):
+                callback(False)
+
+    def _cancel_answered(self, instruction: TaskCancelled) -> None:
+        for callback in self.cancels.pop(instruction.task_id, ()):
+            callback(instruction.cancelled)
+
+    def on_revoked(self, source: int, msg: P.Revoked) -> None:
+        self.scheduled(self.scheduler.handle(msg))
 
     def object_known(self, info: ObjectInfo) -> None:
         self.scheduled(self.scheduler.handle(ObjectKnown(info)))

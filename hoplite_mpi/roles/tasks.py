@@ -1,33 +1,88 @@
 """The task role of a worker rank: the shell around :class:`~hoplite_mpi.worker.Worker` (which
 runs tasks on executor threads).  Results are stored and registered here, on the engine thread,
-and reported to the scheduler (``TaskDone``)."""
+and reported to the scheduler (``TaskDone``).
+
+Tasks placed ahead (``Config.worker_deps``: a ``None`` input in their RunTask, made by a task
+placed here before) wait in :class:`~hoplite_mpi.local_deps.LocalDeps`, off the executor, and
+start the moment their last such input is made here: a small result is handed over on the
+executor thread that made it, before the engine has even reported it.  If one of those inputs
+is an error object the task fails with it without running, as the scheduler fails a waiting
+task.  A :class:`~hoplite_mpi.protocol.Revoke` (a cancel) drops a waiting task; tasks waiting
+here for its results then fail with CancelledError.
+"""
 from __future__ import annotations
 
 import threading
-from typing import Any
+from concurrent.futures import CancelledError
+from typing import Any, Iterable, Optional
 
 from .. import protocol as P
-from ..errors import RuntimeShutdownError
+from ..errors import ObjectDeletedError, RuntimeShutdownError
+from ..ids import format_id
+from ..local_deps import LocalDeps, Waiting
 from ..protocol import ObjectInfo
-from ..serialization import frame_sizes, to_bytes
+from ..serialization import error_info, frame_sizes, local_error, serialize_error, to_bytes
 from ..worker import _context, current_task_id
 
 
 class TaskRole:
-    """``worker``: the executor; ``exit_noted``: rank 0 took note of a task's ``os._exit``."""
+    """``worker``: the executor; ``deps``: tasks placed ahead waiting here; ``exit_noted``: rank
+    0 took note of a task's ``os._exit``."""
 
     def __init__(self, ctx: Any, make_worker: Any) -> None:
         self.ctx = ctx
         catalog = ctx.catalog
         self.worker = make_worker(ctx.rank, ctx.config.worker_threads, ctx.fetcher.fetch_info,
                                   self.task_finished, lambda oid: catalog.local_frames(oid) is not None)
+        self.deps = LocalDeps()
         self.exit_noted = threading.Event()
 
     def on_run_task(self, source: int, msg: P.RunTask) -> None:
-        self.worker.enqueue(msg)
+        if None not in msg.deps:
+            self.worker.enqueue(msg)
+            return
+        self.worker.functions.add(msg.blobs)    # (later RunTasks of that function lack them)
+        self.ctx.stats["tasks_ahead"] += 1
+        entry, ask = self.deps.add(msg)
+        for oid in ask:      # (made here long ago, or not yet: whichever answers first)
+            self.ctx.lookups.lookup(oid, lambda info, oid=oid: self._looked_up(oid, info))
+        if entry is not None:
+            self._start((entry,))
+
+    def on_revoke(self, source: int, msg: P.Revoke) -> None:
+        """Rank 0 cancels a task placed ahead: drop it if it has not started (its results
+        become CancelledError for the tasks waiting here on them; rank 0 registers them)."""
+        entry = self.deps.revoke(msg.task_id)
+        self.ctx.send(source, P.Revoked(msg.task_id, self.ctx.rank, entry is not None))
+        if entry is not None:
+            error = to_bytes(local_error(CancelledError()))
+            self._start(self.deps.made(error_info(oid, error) for oid in entry.msg.spec.return_ids))
+
+    def _looked_up(self, oid: int, info: Optional[ObjectInfo]) -> None:
+        if info is None:      # deleted
+            info = error_info(oid, serialize_error(ObjectDeletedError(format_id(oid)), self.ctx.rank))
+        self._start(self.deps.made((info,)))
+
+    def _start(self, entries: Iterable[Waiting]) -> None:
+        """(any thread) Start tasks whose inputs are all here; one with an error input fails
+        with it, unrun (reported by the engine, one step later: a failure passing down a chain
+        of waiting tasks recurses no deeper)."""
+        for entry in entries:
+            failed = entry.failed_input()
+            if failed is None:
+                self.worker.enqueue(entry.run_task())
+                continue
+            spec, rank = entry.msg.spec, self.ctx.rank
+            infos = tuple(ObjectInfo(oid, failed.sizes, (rank,), failed.inline, True)
+                          for oid in spec.return_ids)
+            try:
+                self.ctx.call_soon(self._report, spec, infos, [])
+            except RuntimeShutdownError:
+                return
 
     def task_finished(self, spec: P.TaskSpec, results: list) -> None:
-        """(executor thread) A task ended; ``results`` = [(frames, is_error)] per return value."""
+        """(executor thread) A task ended; ``results`` = [(frames, is_error)] per return value.
+        Tasks waiting here for its small results start at once, from this thread."""
         ctx = self.ctx
         infos = []
         stored = []
@@ -39,10 +94,14 @@ class TaskRole:
             infos.append(info)
             if info.inline is None:
                 stored.append((oid, frames))
+        infos = tuple(infos)
         try:
-            ctx.call_soon(self._report, spec, tuple(infos), stored)
+            ctx.call_soon(self._report, spec, infos, stored)
         except RuntimeShutdownError:    # the job ended while the task ran: nobody wants it
-            pass
+            return
+        if not stored and self.deps.awaits():
+            # (a chunked result waits for the engine: its dependents read it from the store)
+            self._start(self.deps.made(infos))
 
     def _report(self, spec: P.TaskSpec, infos: tuple, stored: list) -> None:
         ctx = self.ctx
@@ -52,6 +111,7 @@ class TaskRole:
         for info in infos:
             ctx.publish(info, spec.replicas or 0)
         ctx.send(0, P.TaskDone(spec.task_id, ctx.rank, infos))
+        self._start(self.deps.made(infos))
 
     def set_blocked(self, blocked: bool) -> None:
         """(task thread) The calling task enters/leaves a blocking wait (nested get/wait)."""
