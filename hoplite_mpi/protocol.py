@@ -134,8 +134,8 @@ class TaskDone:
 
 @message
 class Revoke:
-    """Scheduler -> worker: drop the task if it still waits for inputs made on the worker
-    (a cancel); answered by :class:`Revoked`."""
+    """Scheduler -> worker: drop the task if it has not started there (it waits for inputs
+    made on the worker, or for an executor thread): a cancel; answered by :class:`Revoked`."""
 
     task_id: int
 

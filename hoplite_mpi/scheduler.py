@@ -18,9 +18,12 @@ once, its RunTask naming those inputs ``None``; the worker starts it the moment 
 there, without a round trip to rank 0 (a chain costs one local hand-off per link).  For rank 0 it
 is RUNNING on ``r`` (``_Task.ahead``; rank loss re-queues it like a running task, so it is placed
 ahead only while it has a retry left).  At most ``worker_threads`` tasks go ahead per missing
-object (a fan-out still spreads over the workers once the object exists).  Cancelling such a
-task asks the worker (:class:`~hoplite_mpi.protocol.Revoke`): it is cancelled only if it has not
-started there, answered by a :class:`TaskCancelled` instruction when the worker replies.
+object (a fan-out still spreads over the workers once the object exists).
+
+Cancel: a task not placed yet is cancelled at once.  A placed one (RUNNING here) may still wait
+on its worker, for inputs or for a thread: the worker is asked (:class:`~hoplite_mpi.protocol.Revoke`)
+and it is cancelled only if it has not started there, answered by a :class:`TaskCancelled`
+instruction when the worker replies (or when its rank is lost: then rank 0 decides).
 
 One entry point, as Dask's ``handle_stimulus``: :meth:`Scheduler.handle` takes one event and
 returns one list of instructions, to be carried out in order.  An instruction is either a message
@@ -130,9 +133,9 @@ class FreeObjects(Instruction):
 @dataclass(slots=True)
 class TaskCancelled(Instruction):
     """The answer to a :class:`Cancel`: ``cancelled``, the task will not run; else it has
-    started (or finished) on its worker.  Only a task placed ahead gets a negative answer, later
-    (see :meth:`Scheduler.revoking`); a cancel of any other task is answered at once, or not at
-    all when it failed."""
+    started (or finished) on its worker.  Only a placed task gets a negative answer, later (see
+    :meth:`Scheduler.revoking_task`); a cancel of a task not placed is answered at once, and of
+    one not known (finished) not at all."""
 
     task_id: int
     cancelled: bool = True
@@ -230,7 +233,7 @@ class Scheduler:
         self.candidates: list[int] = []                 # WAITING tasks that may go ahead now
         self.ahead_later: dict[int, deque] = {}         # rank -> tasks to place ahead when it has room
         self.ahead_count: dict[int, int] = {}           # missing object -> tasks placed ahead on it
-        self.revoking: set[int] = set()                 # tasks placed ahead, cancel asked of the worker
+        self.revoking: set[int] = set()                 # placed tasks whose cancel was asked of the worker
         self.stats = {"submitted": 0, "done": 0, "failed": 0, "retried": 0, "rebuilt": 0}
         self._handlers: dict[type, Callable] = {
             TaskSpec: self._submit, TaskDone: self._task_done, TaskBlocked: self._task_blocked,
@@ -635,9 +638,11 @@ class Scheduler:
         return task_id in self.revoking
 
     def _revocable(self, task_id: int) -> Optional[_Task]:
-        """The task if it is placed ahead and RUNNING (a worker may still drop it), else None."""
+        """The task if it is placed (RUNNING) and may not have started on its worker (waiting
+        there for inputs or queued for a thread; not blocked in a nested get), else None."""
         task = self.tasks.get(task_id)
-        return task if task is not None and task.ahead and task.state is TaskState.RUNNING else None
+        return task if (task is not None and task.state is TaskState.RUNNING
+                        and not task.blocked) else None
 
     def _cancel(self, event: Cancel) -> Outbox:
         task_id = event.task_id
@@ -660,7 +665,8 @@ class Scheduler:
     def _revoked(self, msg: Revoked) -> Outbox:
         """The worker's answer to a :class:`Revoke`: if it dropped the task before it started,
         the task fails with CancelledError as by :class:`Cancel` (its dependents placed ahead
-        on that worker fail there).  Either way a :class:`TaskCancelled` answers the cancel."""
+        on that worker fail there, the others here).  Either way a :class:`TaskCancelled`
+        answers the cancel."""
         task_id = msg.task_id
         if task_id not in self.revoking:
             return []

@@ -16,7 +16,7 @@ import logging
 import os
 import queue
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from . import faults
 from .protocol import ObjectInfo, RunTask, TaskSpec
@@ -145,6 +145,11 @@ class TaskRunner:
         """The calling thread waits on other tasks (see :meth:`Worker.block`)."""
         raise NotImplementedError
 
+    def revoke(self, task_id: int) -> Optional[RunTask]:
+        """(engine thread) Drop a queued task that has not started (a cancel): its RunTask, or
+        None if it has started, finished or is unknown (then it runs to its end)."""
+        return None
+
     def unblock(self) -> None:
         """The calling thread goes on (see :meth:`Worker.unblock`)."""
         raise NotImplementedError
@@ -221,14 +226,26 @@ class _ExecutorThreads:
         self._name = name
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._slots = threading.Semaphore(slots)
-        self._lock = threading.Lock()       # guards the two counters
+        self._lock = threading.Lock()       # guards the two counters and the two tables
+        self._queued: dict[int, RunTask] = {}   # task id -> queued, not started
+        self._revoked: set[int] = set()         # taken out of _queued: skip when dequeued
         self._idle = 0
         self._count = 0
         for _ in range(slots):
             self.spawn()
 
     def put(self, msg: RunTask) -> None:
+        with self._lock:
+            self._queued[msg.spec.task_id] = msg
         self._tasks.put(msg)
+
+    def revoke(self, task_id: int) -> Optional[RunTask]:
+        """Take a queued task out before a thread starts it (see :meth:`TaskRunner.revoke`)."""
+        with self._lock:
+            msg = self._queued.pop(task_id, None)
+            if msg is not None:
+                self._revoked.add(task_id)
+        return msg
 
     def close(self) -> None:
         """Idle threads exit (running tasks finish on their own)."""
@@ -254,6 +271,14 @@ class _ExecutorThreads:
             if msg is None or self.closed:
                 return
             with self._slots:
+                # (a task taken from the queue may wait here for a slot: it is revocable until
+                # it has one)
+                with self._lock:
+                    task_id = msg.spec.task_id
+                    if task_id in self._revoked:
+                        self._revoked.discard(task_id)
+                        continue
+                    self._queued.pop(task_id, None)
                 self._run(msg)
 
     def block(self) -> None:
@@ -290,6 +315,9 @@ class Worker(TaskRunner):
     def close(self) -> None:
         """Stop taking tasks; idle executor threads exit (running tasks finish on their own)."""
         self._threads.close()
+
+    def revoke(self, task_id: int) -> Optional[RunTask]:
+        return self._threads.revoke(task_id)
 
     def block(self) -> None:
         """The calling executor thread waits on other tasks: give its slot to another thread,

@@ -20,8 +20,9 @@ import pytest
 from hoplite_mpi.errors import ObjectDeletedError, RemoteTraceback
 from hoplite_mpi.events import RankLost
 from hoplite_mpi.ids import format_id
-from hoplite_mpi.protocol import (DirAdd, DirCheck, DirDelete, DirLookup, Free, ObjectInfo, ObjectLost, RunTask,
-                                  TaskBlocked, TaskDone, TaskExit, TaskSpec)
+from hoplite_mpi.protocol import (DirAdd, DirCheck, DirDelete, DirLookup, Free, ObjectInfo,
+                                  ObjectLost, Revoke, Revoked, RunTask, TaskBlocked, TaskDone,
+                                  TaskExit, TaskSpec)
 from hoplite_mpi.scheduler import (Cancel, Completed, Forget, FreeObjects, InvalidTransition,
                                    LookedUp, ObjectDeleted, ObjectKnown, Release, Scheduler,
                                    TaskCancelled, TaskState)
@@ -512,11 +513,15 @@ def test_cancel_of_a_waiting_task():
     assert s.pending() == 0 and s.completed == []
 
 
-def test_cancel_of_a_running_or_unknown_task_returns_false():
+def test_cancel_of_a_placed_task_asks_its_worker_and_of_an_unknown_one_returns_false():
     s = make(workers=(1,), cap=4)
     a = first(10)
     s.submit(a)
-    assert s.cancel(10) == (False, [])
+    assert s.cancel(10) == (False, [(1, Revoke(10))])   # the answer comes from the worker
+    assert s(Revoked(10, 1, False)) == [] and s.not_cancelled == [10]
+    s.task_blocked(10, True)
+    assert s.cancel(10) == (False, [])                   # blocked in a get: it has started
+    s.task_blocked(10, False)
     assert s.cancel(999) == (False, [])
     assert s.task_done(done(a, 1)) == []
     assert s.cancel(10) == (False, [])

@@ -50,13 +50,15 @@ class TaskRole:
             self._start((entry,))
 
     def on_revoke(self, source: int, msg: P.Revoke) -> None:
-        """Rank 0 cancels a task placed ahead: drop it if it has not started (its results
-        become CancelledError for the tasks waiting here on them; rank 0 registers them)."""
+        """Rank 0 cancels a task placed here: drop it if it has not started (waiting for its
+        inputs, or queued for an executor thread); its results become CancelledError for the
+        tasks waiting here on them (rank 0 registers them)."""
         entry = self.deps.revoke(msg.task_id)
-        self.ctx.send(source, P.Revoked(msg.task_id, self.ctx.rank, entry is not None))
-        if entry is not None:
+        run = entry.msg if entry is not None else self.worker.revoke(msg.task_id)
+        self.ctx.send(source, P.Revoked(msg.task_id, self.ctx.rank, run is not None))
+        if run is not None:
             error = to_bytes(local_error(CancelledError()))
-            self._start(self.deps.made(error_info(oid, error) for oid in entry.msg.spec.return_ids))
+            self._start(self.deps.made(error_info(oid, error) for oid in run.spec.return_ids))
 
     def _looked_up(self, oid: int, info: Optional[ObjectInfo]) -> None:
         if info is None:      # deleted

@@ -181,6 +181,27 @@ def check_executor_shutdown_cancels_tasks_waiting_ahead():
 
 
 @check
+def check_cancel_of_a_task_queued_on_its_worker():
+    # one executor thread per worker: a task queued behind a running one on the same rank has
+    # been placed but not started, and cancel() takes it back (as a stdlib pool's queued task)
+    w = 1
+    a = gated.options(rank=w).remote(gate("queued"), 5)
+    queued = [inc.options(rank=w).remote(i) for i in range(3)]
+    assert all(r.cancel() for r in queued), "a task queued on its worker could not be cancelled"
+    open_gate("queued")
+    assert hm.get(a, timeout=T) == 5
+    for ref in queued:
+        assert ref.cancelled()
+        try:
+            hm.get(ref, timeout=T)
+        except cf.CancelledError:
+            pass
+        else:
+            raise AssertionError("a cancelled queued task ran")
+    assert hm.get(inc.options(rank=w).remote(1), timeout=T) == 2     # the worker goes on
+
+
+@check
 def check_rank_killed_while_tasks_wait_ahead():
     # a runs on some worker and dies there once the driver has placed b..e ahead behind it;
     # then a runs again elsewhere and the chain completes
