@@ -20,7 +20,7 @@ import logging
 
 from . import session
 from .errors import SerializationError
-from .objectref import ObjectRef
+from .objectref import ObjectRef, cancel_refs
 from .remote_functions import fn_identity, submit_task
 
 log = logging.getLogger("hoplite_mpi")
@@ -307,8 +307,7 @@ class Executor(cf.Executor):
                     while values:
                         yield values.pop()
             finally:
-                for fut in futures:
-                    fut.cancel()
+                cancel_refs(list(futures))
         return results()
 
     def starmap(self, fn: Callable, iterable: Iterable, timeout: Optional[float] = None,
@@ -328,8 +327,7 @@ class Executor(cf.Executor):
             self._shutdown = True
             pending = list(self._pending)
         if cancel_futures:
-            for ref in pending:
-                ref.cancel()
+            cancel_refs(pending)
         if wait and pending and session.is_initialized():
             cf.wait(pending)
 

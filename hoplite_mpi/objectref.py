@@ -91,12 +91,12 @@ class ObjectRef(cf.Future):
         return get(self, timeout=timeout)
 
     def cancel(self) -> bool:
-        """Cancel the task if it has not been placed on a worker yet (driver only)."""
-        if self.done() or self._task_id is None:
-            return self.cancelled()
-        rt = session.current_or_none()
-        if rt is None or not rt.cancel(self._task_id):
-            return False
+        """Cancel the task if it has not started yet (driver only; one placed on a worker is
+        asked of that worker, a round trip).  Returns whether it is cancelled."""
+        return cancel_refs([self])[0]
+
+    def _cancelled_by_scheduler(self) -> bool:
+        """The scheduler cancelled the task: end this future as cancelled."""
         if not super().cancel():
             return self.cancelled()
         # the task will never run: move to CANCELLED_AND_NOTIFIED at once (what an executor's
@@ -104,6 +104,18 @@ class ObjectRef(cf.Future):
         # as_completed() never see this future finish
         self.set_running_or_notify_cancel()
         return True
+
+
+def cancel_refs(refs: Sequence[ObjectRef]) -> list[bool]:
+    """Cancel the tasks of ``refs`` that have not started, in one call to the scheduler (so
+        a slot that one cancel frees on a worker is not filled by a task cancelled next, as it
+    would be one cancel at a time); returns whether each ref is cancelled.  Driver only."""
+    todo = [i for i, ref in enumerate(refs) if not ref.done() and ref._task_id is not None]
+    rt = session.current_or_none()
+    answers = rt.cancel_many([refs[i]._task_id for i in todo]) if rt is not None and todo else []
+    ok = {i: answer for i, answer in zip(todo, answers)}
+    return [ref._cancelled_by_scheduler() if ok.get(i) else ref.cancelled()
+            for i, ref in enumerate(refs)]
 
 
 def _rebuild_ref(object_id: int) -> ObjectRef:

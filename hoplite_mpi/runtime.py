@@ -384,14 +384,14 @@ class Runtime:
         if not self.closed and self.ctx.driver is not None:
             self.call_soon(self.ctx.driver.release, object_id)
 
-    def cancel(self, task_id: int) -> bool:
-        """Cancel a task not started yet (driver).  Returns whether it was cancelled; a task
-        placed ahead on a worker (``Config.worker_deps``) is asked of that worker, one round
-        trip (RuntimeShutdownError if the runtime shuts down meanwhile)."""
+    def cancel_many(self, task_ids: list[int]) -> list[bool]:
+        """Cancel tasks not started yet (driver), in one engine call; whether each was.  A task
+        placed on a worker is asked of that worker: one round trip for all of them
+        (RuntimeShutdownError if the runtime shuts down meanwhile)."""
         if self.ctx.driver is None or self.closed:
-            return False
+            return [False] * len(task_ids)
         fut = self.waiter()
-        self.call_soon(self.ctx.driver.cancel, task_id, fut.set_result)
+        self.call_soon(self.ctx.driver.cancel_many, list(task_ids), fut.set_result)
         return fut.result()
 
     def set_blocked(self, blocked: bool) -> None:

@@ -110,6 +110,23 @@ class Driver:
             for callback in self.cancels.pop(task_id):
                 callback(False)
 
+    def cancel_many(self, task_ids: list[int], answer: Callable[[list], None]) -> None:
+        """:meth:`cancel` each task, all in this engine step (no Revoked answer, which frees a
+        worker's slot for a ready task, can come in between); ``answer([cancelled, ...])`` once
+        every one is answered."""
+        got: list = [None] * len(task_ids)
+        left = [len(task_ids)]
+
+        def one(i: int, cancelled: bool) -> None:
+            got[i] = cancelled
+            left[0] -= 1
+            if not left[0]:
+                answer(got)
+        if not task_ids:
+            answer([])
+        for i, task_id in enumerate(task_ids):
+            self.cancel(task_id, lambda cancelled, i=i: one(i, cancelled))
+
     def _cancel_answered(self, instruction: TaskCancelled) -> None:
         for callback in self.cancels.pop(instruction.task_id, ()):
             callback(instruction.cancelled)
