@@ -2,7 +2,7 @@
 """Task benchmark: hoplite_mpi vs mpi4py.futures in one MPI job (issue 2).
 
     mpirun -n 4 --oversubscribe --allow-run-as-root python benchmarks/tasks.py \
-        [--tasks 20000] [--chain 1000] [--repeat 3] [--idle 2] [--json PATH]
+        [--tasks 20000] [--chain 1000] [--repeat 3] [--idle 2] [--flip-worker-deps] [--json PATH]
 
 Run it with plain ``mpirun`` (not ``python -m hoplite_mpi``): the script starts both runtimes
 itself, one after the other, on ``MPI.COMM_WORLD``:
@@ -211,6 +211,26 @@ def chain_refs(rinc, length: int, detail: dict) -> float:
     return 1e3 * dt / length
 
 
+class scheduler_flag:
+    """``with scheduler_flag("worker_deps") as value:`` the scheduler on rank 0 runs with that
+    boolean attribute flipped (``value``) for the body (``--flip-worker-deps``: the same job
+    measures the ref chain with and without placement ahead).  Through the test hook: not an
+    API."""
+
+    def __init__(self, name: str) -> None:
+        from hoplite_mpi import testing
+        self.rt = testing.runtime()
+        self.name = name
+
+    def __enter__(self) -> bool:
+        self.before = getattr(self.rt.scheduler, self.name)
+        self.rt.call(setattr, self.rt.scheduler, self.name, not self.before)
+        return not self.before
+
+    def __exit__(self, *exc) -> None:
+        self.rt.call(setattr, self.rt.scheduler, self.name, self.before)
+
+
 def mpi4py_phase(ex, args, probe) -> dict:
     res: dict = {}
     n, length = args.tasks, args.chain
@@ -256,6 +276,10 @@ def hoplite_phase(ex, args, probe) -> dict:
             lambda: [ex.submit(noop, i) for i in range(n)],
             lambda fs: [f.result() for f in fs], n, probe, d))
         runs.add("chain_refs_ms", lambda d: chain_refs(rinc, length, d))
+        if args.flip_worker_deps:
+            with scheduler_flag("worker_deps") as value:
+                runs.add("chain_refs_flipped_ms", lambda d: chain_refs(rinc, length, d))
+            res["flipped"] = f"worker_deps={value}"
         runs.add("chain_submit_ms", lambda d: chain_wait(ex.submit, length, d))
     runs.into(res)
 
@@ -306,6 +330,8 @@ def build_rows(h: dict, m: dict) -> list[dict]:
     rate("no-op tasks/s: @remote, hm.get(list)", h["throughput_remote_batch"], m["throughput"])
     rate("no-op tasks/s: ex.submit, .result() each", h["throughput_submit"], m["throughput"])
     cost("chain ms/task: refs submitted up front", h["chain_refs_ms"], m["chain_ms"])
+    if "chain_refs_flipped_ms" in h:
+        cost(f"chain ms/task: refs up front, {h['flipped']}", h["chain_refs_flipped_ms"], m["chain_ms"])
     cost("chain ms/task: submit, result, submit", h["chain_submit_ms"], m["chain_ms"])
     if "idle" in h:
         cost("idle CPU %/core, worker rank (mean)", h["idle"]["worker_mean_pct"],
@@ -431,6 +457,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of each throughput/chain measurement; the table shows the median")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--flip-worker-deps", action="store_true",
+                        help="also measure the ref chain with Config.worker_deps flipped on rank 0")
     args = parser.parse_args()
     for name in ("tasks", "chain", "repeat"):
         if getattr(args, name) < 1:

@@ -49,6 +49,9 @@ class Config:
             costs ~90 us of CPU here (mostly inside MPI's progress); measured idle cost per rank
             (4 ranks, 2 cores): 2.3 % of a core at 5 ms, 1.6 % at 10 ms (default), 0.9 % at 20 ms.
             It bounds the extra latency of the first message after an idle spell.
+        hot_window: seconds after any activity during which an idle engine polls by yielding
+            the core instead of sleeping (a reply usually follows within a round trip); 0:
+            sleep at once, on the doorbell that a control batch from the same host rings.
         heartbeat: seconds between a worker's heartbeats to rank 0 (rank-loss tolerance).
         heartbeat_timeout: seconds without any message from a worker after which rank 0 declares
             it dead although MPI did not (a hung rank: stopped, deadlocked, swapping); every rank
@@ -56,6 +59,9 @@ class Config:
             above the longest time a task can hold the GIL without releasing it.
         shutdown_timeout: seconds the driver waits for workers to acknowledge shutdown.
         log_level: name of the ``logging`` level of the ``hoplite_mpi`` logger.
+        submit_batch: tasks submitted in a burst (``remote()`` calls in a row, with no other
+            call to the engine in between) reach the engine as one call and the scheduler as
+            one event, placed in one pass; False: one engine call and one event per task.
     """
 
     chunk_size: int = 1 << 20
@@ -69,10 +75,12 @@ class Config:
     link_bandwidth: float = 1.5e9
     link_latency: float = 1e-4
     backoff_max: float = 0.01
+    hot_window: float = 0.005
     heartbeat: float = 1.0
     heartbeat_timeout: float = 10.0
     shutdown_timeout: float = 30.0
     log_level: str = "WARNING"
+    submit_batch: bool = True
 
     def __post_init__(self) -> None:
         positive = ("chunk_size", "window", "tasks_per_worker", "worker_threads", "replication")
@@ -85,11 +93,13 @@ class Config:
         if (not isinstance(self.inline_threshold, int) or isinstance(self.inline_threshold, bool)
                 or self.inline_threshold < 0):
             raise ValueError(f"inline_threshold must be an int >= 0, got {self.inline_threshold!r}")
-        for name in ("small_collectives", "worker_deps"):
+        for name in ("small_collectives", "worker_deps", "submit_batch"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.chunk_size % 64:
             raise ValueError(f"chunk_size must be a multiple of 64 bytes (whole array elements), got {self.chunk_size}")
+        if not float(self.hot_window) >= 0:
+            raise ValueError(f"hot_window must be >= 0 seconds, got {self.hot_window!r}")
         for name in ("backoff_max", "shutdown_timeout", "link_bandwidth", "link_latency",
                      "heartbeat", "heartbeat_timeout"):
             if not float(getattr(self, name)) > 0:

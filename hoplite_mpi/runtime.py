@@ -65,7 +65,7 @@ class Runtime:
             from .transport.mpi import MPITransport
             transport = MPITransport(comm, config.window)
         self.comm = comm
-        self.engine = engine = Engine(transport, clock, config.backoff_max)
+        self.engine = engine = Engine(transport, clock, config.backoff_max, config.hot_window)
         rank, size = transport.rank, transport.size
         if threads:
             faults.arm(rank)
@@ -373,11 +373,27 @@ class Runtime:
         self.ctx.freeing.delete(object_ids)
 
     def submit(self, spec: P.TaskSpec) -> None:
-        """Hand a task to the scheduler (any thread)."""
-        if self.ctx.driver is not None:
+        """Hand a task to the scheduler (any thread).  With ``Config.submit_batch``, a burst of
+        submissions is one engine call (:meth:`~.engine.Engine.call_batched`) and, on the
+        driver, one scheduler event."""
+        if self.ctx.config.submit_batch:
+            if self.closed:
+                raise RuntimeShutdownError("the hoplite_mpi runtime is shut down")
+            self.engine.call_batched(self._submitted, spec)
+        elif self.ctx.driver is not None:
             self.call_soon(self.ctx.driver.submit, spec)
         else:
             self.call_soon(self.send, 0, P.SubmitTask(spec))
+
+    def _submitted(self, specs: list) -> None:
+        """(engine) A burst of submissions: one scheduler event on the driver, else one
+        SubmitTask each (they leave in one batch)."""
+        if self.ctx.driver is not None:
+            self.ctx.driver.submit_many(specs)
+        else:
+            send = self.send
+            for spec in specs:
+                send(0, P.SubmitTask(spec))
 
     def release(self, object_id: int) -> None:
         """Driver (any thread, also a GC finaliser): the last ref to the object was dropped."""

@@ -62,6 +62,14 @@ def _deleted_error(object_id: int) -> tuple:
 # --- events (handle() takes one; protocol messages are events too, see the module docstring) ----
 
 @dataclass(slots=True)
+class Submitted:
+    """New tasks submitted in one burst (``Config.submit_batch``): accepted in order as if each
+    were its own :class:`~hoplite_mpi.protocol.TaskSpec` event, then placed in one pass."""
+
+    specs: list
+
+
+@dataclass(slots=True)
 class ObjectKnown:
     """The object exists now (a ``put``, a reduce result): tasks waiting for it may run."""
 
@@ -236,7 +244,7 @@ class Scheduler:
         self.revoking: set[int] = set()                 # placed tasks whose cancel was asked of the worker
         self.stats = {"submitted": 0, "done": 0, "failed": 0, "retried": 0, "rebuilt": 0}
         self._handlers: dict[type, Callable] = {
-            TaskSpec: self._submit, TaskDone: self._task_done, TaskBlocked: self._task_blocked,
+            TaskSpec: self._submit, Submitted: self._submit_many, TaskDone: self._task_done, TaskBlocked: self._task_blocked,
             ObjectLost: self._object_lost, TaskExit: self._task_exit,
             ObjectKnown: self._object_known, LookedUp: self._looked_up,
             ObjectDeleted: self._object_deleted, Forget: self._forget, Release: self._release,
@@ -320,7 +328,21 @@ class Scheduler:
         return None
 
     def _submit(self, spec: TaskSpec) -> Outbox:
-        """(event: a TaskSpec) A new task.
+        """(event: a TaskSpec) A new task (see :meth:`_accept`)."""
+        out: Outbox = []
+        self._accept(spec, out)
+        return self._drain(out)
+
+    def _submit_many(self, event: Submitted) -> Outbox:
+        """(event: Submitted) New tasks, accepted in order, then placed in one pass."""
+        out: Outbox = []
+        for spec in event.specs:
+            self._accept(spec, out)
+        return self._drain(out)
+
+    def _accept(self, spec: TaskSpec, out: Outbox) -> None:
+        """A new task, not placed yet; its messages are appended to ``out`` (refused or failed
+        ones leave error objects on the cascade: the caller drains it).
 
         Refused (pinned to a rank that died before, every allowed rank died, or no worker rank is left:
         RankLostError; a
@@ -336,9 +358,9 @@ class Scheduler:
                 or spec.init_id is not None or not self.workers):
             refused = self._refusal(spec)
             if refused is not None:
-                out: Outbox = []
                 self._error_objects(spec.return_ids, to_bytes(local_error(refused)), out)
-                return self._drain(out)
+                self._apply(out)     # (a later task of the burst may use these results)
+                return
         if spec.fn_blob is not None or spec.init_blob is not None:
             spec = replace(spec, fn_blob=None, init_blob=None)
         task = _Task(spec)
@@ -348,15 +370,16 @@ class Scheduler:
             self.dep_count[oid] = self.dep_count.get(oid, 0) + 1
         for oid in spec.return_ids:
             self.producer[oid] = spec.task_id
-        out = []
         for oid in spec.deps:
             info = self.objects.get(oid)
             if info is not None and info.error:
                 self._fail(task, info.inline, out)
-                return self._drain(out)
+                self._apply(out)
+                return
             if oid in self.deleted:
                 self._fail(task, _deleted_error(oid), out)
-                return self._drain(out)
+                self._apply(out)
+                return
             if info is None:
                 task.missing.add(oid)
                 self.dependents.setdefault(oid, []).append(spec.task_id)
@@ -367,7 +390,6 @@ class Scheduler:
             self._make_ready(task)
         elif self.worker_deps:
             self.candidates.append(spec.task_id)
-        return out + self._dispatch()
 
     def _object_known(self, event: ObjectKnown) -> Outbox:
         self._cascade.append(event.info)
@@ -382,8 +404,13 @@ class Scheduler:
         return []
 
     def _drain(self, out: Outbox) -> Outbox:
+        """Apply queued object arrivals (:meth:`_apply`); returns ``out`` plus the dispatches."""
+        self._apply(out)
+        return out + self._dispatch()
+
+    def _apply(self, out: Outbox) -> None:
         """Apply queued object arrivals; failures cascade through dependents iteratively (a chain
-        of any length fails without recursion).  Returns ``out`` plus the dispatches."""
+        of any length fails without recursion); their messages are appended to ``out``."""
         cascade = self._cascade
         while cascade:
             info = cascade.popleft()
@@ -401,7 +428,6 @@ class Scheduler:
                 task.missing.discard(info.object_id)
                 if not task.missing:
                     self._make_ready(task)
-        return out + self._dispatch()
 
     def _object_deleted(self, event: ObjectDeleted) -> Outbox:
         """Tasks waiting for the object fail with ObjectDeletedError (a ready task that still
@@ -702,6 +728,12 @@ class Scheduler:
     def _dispatch(self) -> Outbox:
         """Place ready tasks on workers with room; returns the RunTask messages (and the DirAdds
         of tasks whose inputs went away meanwhile)."""
+        inflight = self.inflight
+        if not inflight or min(inflight.values()) >= self.tasks_per_worker:
+            # no room anywhere: nothing can be placed (the common case under a burst; a ready
+            # task whose input went away fails when it would be placed, candidates to go ahead
+            # wait in self.candidates)
+            return []
         out: Outbox = []
         failed: Outbox = []
         ahead = self.worker_deps
@@ -816,12 +848,18 @@ class Scheduler:
         self.inflight[rank] += 1
         spec = task.spec
         sent = self.sent_blobs[rank]
-        blobs = tuple((key, self.blobs[key]) for key in (spec.fn_id, spec.init_id)
-                      if key is not None and key not in sent)
-        sent.update(key for key, _ in blobs)
-        objects = self.objects
-        deps = tuple(objects.get(oid) for oid in spec.deps)
-        task.ahead = None in deps
+        if spec.fn_id in sent and (spec.init_id is None or spec.init_id in sent):
+            blobs: tuple = ()
+        else:
+            blobs = tuple((key, self.blobs[key]) for key in (spec.fn_id, spec.init_id)
+                          if key is not None and key not in sent)
+            sent.update(key for key, _ in blobs)
+        if spec.deps:
+            objects = self.objects
+            deps = tuple([objects.get(oid) for oid in spec.deps])
+            task.ahead = None in deps
+        else:
+            deps = ()
         return RunTask(spec, deps, blobs)
 
     def _queue(self, spec: TaskSpec) -> deque:

@@ -21,6 +21,7 @@ from .protocol import ObjectInfo
 
 PROTOCOL = 5
 Frames = list  # list of bytes-like objects (bytes, bytearray, memoryview, uint8 ndarray)
+_SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None)})
 
 
 def serialize(value: Any, what: str = "value", copy: bool = False) -> Frames:
@@ -35,6 +36,10 @@ def serialize(value: Any, what: str = "value", copy: bool = False) -> Frames:
     Raises:
         SerializationError: ``value`` cannot be pickled; the pickling error is the ``__cause__``.
     """
+    if type(value) in _SCALARS:
+        # (fine-grained tasks' usual values: the C pickler gives cloudpickle's bytes for these,
+        # without building a cloudpickle Pickler per value; no out-of-band buffers)
+        return [pickle.dumps(value, protocol=PROTOCOL)]
     buffers: list[pickle.PickleBuffer] = []
     try:
         head = cloudpickle.dumps(value, protocol=PROTOCOL, buffer_callback=buffers.append)

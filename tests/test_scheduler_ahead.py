@@ -238,3 +238,29 @@ def test_local_deps_reports_an_error_input():
     (entry,) = t.made([err])
     assert entry.failed_input() == err
     assert type(rebuild_error(err.inline)) is CancelledError
+
+
+# --- a burst of submissions (Config.submit_batch): one event, one placement pass -------------
+
+def test_a_burst_is_accepted_in_order_and_placed_in_one_pass():
+    from hoplite_mpi.scheduler import Submitted
+    s = make(workers=(1, 2), cap=2, ahead=True)
+    a, b, c, d = first(10), spec(20, 10), spec(30), spec(40)
+    out = s(Submitted([a, b, c, d]))
+    # the ready tasks first, in order (least loaded rank); b would go ahead behind a, but rank
+    # 1 is full (cap 2): it waits for room there, or for its input
+    assert out == [(1, run(a, blobs=FIRST)), (2, run(c, blobs=FIRST)), (1, run(d))]
+    assert s.task_done(done(d, 1)) == [(1, run(b, deps=(None,)))]    # room on rank 1: ahead
+    for t, r in ((a, 1), (c, 2), (b, 1)):
+        s.task_done(done(t, r))
+    assert s.pending() == 0
+
+
+def test_a_task_of_a_burst_using_a_refused_one_fails_without_a_lookup():
+    from hoplite_mpi.scheduler import Submitted
+    s = make(workers=(1, 2), ahead=True)
+    bad, user = first(10, rank=9), spec(20, 10)
+    out = s(Submitted([bad, user]))
+    assert all(type(m).__name__ == "DirAdd" for _, m in out), out
+    assert [i.object_id for i in s.completed] == [10, 20]
+    assert all(i.error for i in s.completed) and s.pending() == 0

@@ -19,7 +19,7 @@ from ..events import RankLost
 from ..ids import format_id, shard_of
 from ..protocol import ObjectInfo
 from ..scheduler import (Cancel, Completed, Forget, FreeObjects, LookedUp, ObjectDeleted,
-                         ObjectKnown, Release, Scheduler, TaskCancelled)
+                         ObjectKnown, Release, Scheduler, Submitted, TaskCancelled)
 from ..serialization import error_info, serialize_error
 
 log = logging.getLogger("hoplite_mpi")
@@ -77,6 +77,10 @@ class Driver:
     def submit(self, spec: P.TaskSpec) -> None:
         """A new task (a refused one's results become error objects, see the scheduler)."""
         self.scheduled(self.scheduler.handle(spec))
+
+    def submit_many(self, specs: list) -> None:
+        """New tasks submitted in one burst (``Config.submit_batch``): one scheduler event."""
+        self.scheduled(self.scheduler.handle(Submitted(specs)))
 
     def on_submit(self, source: int, msg: P.SubmitTask) -> None:
         self.submit(msg.spec)
