@@ -118,6 +118,7 @@ class Executor(cf.Executor):
         self._pending: set = set()
         self._shutdown = False
         self._broken: Optional[str] = None
+        self._breaking = False       # the initializer's failure was logged (once)
         # function -> its pickled identity; weak keys, so the executor does not keep submitted
         # functions (and what they reference, e.g. a bound method's object) alive
         self._fn_ids: "weakref.WeakKeyDictionary[Callable, tuple[bytes, bytes]]" = \
@@ -147,6 +148,7 @@ class Executor(cf.Executor):
         with self._lock:
             self._shutdown = False
             self._broken = None
+            self._breaking = False
         if rt.rank != 0:
             mode.as_server = True
             try:
@@ -251,14 +253,17 @@ class Executor(cf.Executor):
         exc = ref.exception()
         if isinstance(exc, cf.BrokenExecutor):
             with self._lock:
-                first = self._broken is None
-                self._broken = str(exc)
+                first = not self._breaking
+                self._breaking = True
             if first:
-                # as the stdlib pools do when an initializer raises
+                # as the stdlib pools do when an initializer raises; logged before the executor
+                # is seen broken (CPython's test_initializer checks the log once it is)
                 cause = exc.__cause__ if exc.__cause__ is not None else exc
                 logging.getLogger("concurrent.futures").critical(
                     "Exception in initializer:\n%s",
                     "".join(traceback.format_exception(type(cause), cause, cause.__traceback__)))
+            with self._lock:
+                self._broken = str(exc)
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None,
             chunksize: int = 1, buffersize: Optional[int] = None, unordered: bool = False) -> Iterator:
