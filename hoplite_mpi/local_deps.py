@@ -18,9 +18,11 @@ from typing import Iterable, Optional
 from .protocol import ObjectInfo, RunTask
 
 # results made here kept for tasks placed ahead whose RunTask comes after the result was made
-# (rank 0 had not seen that TaskDone yet when it placed them); past this many, a task that misses
-# one asks its shard (``add`` returns those ids)
+# (rank 0 had not seen that TaskDone yet when it placed them): at most this many, and at most
+# MADE_BYTES of in-band values; past that, a task that misses one asks its shard (``add``
+# returns those ids)
 MADE_KEPT = 4096
+MADE_BYTES = 16 << 20
 
 
 class Waiting:
@@ -49,6 +51,10 @@ class Waiting:
         return next((info for info in self.deps if info.error), None)
 
 
+def _inline_bytes(info: ObjectInfo) -> int:
+    return info.nbytes if info.inline is not None else 0
+
+
 class LocalDeps:
     """Tasks placed ahead on this rank, by the ids they wait for.
 
@@ -57,8 +63,9 @@ class LocalDeps:
         forgot: results have been dropped from the kept ones (a miss may be an old result).
     """
 
-    def __init__(self, kept: int = MADE_KEPT) -> None:
-        self.kept = kept
+    def __init__(self, kept: int = MADE_KEPT, kept_bytes: int = MADE_BYTES) -> None:
+        self.kept, self.kept_bytes = kept, kept_bytes
+        self._bytes = 0                              # in-band bytes of the kept results
         self.waiting: dict[int, Waiting] = {}
         self.forgot = False
         self._awaited: dict[int, list[int]] = {}    # object id -> task ids waiting for it
@@ -95,9 +102,13 @@ class LocalDeps:
             made, awaited, waiting = self._made, self._awaited, self.waiting
             for info in infos:
                 oid = info.object_id
+                old = made.pop(oid, None)
+                if old is not None:
+                    self._bytes -= _inline_bytes(old)
                 made[oid] = info
-                if len(made) > self.kept:
-                    del made[next(iter(made))]
+                self._bytes += _inline_bytes(info)
+                while len(made) > self.kept or (self._bytes > self.kept_bytes and len(made) > 1):
+                    self._bytes -= _inline_bytes(made.pop(next(iter(made))))
                     self.forgot = True
                 for task_id in awaited.pop(oid, ()):
                     entry = waiting.get(task_id)

@@ -223,6 +223,15 @@ def test_local_deps_asks_the_shard_once_it_has_forgotten_results():
     assert entry is not None and ask == []
 
 
+def test_local_deps_keeps_a_bounded_number_of_in_band_bytes():
+    t = LocalDeps(kept_bytes=10)
+    t.made([value(1, 1, b"x" * 6), value(2, 1, b"y" * 6)])   # 12 bytes: the oldest goes
+    assert t.forgot
+    assert t.add(RunTask(spec(20, 1), (None,), ())) == (None, [1])
+    entry, _ = t.add(RunTask(spec(30, 2), (None,), ()))
+    assert entry is not None
+
+
 def test_local_deps_revoke_takes_a_waiting_task_out():
     t = LocalDeps()
     t.add(RunTask(spec(20, 10), (None,), ()))
