@@ -271,8 +271,12 @@ class Workload(RandomDag):
                 # FIXED identity_large_reduce: seen at every size (seed 13: complex256[3]); a
                 # received array re-serialized has a 1-byte longer pickle head than the others
                 if rng.random() < 0.3 and known:
-                    ref2 = t_apply.options(**self.task_options()).remote("id", n.ref)
-                    n = self.add(ref2, f"t_apply id of {n.i} (array)", value=n.value, deps=[n.i])
+                    opts2 = self.task_options()
+                    ref2 = t_apply.options(**opts2).remote("id", n.ref)
+                    # (pinned: a task pinned to the killed rank may fail with RankLostError, and
+                    # so may the reduce; found by the kill soak, seeds 20013 20017 20026 20027)
+                    n = self.add(ref2, f"t_apply{opts2} id of {n.i} (array)", value=n.value,
+                                 deps=[n.i], pinned=opts2.get("rank"))
             inputs.append(n)
         if rng.random() < 0.1 and not inputs[0].errors:
             inputs.append(self.failed_input())
