@@ -204,7 +204,9 @@ def check_cancel_of_a_task_queued_on_its_worker():
 @check
 def check_rank_killed_while_tasks_wait_ahead():
     # a runs on some worker and dies there once the driver has placed b..e ahead behind it;
-    # then a runs again elsewhere and the chain completes
+    # then a runs again elsewhere and the chain completes (needs a second worker)
+    if hm.world_size() < 3:
+        return
     rank, _ = hm.get(where.remote(0), timeout=T)
     victim = 1 + rank % (hm.world_size() - 1)
     a = die_once.options(rank=None).remote(gate("die"), gate("go"))
