@@ -157,7 +157,7 @@ def submit_task(rt: Any, identity: tuple[bytes, bytes], name: str, args: tuple, 
     if copies is not None and copies > rt.size:
         raise ValueError(f"replicas={copies} exceeds the number of ranks ({rt.size})")
     fn_id, fn_blob = identity
-    keep: list = []   # refs of arguments stored as objects: alive until the task is submitted
+    keep: list = []   # refs of arguments stored as objects: alive while a result ref is
     args_blob, deps = _pack_args(rt, name, args, kwargs, keep)
     num_returns = options.get("num_returns", 1)
     task_id = rt.ids.next(num_returns)
@@ -175,8 +175,14 @@ def submit_task(rt: Any, identity: tuple[bytes, bytes], name: str, args: tuple, 
     if init:
         sent.add(init[0])
     refs = new_refs(rt, task_id, num_returns, task_id, original_errors)
+    if keep:
+        # the arguments stored as objects live as long as a result ref does: lineage may have to
+        # run the task again after its result was lost with a rank (Ray pins a task's arguments
+        # for its lineage too; the user holds no ref to them).  Found by a real-MPI kill soak
+        # (seed 20020: ObjectLostError for a task given a large literal)
+        for ref in refs:
+            ref._args = keep
     rt.submit(spec)
-    del keep   # released after the submit: the scheduler now counts the task's use of them
     return refs[0] if num_returns == 1 else refs
 
 

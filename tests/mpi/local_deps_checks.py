@@ -219,6 +219,36 @@ def check_rank_killed_while_tasks_wait_ahead():
     del victim
 
 
+@hm.remote
+def ident(x):
+    return x
+
+
+@hm.remote
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@check
+def check_large_literal_argument_outlives_its_task_for_lineage():
+    # a task given a large literal (stored as an object by the runtime): its result, only on
+    # the worker that ran it, is lost with that rank and made again from lineage, which needs
+    # the stored argument although the task had finished (real-MPI kill soak, seed 20020)
+    if len(set(range(1, hm.world_size())) - set(hm.dead_ranks())) < 2:
+        return
+    value = np.arange(100_000, dtype=np.float64)       # 800 KB: stored, chunked result
+    out = ident.remote(value)
+    hm.wait([out], timeout=T)
+    (holder,) = hm.locations(out)[out]
+    die.options(rank=holder).remote()
+    deadline = time.monotonic() + T
+    while holder not in hm.dead_ranks() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert holder in hm.dead_ranks(), "the holder did not die"
+    got = hm.get(out, timeout=T)
+    assert (got == value).all()
+
+
 @hm.remote(max_retries=3)
 def die_once(marker, go):
     wait_file(go)
@@ -229,7 +259,8 @@ def die_once(marker, go):
 
 
 def no_rank_declared_dead():
-    if CURRENT[0] != "rank_killed_while_tasks_wait_ahead":
+    if CURRENT[0] not in ("rank_killed_while_tasks_wait_ahead",
+                          "large_literal_argument_outlives_its_task_for_lineage"):
         dead = hm.dead_ranks()
         assert not dead, f"ranks declared dead: {dead}"
 
