@@ -34,7 +34,7 @@ class Config:
             moment the last input is made there (no rank-0 round trip per link of a chain;
             Dask's worker-side dependency handling).  False: a task is placed once its inputs exist.
         adaptive_chunks: the chunk size of an object depends on its size: the power of two at or
-            above a quarter of its bytes, at least ``chunk_size``, at most 8 MiB
+            above a quarter of its bytes, at least ``chunk_size``, at most 4 MiB
             (``store.object_chunk_size``); fewer Python events per MiB for large objects
             (4 ranks / 2 cores, same job: 16 MiB reduce/broadcast/allreduce ~0.6-0.8x the time
             with 1 MiB chunks, 64 MiB ~0.4-0.8x).  Like ``chunk_size``, every rank must have the

@@ -36,7 +36,7 @@ def chunk_plan(sizes: Sequence[int], chunk_size: int) -> list[tuple[int, int, in
 
 
 ADAPTIVE_PIECES = 4             # (Config.adaptive_chunks) chunks an object is cut into at least...
-ADAPTIVE_MAX = 8 << 20          # ...with chunks of at most this many bytes
+ADAPTIVE_MAX = 4 << 20          # ...with chunks of at most this many bytes
 
 
 def object_chunk_size(sizes: Sequence[int], chunk_size: int, adaptive: bool) -> int:
