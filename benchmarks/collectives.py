@@ -3,7 +3,7 @@
 
     timeout 900 mpirun -n 4 --oversubscribe --allow-run-as-root python benchmarks/collectives.py \
         [--sizes 1K,4K,64K,256K,1M,16M,64M,256M] [--iters 5] [--warmup 1] [--delta 0.05] \
-        [--stagger-sizes 16M,64M] [--flip small_collectives] [--json PATH] [--plot PATH.png]
+        [--stagger-sizes 16M,64M] [--flip small_collectives[,FIELD...]] [--json PATH] [--plot PATH.png]
 
 Run it with plain ``mpirun`` (not ``python -m hoplite_mpi``).  The data are float32 numpy arrays
 of the given sizes (K/M/G = KiB/MiB/GiB), one input per rank, all of the same shape.  OSU style:
@@ -405,29 +405,45 @@ def hm_size(nbytes: int, args, workers, nranks: int) -> dict:
     return res
 
 
-class flipped:
-    """``with flipped(name) as value:`` rank 0 runs with the boolean Config field ``name`` set to
-    the opposite of its value (``value``) for the body, then as before.  The collectives' paths
-    are chosen on rank 0 (the reduce coordinator, the broadcasting rank), so the same job
-    measures both settings (``--flip``).  Through the test hook: not an API."""
+def set_config_field(name: str, value) -> bool:
+    """(a task pinned to a worker, or rank 0) Set Config field ``name`` of this rank's runtime."""
+    import dataclasses
+    from hoplite_mpi import testing
+    rt = testing.runtime()
+    rt.call(setattr, rt.ctx, "config", dataclasses.replace(rt.ctx.config, **{name: value}),
+            timeout=60)
+    return True
 
-    def __init__(self, name: str) -> None:
+
+class flipped:
+    """``with flipped(names) as value:`` every rank runs with the boolean Config field(s)
+    ``names`` (comma-separated) set to the opposite of rank 0's value of the first (``value``)
+    for the body, then as before.  Rank 0 chooses most collective paths (the reduce
+    coordinator, the broadcasting rank), but some settings must agree on every rank
+    (``adaptive_chunks``: both ends of a transfer cut the object alike), so each worker is set
+    too, by a task pinned to it, between measurements (nothing is in flight then).  Through the
+    test hook: not an API."""
+
+    def __init__(self, names: str) -> None:
         from hoplite_mpi import testing
         self.rt = testing.runtime()
-        self.name = name
+        self.names = [n.strip() for n in names.split(",") if n.strip()]
 
-    def _set(self, config) -> None:
-        self.rt.call(setattr, self.rt.ctx, "config", config)   # (on the engine thread)
+    def _set_all(self, value) -> None:
+        rset = hm.remote(set_config_field)
+        for name in self.names:
+            hm.get([rset.options(rank=w).remote(name, value) for w in range(1, hm.world_size())],
+                   timeout=60)
+            set_config_field(name, value)
 
     def __enter__(self) -> bool:
-        import dataclasses
-        self.before = self.rt.ctx.config
-        value = not getattr(self.before, self.name)
-        self._set(dataclasses.replace(self.before, **{self.name: value}))
+        self.before = getattr(self.rt.ctx.config, self.names[0])
+        value = not self.before
+        self._set_all(value)
         return value
 
     def __exit__(self, *exc) -> None:
-        self._set(self.before)
+        self._set_all(self.before)
 
 
 def hm_staggered(nbytes: int, args, workers, nranks: int, num=None) -> dict:
@@ -707,8 +723,9 @@ def machine_meta(comm, args) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flip", metavar="FIELD", default="",
-                        help="also measure every size with this boolean Config field flipped on "
-                             "rank 0 (e.g. small_collectives: before/after pairs in one job)")
+                        help="also measure every size with this boolean Config field (or several, "
+                             "comma-separated) flipped on every rank (e.g. small_collectives: "
+                             "before/after pairs in one job)")
     parser.add_argument("--sizes", default="1K,4K,64K,256K,1M,16M,64M,256M",
                         help="comma-separated sizes in bytes, K/M/G suffixes (default %(default)s)")
     parser.add_argument("--stagger-sizes", default="16M,64M",

@@ -139,20 +139,29 @@ def tree_depth(n: int, k: int) -> int:
     return max(0, min(math.ceil(math.log2((n + 1) / (k + 1))), int(math.floor(math.log2(n + 1)))))
 
 
-def star_cheaper(n: int, k: int) -> bool:
+def star_cheaper(n: int, k: int, m: int = 0) -> bool:
     """Whether a star (the target pulls every input itself and combines them) costs less than
     the tree-chain for ``n`` inputs of chain length ``k``.  In units of ``L``: the star takes
     ``c + (n - 1) * k`` (its hops, then the target receives ``n - 1`` objects of ``S`` bytes),
     the tree-chain ``c + (levels - 1) + k`` (one hop per level below the root, bytes pipelined
     through the chain), with the same ``c`` (the steps asked, the pulls sent, the result
-    reported): the star when ``(n - 2) * k < levels - 1``."""
+    reported): the star when ``(n - 2) * k < levels - 1``.
+
+    ``m``: the object's data chunks (0: as many as it takes to pipeline, Hoplite's model).  A
+    chain of ``D = levels - 1`` hops streams chunk by chunk, so each hop after the first adds one
+    chunk's time ``k / m`` (``Config.chunk_aware_plan``): the tree-chain takes
+    ``c + D + k + (D - 1) * k / m``; an object of one chunk crosses the hops one after the
+    other."""
     if n <= 2:
         return False
     parent, _ = tree_chain(n, tree_depth(n, k))
     level: list[int] = []
     for p in parent:                 # (a parent comes before its children)
         level.append(0 if p is None else level[p] + 1)
-    return (n - 2) * k < max(level)
+    depth = max(level)
+    if m <= 0:
+        return (n - 2) * k < depth
+    return m * (n - 2) * k < m * depth + (depth - 1) * k
 
 
 def tree_chain(n: int, depth: int) -> tuple[list[Optional[int]], list[int]]:
@@ -262,12 +271,19 @@ class ReduceCoordinator:
         small: take the inline path when the inputs are inline values (``Config.small_collectives``).
         home: the rank this coordinator runs on (it knows the result once :class:`Reduced` is
             carried out: no copy is sent to it).
+        size_to_chunks: the data chunks of an object of frame sizes ``sizes``, for the choice of
+            the star (``Config.chunk_aware_plan``; None: Hoplite's model, see :func:`star_cheaper`).
+        direct_fetch: (allreduce, ``Config.broadcast_direct``) a result of one chunk is pulled by
+            each contributing rank from the target at once (``Fetch.sender``), not through the
+            directory: no chain of copies can pipeline it, and the DirPull/DirSender hop goes.
     """
 
     def __init__(self, reduce_id: int, inputs: list[int], op: bytes, num: int, target: int,
                  result_id: int, new_id: Callable[[], int], size_to_k: Callable[[int], int],
                  allreduce: bool = False, shard_ranks: Callable[[int], tuple] = lambda oid: (0,),
-                 small: bool = False, home: int = 0) -> None:
+                 small: bool = False, home: int = 0,
+                 size_to_chunks: Optional[Callable[[tuple], int]] = None,
+                 direct_fetch: bool = False) -> None:
         self.reduce_id = reduce_id
         self.inputs = list(inputs)
         self.op = op
@@ -276,6 +292,8 @@ class ReduceCoordinator:
         self.result_id = result_id
         self.new_id = new_id
         self.size_to_k = size_to_k
+        self.size_to_chunks = size_to_chunks
+        self.direct_fetch = direct_fetch
         self.allreduce = allreduce
         self.shard_ranks = shard_ranks
         self.slots: list[_Slot] = []
@@ -463,7 +481,8 @@ class ReduceCoordinator:
         if not self.slots:
             n = self.num
             k = self.size_to_k(info.sizes[1])
-            if self.small and star_cheaper(n, k):
+            m = self.size_to_chunks(self.sizes) if self.size_to_chunks is not None else 0
+            if self.small and star_cheaper(n, k, m):
                 out += self._star()
             else:
                 parent, self.order = tree_chain(n, tree_depth(n, k))
@@ -478,7 +497,11 @@ class ReduceCoordinator:
         slot.info, slot.rank = info, rank
         if self.allreduce and rank != self.target and rank not in self.pending_fetch:
             self.pending_fetch.add(rank)
-            out.append((rank, Fetch(self.result_id, self.reduce_id)))
+            sender = None
+            if self.direct_fetch and self.size_to_chunks is not None \
+                    and self.size_to_chunks(self.sizes) == 1:
+                sender = ObjectInfo(self.result_id, self.sizes, (self.target,))
+            out.append((rank, Fetch(self.result_id, self.reduce_id, sender=sender)))
         if slot.late:
             if rank != self.target and info.inline is None and (
                     not arr.flags.c_contiguous or tuple(info.sizes) != self.sizes):

@@ -33,6 +33,24 @@ class Config:
             worker rank is placed there at once and waits on the worker, which starts it the
             moment the last input is made there (no rank-0 round trip per link of a chain;
             Dask's worker-side dependency handling).  False: a task is placed once its inputs exist.
+        adaptive_chunks: the chunk size of an object depends on its size: the power of two at or
+            above a quarter of its bytes, at least ``chunk_size``, at most 4 MiB
+            (``store.object_chunk_size``); fewer Python events per MiB for large objects
+            (4 ranks / 2 cores, same job: 16 MiB reduce/broadcast/allreduce ~0.6-0.8x the time
+            with 1 MiB chunks, 64 MiB ~0.4-0.8x).  Like ``chunk_size``, every rank must have the
+            same value (both ends of a transfer cut the object alike): set it by the
+            environment or with the same ``init`` keywords on every rank.  False: ``chunk_size``
+            for every object.
+        chunk_aware_plan: the reduce coordinator (rank 0) counts the chunks of an object when it
+            chooses between a star and the tree-chain (``collectives.star_cheaper``): an object of
+            one or a few chunks is not pipelined through a chain, so a 1 MiB reduce of 4 inputs
+            takes the star.  False: Hoplite's model (chunks pipelined).
+        broadcast_direct: a broadcast of a one-chunk object the broadcasting rank holds, and an
+            allreduce's one-chunk result, are pulled by every target from that copy at once
+            (``Fetch.sender``): no DirPull/DirSender hop before the pull, and no chain of copies,
+            which would forward a one-chunk object whole, hop after hop (4 ranks / 2 cores, same
+            job: 1 MiB broadcast ~0.8x, allreduce ~0.87x).  Chosen by the broadcasting rank (the
+            choice travels in the Fetch).  False: the targets ask the directory for a sender.
         tasks_per_worker: tasks the scheduler keeps in flight on one worker rank (queued there),
             so fine-grained tasks do not wait for a round trip to rank 0.
         worker_threads: tasks one worker rank executes at the same time (tasks blocked in a
@@ -69,6 +87,9 @@ class Config:
     inline_threshold: int = 64 << 10
     small_collectives: bool = True
     worker_deps: bool = True
+    adaptive_chunks: bool = True
+    chunk_aware_plan: bool = True
+    broadcast_direct: bool = True
     tasks_per_worker: int = 16
     worker_threads: int = 1
     replication: int = 1
@@ -93,7 +114,8 @@ class Config:
         if (not isinstance(self.inline_threshold, int) or isinstance(self.inline_threshold, bool)
                 or self.inline_threshold < 0):
             raise ValueError(f"inline_threshold must be an int >= 0, got {self.inline_threshold!r}")
-        for name in ("small_collectives", "worker_deps", "submit_batch"):
+        for name in ("small_collectives", "worker_deps", "submit_batch", "adaptive_chunks",
+                     "chunk_aware_plan", "broadcast_direct"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.chunk_size % 64:

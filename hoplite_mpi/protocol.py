@@ -287,12 +287,14 @@ class Fetch:
     """Driver -> rank: make sure you hold a complete copy (broadcast), then answer Fetched.
     (Primary shard -> rank with ``token=REPLICA_TOKEN``: make a background replica.)
     ``info``: the object's value itself (inline; a small broadcast, or the result of a reduce of
-    small inputs): keep it, nothing to pull."""
+    small inputs): keep it, nothing to pull.  ``sender``: a complete copy to pull from at once,
+    without asking the directory (a broadcast of a one-chunk object, ``Config.broadcast_direct``)."""
 
     object_id: int
     token: int
     pulled: bool = False   # the driver already sent the DirPull for this rank (saves a hop)
     info: Optional[ObjectInfo] = None
+    sender: Optional[ObjectInfo] = None
 
 
 @message

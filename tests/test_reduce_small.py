@@ -195,6 +195,9 @@ def test_star_cost_model():
     assert not star_cheaper(2, 0)                     # (two inputs: the same as a chain)
     assert star_cheaper(4, 0) and star_cheaper(16, 0)
     assert not star_cheaper(4, 2) and not star_cheaper(4, 7)
+    # chunk-aware (Config.chunk_aware_plan): one chunk per object is not pipelined by a chain
+    assert star_cheaper(4, 7, 1) and not star_cheaper(4, 7, 2) and not star_cheaper(4, 28, 4)
+    assert star_cheaper(4, 0, 1) and not star_cheaper(2, 7, 1)
 
 
 def test_a_star_target_pulls_every_input_itself():

@@ -212,3 +212,18 @@ def test_freed_receive_buffers_are_reused_only_when_nobody_else_holds_them():
     store.delete(3)
     fourth = store.allocate(4, (16, size))
     assert fourth.frames[1].__array_interface__["data"][0] == addr
+
+
+def test_object_chunk_size_adaptive():
+    from hoplite_mpi.store import ADAPTIVE_MAX, object_chunk_size, object_plan
+    from hoplite_mpi.config import Config
+    MiB = 1 << 20
+    assert object_chunk_size((100, 16 * MiB), MiB, False) == MiB
+    assert object_chunk_size((100, MiB), MiB, True) == MiB              # never below chunk_size
+    assert object_chunk_size((100, 8 * MiB), MiB, True) == 4 * MiB      # 2**ceil(log2(S / 4))
+    assert object_chunk_size((100, 16 * MiB), MiB, True) == 4 * MiB     # (at most ADAPTIVE_MAX)
+    assert object_chunk_size((100, 6 * MiB), MiB, True) == 2 * MiB
+    assert object_chunk_size((100, 1 << 30), MiB, True) == ADAPTIVE_MAX
+    assert object_chunk_size((0,), 64, True) == 64
+    cfg = Config(chunk_size=MiB, adaptive_chunks=True)
+    assert object_plan((100, 16 * MiB), cfg) == chunk_plan((100, 16 * MiB), 4 * MiB)

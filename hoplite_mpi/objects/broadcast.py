@@ -9,7 +9,7 @@ the ``Fetch`` itself (``Config.small_collectives``): the target keeps it and ans
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from .. import faults
 from .. import protocol as P
@@ -18,7 +18,7 @@ from ..errors import TransferError
 from ..ids import shard_of
 from ..protocol import ObjectInfo
 from ..serialization import rebuild_error
-from ..store import DELETED
+from ..store import DELETED, object_chunk_size
 
 
 class Broadcasts:
@@ -41,11 +41,14 @@ class Broadcasts:
         info = ctx.catalog.info(object_id) if ctx.config.small_collectives else None
         small = info if (info is not None and info.inline is not None
                          and object_id not in ctx.catalog.deleted) else None   # (deleted: the old way answers)
+        direct = self._direct(object_id) if small is None else None
         for rank in ranks:
             if rank == ctx.rank:
                 self.on_fetch(ctx.rank, P.Fetch(object_id, token))
             elif small is not None:
                 ctx.send(rank, P.Fetch(object_id, token, info=small))
+            elif direct is not None:
+                ctx.send(rank, P.Fetch(object_id, token, sender=direct))
             else:
                 # The DirPull goes out from here together with the Fetch: the shard and the
                 # target wake up at the same time instead of one after the other (an idle rank
@@ -54,6 +57,22 @@ class Broadcasts:
                 ctx.send(rank, P.Fetch(object_id, token, pulled=True))
         if not ranks:
             self.on_fetched(ctx.rank, P.Fetched(token, ctx.rank))
+
+    def _direct(self, object_id: int) -> Optional[ObjectInfo]:
+        """(``Config.broadcast_direct``) This rank's complete copy, as the sender every target
+        pulls from at once, if the object is one chunk per frame: a chain of copies cannot
+        pipeline it (each hop forwards it whole), and no directory hop comes before the pulls.
+        None: the targets ask the directory (chains of partial copies, Hoplite §3.3)."""
+        ctx = self.ctx
+        if not ctx.config.broadcast_direct or object_id in ctx.catalog.deleted:
+            return None
+        entry = ctx.store.get(object_id)
+        if entry is None or not entry.complete or not entry.sizes:
+            return None
+        config = ctx.config
+        if max(entry.sizes) > object_chunk_size(entry.sizes, config.chunk_size, config.adaptive_chunks):
+            return None
+        return ObjectInfo(object_id, entry.sizes, (ctx.rank,), head=ctx.catalog.head_of(object_id))
 
     def on_fetch(self, source: int, msg: P.Fetch) -> None:
         """(target) Get a copy, then answer ``Fetched`` (with an error text if it failed)."""
@@ -72,6 +91,11 @@ class Broadcasts:
         if msg.info is not None:            # the value itself: keep it (the cache of small values)
             ctx.catalog.remember(msg.info, oid)
             reply(msg.info)
+            return
+        if msg.sender is not None and msg.sender.holders[0] not in ctx.dead \
+                and ctx.catalog.local_frames(oid) is None and ctx.store.get(oid) is None \
+                and oid not in ctx.fetcher.fetching:
+            ctx.fetcher.pull_direct(msg.sender, reply)   # (a broadcast of a one-chunk object)
             return
         # (unless a rank of the object's shard is dead here: the driver's DirPull may have gone to
         # it, and this rank may have re-sent its pending requests already, before this Fetch came;

@@ -21,7 +21,7 @@ from ..errors import ObjectDeletedError, TransferError
 from ..ids import format_id, shard_of
 from ..protocol import ObjectInfo
 from ..serialization import error_info, local_error, rebuild_error, to_bytes
-from ..store import DELETED, chunk_plan, chunk_ends
+from ..store import DELETED, chunk_ends, object_plan
 from ..transport.base import PeerFailure
 
 log = logging.getLogger("hoplite_mpi")
@@ -86,6 +86,13 @@ class Fetcher:
     def await_sender(self, oid: int, callback: Callable) -> None:
         """Wait for the answer to a DirPull someone else sent for this rank (a broadcast)."""
         self.fetching.setdefault(oid, []).append(callback)
+
+    def pull_direct(self, info: ObjectInfo, callback: Callable) -> None:
+        """Pull from ``info.holders[0]`` (a complete copy) without asking the directory (a
+        broadcast, ``Fetch.sender``); the copy registers itself once complete, as any.  A sender
+        that no longer holds it (PullRefused) or dies sends this rank to the directory."""
+        self.fetching[info.object_id] = [callback]
+        self.on_sender(info.holders[0], P.DirSender(info.object_id, info))
 
     def request(self, oid: int, callback: Callable) -> None:
         """Get a complete copy here: wait for one being received/produced, else ask the shard
@@ -185,7 +192,7 @@ class Fetcher:
                 on_error: Callable[[int, PeerFailure], None]) -> None:
         """Pull ``source_id`` from ``sender`` into store entry ``into`` (from its progress on)."""
         ctx = self.ctx
-        plan = chunk_plan(entry.sizes, ctx.config.chunk_size)
+        plan = object_plan(entry.sizes, ctx.config)
         skip = bisect.bisect_right(chunk_ends(plan), entry.progress)
         chunks = [memoryview(entry.frames[f])[a:b] for f, a, b in plan[skip:]]
         if not chunks:

@@ -18,7 +18,7 @@ from ..errors import HopliteError
 from ..ids import format_id
 from ..protocol import ObjectInfo
 from ..serialization import deserialize, local_error, serialize, to_bytes
-from ..store import DELETED, chunk_ends, chunk_plan
+from ..store import DELETED, chunk_ends, object_plan
 from ..transport.base import PeerFailure
 
 
@@ -58,7 +58,7 @@ class ReduceStep:
         self.ctx, self.coordinator, self.msg = ctx, coordinator, msg
         self.op: np.ufunc = pickle.loads(msg.op)
         self.sizes = tuple(msg.sizes)
-        self.plan = chunk_plan(self.sizes, ctx.config.chunk_size)
+        self.plan = object_plan(self.sizes, ctx.config)
         # a re-planned reduce goes on from the result's progress: chunks before ``first`` are
         # neither pulled nor combined (their bytes in this step's output are never read)
         ends = chunk_ends(self.plan)

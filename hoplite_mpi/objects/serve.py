@@ -16,7 +16,7 @@ from .. import faults
 from .. import protocol as P
 from ..context import Loss
 from ..ids import format_id
-from ..store import chunk_ends, chunk_plan
+from ..store import chunk_ends, object_plan
 
 log = logging.getLogger("hoplite_mpi")
 
@@ -50,7 +50,7 @@ class Server:
                       reason, ctx.engine_state())
             ctx.send(source, P.PullRefused(oid, msg.tag, reason))
             return
-        plan = chunk_plan(entry.sizes, ctx.config.chunk_size)
+        plan = object_plan(entry.sizes, ctx.config)
         ends = chunk_ends(plan)
         skip = bisect.bisect_right(ends, msg.offset)
         chunks = [memoryview(entry.frames[f]).cast("B")[a:b] for f, a, b in plan[skip:]]

@@ -16,6 +16,7 @@ from ..collectives import (InputReady, ReduceCoordinator, Reduced, Replanned, St
 from ..context import Loss
 from ..events import RankLost
 from ..ids import format_id
+from ..store import object_chunk_size
 
 log = logging.getLogger("hoplite_mpi")
 
@@ -36,9 +37,14 @@ class Coordination:
 
         def k_of(nbytes: int) -> int:
             return chain_length(nbytes, ctx.config.link_bandwidth, ctx.config.link_latency)
+        def chunks_of(sizes: tuple) -> int:
+            data = sizes[1]
+            return -(-data // object_chunk_size(sizes, ctx.config.chunk_size, ctx.config.adaptive_chunks))
         coord = ReduceCoordinator(reduce_id, inputs, op, num, target, result_id, ctx.ids.next, k_of,
                                   allreduce, ctx.shard_ranks, small=ctx.config.small_collectives,
-                                  home=ctx.rank)
+                                  home=ctx.rank,
+                                  size_to_chunks=chunks_of if ctx.config.chunk_aware_plan else None,
+                                  direct_fetch=ctx.config.broadcast_direct)
         self.running[reduce_id] = coord
         self._coordinated(coord, coord.handle(Start(frozenset(ctx.dead))))
 
