@@ -229,6 +229,7 @@ class Executor(cf.Executor):
             return ref
         with self._lock:
             self._pending.add(ref)
+        ref._before_fail = self._failing
         ref.add_done_callback(self._finished)
         return ref
 
@@ -248,9 +249,11 @@ class Executor(cf.Executor):
     def _finished(self, ref: ObjectRef) -> None:
         with self._lock:
             self._pending.discard(ref)
-        if ref.cancelled():
-            return
-        exc = ref.exception()
+
+    def _failing(self, exc: BaseException) -> None:
+        """(notifier thread) A future of this executor is about to fail with ``exc``: an
+        initializer's failure breaks the executor first, so that whoever sees the future fail
+        finds it broken (and the failure logged)."""
         if isinstance(exc, cf.BrokenExecutor):
             with self._lock:
                 first = not self._breaking

@@ -31,6 +31,7 @@ class ObjectRef(cf.Future):
     _owner: Any = None
     _escaped = False
     _original_errors = False     # (Executor futures) fail with a pickling error's own exception
+    _before_fail: Any = None     # (Executor futures) called with the exception before it is set
 
     def __init__(self, object_id: int, task_id: Optional[int] = None) -> None:
         super().__init__()
@@ -84,6 +85,8 @@ class ObjectRef(cf.Future):
             # own exception (the remote traceback stays attached as __cause__)
             exc.original.__cause__ = exc.__cause__
             exc = exc.original
+        if self._before_fail is not None:
+            self._before_fail(exc)     # (the executor marks itself broken before anyone can look)
         self.set_exception(exc)
 
     def result(self, timeout: Optional[float] = None) -> Any:
