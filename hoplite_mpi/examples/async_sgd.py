@@ -27,10 +27,18 @@ Learning-rate rule (both runs): ``w -= lr * mean(gradients applied in this step)
    task pinned to its rank, given the weights ref current when it was submitted.  Each step the
    driver calls ``hm.reduce(outstanding, num=k)`` (default ``k = max(1, (N-1)//2)``), gets the sum,
    asks ``hm.reduced_inputs`` which gradients went in, applies ``lr * sum / k``, ``hm.put``s the new
-   weights, ``hm.broadcast``s them to the ranks whose gradients were used, and resubmits tasks only
-   for those ranks.  The other gradients stay outstanding and are applied in a later step (stale).
-   (The broadcast skips the busy workers: they are computing on older weights, and by the time
-   they get a new task there are newer ones.)
+   weights and resubmits tasks only for the ranks whose gradients were used, with the new weights
+   ref as their argument; then it issues the next step's reduce at once, and only after that
+   frees what is no longer needed and takes snapshots.  The other gradients stay outstanding and
+   are applied in a later step (stale).  The weights reach a resubmitted worker by its task's own
+   fetch of its argument (``--weights pull``, the default), while the driver goes on; with
+   ``--weights broadcast`` the driver first ``hm.broadcast``s them to those ranks and waits for
+   the copies, as before (the same bytes move either way: one rank-0 -> worker copy per used
+   gradient; busy workers get nothing, they compute on older weights).  A gradient of at most
+   ``--grad-inline`` bytes (default 1 MiB: ``--quick``'s 0.33 MB, not the default model's 16.8 MB)
+   is returned in-band with its task's completion report (task option ``inline_threshold``), so
+   the reduce combines it on rank 0 (``Config.small_collectives``) without a tree or a transfer;
+   a larger one stays on its worker and goes through the reduce tree.
    Gradients, reduce results and weights no task needs any more are freed with ``hm.delete``.
 
 ``--straggler F``: the last worker rank sleeps ``(F-1) x`` its measured gradient time after each
@@ -176,6 +184,8 @@ class Config:
     seed: int = 0
     timeout: float = 300.0       # for each blocking hoplite call
     mpi_wait: str = "poll"       # baseline: "poll" (non-spinning barrier first) or "spin"
+    weights: str = "pull"        # hoplite: "pull" (each task fetches its weights) or "broadcast"
+    grad_inline: int = 1 << 20   # hoplite: gradients of at most this many bytes come in-band
 
     def num(self, workers: int) -> int:
         return self.k or max(1, workers // 2)
@@ -444,7 +454,10 @@ def job_pids(timeout: float) -> list[int]:
 
 
 def hoplite_async(cfg: Config, pids: list[int]) -> dict:
-    """The driver's loop (see the module docstring).  Returns the run's figures."""
+    """The driver's loop (see the module docstring).  Returns the run's figures.  ``driver_s``:
+    the driver's time per phase of its steps: ``reduce_get`` (waiting for the reduce and getting
+    it), ``update``, ``put``, ``broadcast`` (``--weights broadcast`` only), ``submit`` (the new
+    tasks and the next reduce), ``bookkeeping`` (deletes, snapshots)."""
     n = hm.world_size()
     ranks = list(range(1, n))
     workers = len(ranks)
@@ -463,8 +476,15 @@ def hoplite_async(cfg: Config, pids: list[int]) -> dict:
     outstanding: list[tuple] = []           # (grad ref, info ref, worker index, version), oldest first
     infos: list[tuple] = []                 # (worker index, staleness, info ref) of applied gradients
 
+    # a small gradient travels in-band with its task's completion report to rank 0, where the
+    # reduce combines such inputs itself (no tree, no transfer); a large one stays on its worker
+    # and the reduce tree pulls it (the task option inline_threshold; the gradient's pickle is a
+    # few hundred bytes larger than its data)
+    nbytes = model.size * np.dtype(np.float32).itemsize
+    grad_opts = {"inline_threshold": nbytes + 4096} if nbytes <= cfg.grad_inline else {}
+
     def submit(i: int) -> None:
-        g, info = gradient_task.options(rank=ranks[i], name=f"grad-w{i}").remote(
+        g, info = gradient_task.options(rank=ranks[i], name=f"grad-w{i}", **grad_opts).remote(
             wrefs[version], cfg, i, workers, count[i])
         count[i] += 1
         users[version] = users.get(version, 0) + 1
@@ -481,13 +501,14 @@ def hoplite_async(cfg: Config, pids: list[int]) -> dict:
     load.start()
     t0 = time.perf_counter()
     wrefs[version] = hm.put(w)
-    hm.broadcast(wrefs[version], ranks=ranks, timeout=cfg.timeout)
+    if cfg.weights == "broadcast":
+        hm.broadcast(wrefs[version], ranks=ranks, timeout=cfg.timeout)
     for i in range(workers):
         submit(i)
     snaps.maybe(0.0, 0, 0, w)
     step = samples = 0
     scale = np.float32(cfg.lr / k)
-    phases = dict.fromkeys(("reduce_get", "update_delete", "put", "broadcast", "submit"), 0.0)
+    phases = dict.fromkeys(("reduce_get", "update", "put", "broadcast", "submit", "bookkeeping"), 0.0)
     tick = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -496,8 +517,8 @@ def hoplite_async(cfg: Config, pids: list[int]) -> dict:
         phases[name] += now - tick
         tick = now
 
+    red = hm.reduce([o[0] for o in outstanding], num=k)
     while True:
-        red = hm.reduce([o[0] for o in outstanding], num=k)
         total = hm.get(red, timeout=cfg.timeout)
         used = {r.id for r in hm.reduced_inputs(red, timeout=cfg.timeout)}
         lap("reduce_get")
@@ -505,30 +526,39 @@ def hoplite_async(cfg: Config, pids: list[int]) -> dict:
         del total
         consumed = [o for o in outstanding if o[0].id in used]
         outstanding = [o for o in outstanding if o[0].id not in used]
-        hm.delete([red] + [o[0] for o in consumed])
         step += 1
         samples += k * cfg.batch
         for _, info, i, v in consumed:
-            infos.append((i, version - v, info))
-            release(v)
-        lap("update_delete")
+            infos.append((i, version - v, info))   # staleness: updates since its weights
+        lap("update")
         version += 1
         wrefs[version] = hm.put(w)
         users[version] = 0
+        t = time.perf_counter() - t0
+        stop = t >= cfg.seconds or bool(cfg.steps and step >= cfg.steps)
+        lap("put")
+        if not stop:
+            # the critical path first: new tasks for the workers whose gradients went in, then
+            # the next reduce; the bookkeeping below overlaps with them
+            if cfg.weights == "broadcast":
+                hm.broadcast(wrefs[version], ranks=sorted({ranks[o[2]] for o in consumed}),
+                             timeout=cfg.timeout)
+                lap("broadcast")
+            for o in consumed:
+                submit(o[2])
+            red_next = hm.reduce([o[0] for o in outstanding], num=k)
+            lap("submit")
+        hm.delete([red] + [o[0] for o in consumed])
+        for o in consumed:
+            release(o[3])
         if users.get(version - 1) == 0:       # the previous version has no task left
             hm.delete(wrefs.pop(version - 1))
             del users[version - 1]
-        t = time.perf_counter() - t0
-        stop = t >= cfg.seconds or bool(cfg.steps and step >= cfg.steps)
         snaps.maybe(t, step, samples, w, force=stop)
-        lap("put")
+        lap("bookkeeping")
         if stop:
             break
-        hm.broadcast(wrefs[version], ranks=sorted({ranks[o[2]] for o in consumed}), timeout=cfg.timeout)
-        lap("broadcast")
-        for o in consumed:
-            submit(o[2])
-        lap("submit")
+        red = red_next
     wall = time.perf_counter() - t0
     machine = load.stop()
 
@@ -582,6 +612,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "0.5 ms sleeps before each Allreduce (default; ranks share the cores, and "
                         "a rank spinning in Allreduce slows the ones still computing), 'spin' calls "
                         "Allreduce at once")
+    p.add_argument("--weights", choices=("pull", "broadcast"), default=d.weights,
+                   help="hoplite: how new weights reach the workers whose gradients were used: "
+                        "'pull' (default): the resubmitted task's weights ref is its argument and "
+                        "the worker fetches it when the task arrives, while the driver goes on; "
+                        "'broadcast': hm.broadcast to those ranks first (the driver waits for the copies)")
+    p.add_argument("--grad-inline", type=int, default=d.grad_inline, metavar="BYTES",
+                   help="hoplite: a gradient of at most BYTES (default 1 MiB: --quick's 0.33 MB, "
+                        "not the default model's 16.8 MB) is returned in-band with its task's "
+                        "completion (task option inline_threshold) and reduced on rank 0; a larger "
+                        "one stays on its worker and goes through the reduce tree; 0: never in-band")
     p.add_argument("--runs", default="mpi,hoplite", help="which runs (mpi, hoplite)")
     p.add_argument("--quick", action="store_true", help="small model, 4 s per run (tests, smoke runs)")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
@@ -605,7 +645,7 @@ def config_of(args: argparse.Namespace) -> Config:
     return Config(hidden=args.hidden, batch=args.batch, lr=args.lr, seconds=args.seconds,
                   steps=args.steps, k=args.k, straggler=args.straggler, target=args.target,
                   eval_every=args.eval_every, seed=args.seed, timeout=args.timeout,
-                  mpi_wait=args.mpi_wait)
+                  mpi_wait=args.mpi_wait, weights=args.weights, grad_inline=args.grad_inline)
 
 
 def report(cfg: Config, runs: dict, n: int, mode: str, json_path: Optional[str]) -> int:
