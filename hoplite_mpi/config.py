@@ -35,9 +35,10 @@ class Config:
             Dask's worker-side dependency handling).  False: a task is placed once its inputs exist.
         adaptive_chunks: the chunk size of an object depends on its size: the power of two at or
             above a quarter of its bytes, at least ``chunk_size``, at most 4 MiB
-            (``store.object_chunk_size``); fewer Python events per MiB for large objects
-            (4 ranks / 2 cores, same job: 16 MiB reduce/broadcast/allreduce ~0.6-0.8x the time
-            with 1 MiB chunks, 64 MiB ~0.4-0.8x).  Like ``chunk_size``, every rank must have the
+            (``store.object_chunk_size``); fewer Python events per MiB for large objects.
+            Off by default: it helped on a loaded machine (load ~10: 0.85-0.94x the time at
+            16 MiB) but not on a quiet one (interleaved A/B, load ~2.5: 16 MiB broadcast 1.14x,
+            allreduce 1.09x; 64 MiB reduce 1.06x, allreduce 1.07x; benchmarks/RESULTS.md).  Like ``chunk_size``, every rank must have the
             same value (both ends of a transfer cut the object alike): set it by the
             environment or with the same ``init`` keywords on every rank.  False: ``chunk_size``
             for every object.
@@ -87,7 +88,7 @@ class Config:
     inline_threshold: int = 64 << 10
     small_collectives: bool = True
     worker_deps: bool = True
-    adaptive_chunks: bool = True
+    adaptive_chunks: bool = False
     chunk_aware_plan: bool = True
     broadcast_direct: bool = True
     tasks_per_worker: int = 16
