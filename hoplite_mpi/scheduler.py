@@ -16,8 +16,8 @@ Placement ahead (``worker_deps``; Dask's worker-side dependency handling): a WAI
 missing inputs are all made by tasks placed on one rank ``r`` (RUNNING there) is placed on ``r`` at
 once, its RunTask naming those inputs ``None``; the worker starts it the moment they are made
 there, without a round trip to rank 0 (a chain costs one local hand-off per link).  For rank 0 it
-is RUNNING on ``r`` (``_Task.ahead``; rank loss re-queues it like a running task, so it is placed
-ahead only while it has a retry left).  At most ``worker_threads`` tasks go ahead per missing
+is RUNNING on ``r`` (rank loss re-queues it like a running task, so it is placed ahead only while
+it has a retry left).  At most ``worker_threads`` tasks go ahead per missing
 object (a fan-out still spreads over the workers once the object exists).
 
 Cancel: a task not placed yet is cancelled at once.  A placed one (RUNNING here) may still wait
@@ -185,7 +185,6 @@ class _Task:
     rank: Optional[int] = None
     blocked: bool = False
     attempts: int = 0
-    ahead: bool = False      # placed before its inputs existed (see placement ahead)
     history: list = field(default_factory=list)
 
     def move(self, new: TaskState) -> None:
@@ -516,7 +515,7 @@ class Scheduler:
                     self._fail(task, self._lost_error(task, rank, why), out)
                 else:
                     task.move(TaskState.READY)
-                    task.rank, task.blocked, task.ahead = None, False, False
+                    task.rank, task.blocked = None, False
                     self.stats["retried"] += 1
                     requeue.append(task)
             elif task.state in (TaskState.WAITING, TaskState.READY) and (pinned or not self.workers):
@@ -854,13 +853,9 @@ class Scheduler:
             blobs = tuple((key, self.blobs[key]) for key in (spec.fn_id, spec.init_id)
                           if key is not None and key not in sent)
             sent.update(key for key, _ in blobs)
-        if spec.deps:
-            objects = self.objects
-            deps = tuple([objects.get(oid) for oid in spec.deps])
-            task.ahead = None in deps
-        else:
-            deps = ()
-        return RunTask(spec, deps, blobs)
+        objects = self.objects
+        return RunTask(spec, tuple([objects.get(oid) for oid in spec.deps]) if spec.deps else (),
+                       blobs)
 
     def _queue(self, spec: TaskSpec) -> deque:
         key = ("rank", spec.rank) if spec.rank is not None else spec.allowed
