@@ -226,9 +226,9 @@ class _ExecutorThreads:
         self._name = name
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._slots = threading.Semaphore(slots)
-        self._lock = threading.Lock()       # guards the two counters and the two tables
-        self._queued: dict[int, RunTask] = {}   # task id -> queued, not started
-        self._revoked: set[int] = set()         # taken out of _queued: skip when dequeued
+        self._lock = threading.Lock()       # guards the two counters and the table
+        self._queued: dict[int, RunTask] = {}   # task id -> queued, not started (one revoked is
+                                                # out of it: skipped when dequeued)
         self._idle = 0
         self._count = 0
         for _ in range(slots):
@@ -242,10 +242,7 @@ class _ExecutorThreads:
     def revoke(self, task_id: int) -> Optional[RunTask]:
         """Take a queued task out before a thread starts it (see :meth:`TaskRunner.revoke`)."""
         with self._lock:
-            msg = self._queued.pop(task_id, None)
-            if msg is not None:
-                self._revoked.add(task_id)
-        return msg
+            return self._queued.pop(task_id, None)
 
     def close(self) -> None:
         """Idle threads exit (running tasks finish on their own)."""
@@ -274,11 +271,9 @@ class _ExecutorThreads:
                 # (a task taken from the queue may wait here for a slot: it is revocable until
                 # it has one)
                 with self._lock:
-                    task_id = msg.spec.task_id
-                    if task_id in self._revoked:
-                        self._revoked.discard(task_id)
-                        continue
-                    self._queued.pop(task_id, None)
+                    revoked = self._queued.pop(msg.spec.task_id, None) is None
+                if revoked:
+                    continue
                 self._run(msg)
 
     def block(self) -> None:
