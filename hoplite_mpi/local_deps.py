@@ -123,7 +123,3 @@ class LocalDeps:
         """Take the task out if it still waits (a cancel); None if it has started or is unknown."""
         with self._lock:
             return self.waiting.pop(task_id, None)
-
-    def awaits(self) -> bool:
-        """Whether any task waits here (a hint without the lock)."""
-        return bool(self.waiting)

@@ -204,7 +204,7 @@ def test_local_deps_hands_a_task_out_once_its_last_input_is_made():
     (entry,) = t.made([value(20, 1)])
     assert entry.run_task() == RunTask(msg.spec, (value(10, 1), value(500, 2), value(20, 1), value(10, 1)), ())
     assert entry.failed_input() is None
-    assert t.made([value(20, 1)]) == [] and not t.awaits()
+    assert t.made([value(20, 1)]) == [] and not t.waiting
 
 
 def test_local_deps_starts_at_once_what_was_made_before_the_run_task_came():

@@ -97,15 +97,17 @@ class TaskRole:
             if info.inline is None:
                 stored.append((oid, frames))
         infos = tuple(infos)
+        handed = not stored    # (a chunked result waits for the engine: its users read the store)
         try:
-            ctx.call_soon(self._report, spec, infos, stored)
+            ctx.call_soon(self._report, spec, infos, stored, handed)
         except RuntimeShutdownError:    # the job ended while the task ran: nobody wants it
             return
-        if not stored and self.deps.awaits():
-            # (a chunked result waits for the engine: its dependents read it from the store)
+        if handed:
             self._start(self.deps.made(infos))
 
-    def _report(self, spec: P.TaskSpec, infos: tuple, stored: list) -> None:
+    def _report(self, spec: P.TaskSpec, infos: tuple, stored: list, handed: bool = False) -> None:
+        """(engine) Store, register and report a task's results; unless ``handed`` (by the
+        executor thread that made them), start the tasks waiting here for them."""
         ctx = self.ctx
         for oid, frames in stored:
             ctx.store.put(oid, frames)
@@ -113,7 +115,8 @@ class TaskRole:
         for info in infos:
             ctx.publish(info, spec.replicas or 0)
         ctx.send(0, P.TaskDone(spec.task_id, ctx.rank, infos))
-        self._start(self.deps.made(infos))
+        if not handed:
+            self._start(self.deps.made(infos))
 
     def set_blocked(self, blocked: bool) -> None:
         """(task thread) The calling task enters/leaves a blocking wait (nested get/wait)."""
