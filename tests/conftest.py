@@ -68,10 +68,11 @@ def _ask_ranks_where_they_are(pid: int, wait: float = 3.0) -> None:
 
 
 def check_results(script: str, n: int, tmp_path_factory, cache: dict, timeout: float = 900,
-                  *args: str) -> dict:
+                  *args: str, ft: bool = False) -> dict:
     """Run a checks script (``tests/mpi/checks.py`` style) as ONE job on ``n`` ranks, once.
 
-    ``mpirun -n n python -m hoplite_mpi script --json OUT *args``; the result is kept in
+    ``mpirun -n n python -m hoplite_mpi script --json OUT *args`` (``ft``: under ULFM, as
+    :func:`run_job`); the result is kept in
     ``cache`` under ``n``: ``{"checks": {name: record}, "returncode", "output"}``.  The script
     rewrites OUT after each check, so the checks that finished are reported even when the job
     is killed at ``timeout`` (returncode None).
@@ -81,7 +82,7 @@ def check_results(script: str, n: int, tmp_path_factory, cache: dict, timeout: f
         out = tmp_path_factory.mktemp(f"{stem}-ranks{n}") / "results.json"
         try:
             proc = run_job(n, "-m", "hoplite_mpi", script, "--json", str(out), *args,
-                           timeout=timeout)
+                           timeout=timeout, ft=ft)
             returncode, output = proc.returncode, proc.stdout[-4000:] + proc.stderr[-4000:]
         except pytest.fail.Exception as exc:     # run_job's timeout
             returncode, output = None, str(exc)[-8000:]
