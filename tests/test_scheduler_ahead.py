@@ -130,6 +130,17 @@ def test_an_error_result_finishes_the_waiting_task_through_the_worker():
 
 # --- cancel of a task placed ahead: asked of the worker ---------------------------------------
 
+def _cancel_asked(workers):
+    """A scheduler with task a running and b (on a's result) placed ahead behind it on rank 1,
+    and a cancel of b asked of rank 1."""
+    s = make(workers=workers, ahead=True)
+    a, b = first(10), spec(20, 10)
+    s.submit(a)
+    assert s.submit(b) == [(1, run(b, deps=(None,)))]
+    assert s.cancel(20) == (False, [(1, Revoke(20))])
+    return s, a, b
+
+
 def test_cancel_of_a_task_waiting_ahead_asks_its_worker_and_fails_it_if_dropped():
     s = make(workers=(1,), ahead=True)
     a, b, c = first(10), spec(20, 10), spec(30, 20)
@@ -150,11 +161,7 @@ def test_cancel_of_a_task_waiting_ahead_asks_its_worker_and_fails_it_if_dropped(
 
 
 def test_cancel_of_a_task_that_started_on_its_worker_is_refused():
-    s = make(workers=(1,), ahead=True)
-    a, b = first(10), spec(20, 10)
-    s.submit(a)
-    s.submit(b)
-    s.cancel(20)
+    s, a, b = _cancel_asked((1,))
     assert s(Revoked(20, 1, False)) == []
     assert s.not_cancelled == [20] and s.cancelled == []
     s.task_done(done(a, 1))
@@ -163,11 +170,7 @@ def test_cancel_of_a_task_that_started_on_its_worker_is_refused():
 
 
 def test_a_cancel_pending_at_a_rank_that_dies_is_answered_by_rank_0():
-    s = make(workers=(1, 2), ahead=True)
-    a, b = first(10), spec(20, 10)
-    s.submit(a)
-    s.submit(b)
-    s.cancel(20)
+    s, a, b = _cancel_asked((1, 2))
     out = s.rank_lost(1)
     assert s.cancelled == [20]
     assert (2, run(a, blobs=FIRST)) in out and not any(
@@ -178,11 +181,7 @@ def test_a_cancel_pending_at_a_rank_that_dies_is_answered_by_rank_0():
 
 
 def test_a_cancel_pending_when_the_task_fails_on_rank_loss_is_refused():
-    s = make(workers=(1,), ahead=True)
-    a, b = first(10), spec(20, 10)
-    s.submit(a)
-    s.submit(b)
-    s.cancel(20)
+    s, a, b = _cancel_asked((1,))
     s.rank_lost(1)                                     # no worker left: everything fails
     assert s.not_cancelled == [20]
     exc = rebuild_error(next(i for i in s.completed if i.object_id == 20).inline)

@@ -45,6 +45,15 @@ def wait_file(path: str, timeout: float = T) -> None:
         time.sleep(0.002)
 
 
+def get_raises(ref, exc_type: type, why: str) -> BaseException:
+    """``hm.get(ref)`` must raise ``exc_type`` (within T seconds); returns the exception."""
+    try:
+        hm.get(ref, timeout=T)
+    except exc_type as exc:
+        return exc
+    raise AssertionError(why)
+
+
 @hm.remote
 def inc(x):
     return x + 1
@@ -112,12 +121,8 @@ def check_error_passes_down_a_chain_waiting_ahead():
         chain.append(inc.remote(chain[-1]))
     open_gate("error")
     for ref in chain:
-        try:
-            hm.get(ref, timeout=T)
-        except ValueError as exc:
-            assert "boom 7" in str(exc), str(exc)
-        else:
-            raise AssertionError("a task after a failed one did not raise its error")
+        exc = get_raises(ref, ValueError, "a task after a failed one did not raise its error")
+        assert "boom 7" in str(exc), str(exc)
 
 
 @check
@@ -132,12 +137,7 @@ def check_cancel_of_a_task_waiting_ahead():
     assert hm.get(a, timeout=T) == 1
     assert hm.get(other, timeout=T) == 2
     for ref in (b, c):
-        try:
-            hm.get(ref, timeout=T)
-        except cf.CancelledError:
-            pass
-        else:
-            raise AssertionError("a cancelled task's result (or its user's) did not raise")
+        get_raises(ref, cf.CancelledError, "a cancelled task's result (or its user's) did not raise")
 
 
 @check
@@ -192,12 +192,7 @@ def check_cancel_of_a_task_queued_on_its_worker():
     assert hm.get(a, timeout=T) == 5
     for ref in queued:
         assert ref.cancelled()
-        try:
-            hm.get(ref, timeout=T)
-        except cf.CancelledError:
-            pass
-        else:
-            raise AssertionError("a cancelled queued task ran")
+        get_raises(ref, cf.CancelledError, "a cancelled queued task ran")
     assert hm.get(inc.options(rank=w).remote(1), timeout=T) == 2     # the worker goes on
 
 
