@@ -111,7 +111,7 @@ class ObjectRef(cf.Future):
 
 def cancel_refs(refs: Sequence[ObjectRef]) -> list[bool]:
     """Cancel the tasks of ``refs`` that have not started, in one call to the scheduler (so
-        a slot that one cancel frees on a worker is not filled by a task cancelled next, as it
+    a slot that one cancel frees on a worker is not filled by a task cancelled next, as it
     would be one cancel at a time); returns whether each ref is cancelled.  Driver only."""
     todo = [i for i, ref in enumerate(refs) if not ref.done() and ref._task_id is not None]
     rt = session.current_or_none()

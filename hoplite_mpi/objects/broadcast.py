@@ -4,7 +4,9 @@ The driver sends each target a ``Fetch`` and, in the same step, a ``DirPull`` on
 object's shard, so the shard and the target wake up together; each target pulls through the
 shard's chain of (partial) copies, so the copies form a pipelined tree built at run time (Hoplite
 §3.3), and answers ``Fetched``.  A small (inline) value known to the broadcasting rank travels in
-the ``Fetch`` itself (``Config.small_collectives``): the target keeps it and answers at once.  Replicas (``Config.replication``) are made the same way, with
+the ``Fetch`` itself (``Config.small_collectives``): the target keeps it and answers at once.  A
+one-chunk object held here is pulled from here at once (``Fetch.sender``,
+``Config.broadcast_direct``).  Replicas (``Config.replication``) are made the same way, with
 ``REPLICA_TOKEN``.
 """
 from __future__ import annotations

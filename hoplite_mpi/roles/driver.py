@@ -106,8 +106,8 @@ class Driver:
         self.scheduled(self.scheduler.handle(Release(object_id)))
 
     def cancel(self, task_id: int, answer: Callable[[bool], None]) -> None:
-        """Cancel a task not started yet; ``answer(cancelled)`` at once, or for a task placed
-        ahead on a worker once that worker has answered (or died)."""
+        """Cancel a task not started yet; ``answer(cancelled)`` at once, or for a task placed on
+        a worker once that worker has answered (or died)."""
         self.cancels.setdefault(task_id, []).append(answer)
         self.scheduled(self.scheduler.handle(Cancel(task_id)))
         if task_id in self.cancels and not self.scheduler.revoking_task(task_id):
