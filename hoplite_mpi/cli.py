@@ -2,19 +2,24 @@
 
 - ``hoplite-mpi run -n 4 script.py [args]``: wraps the installed ``mpirun`` with the right flags
   (Open MPI: ``--oversubscribe`` when ranks exceed cores, ``--with-ft ulfm``, run-as-root allowed
-  when uid is 0; MPICH: plain) and runs ``python -m hoplite_mpi script.py``; the exit status of
-  the job is returned.
+  when uid is 0; MPICH: plain) and runs ``python -m hoplite_mpi script.py`` with a session
+  directory of its own (:func:`own_session_dir`); the exit status of the job is returned.
 - ``hoplite-mpi info``: MPI library and version, thread level, rank count, and whether rank-loss
   tolerance (ULFM) is available.  Run it under ``hoplite-mpi run -n N -- info`` to see a job's view.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
-from typing import Optional
+import tempfile
+from typing import Iterator, Optional
+
+#: Open MPI's (PRRTE's) MCA variable for the base of a job's session directory
+SESSION_DIR_VAR = "PRTE_MCA_prte_tmpdir_base"
 
 
 def mpi_flavour(mpirun: str) -> str:
@@ -88,6 +93,29 @@ def ulfm_status() -> str:
     return status()
 
 
+@contextlib.contextmanager
+def own_session_dir(env: Optional[dict] = None) -> Iterator[dict]:
+    """An environment (a copy of ``env``, default ``os.environ``) whose Open MPI job keeps its
+    session directory in a fresh directory of its own, removed on exit.
+
+    Why: mpirun (PRRTE) names its session directory ``$TMPDIR/ompi.<pid of mpirun>`` and leaves
+    it behind when a job ends abnormally (a rank SIGKILLed under ULFM, mpirun killed).  A later
+    mpirun that is given the same pid (pids wrap at ``/proc/sys/kernel/pid_max``, 32768 here,
+    and every thread of every rank takes one) finds that directory's stale PMIx rendezvous files
+    and dies at start-up: "The PMIx server's listener thread failed to start" (exit 213).  Where
+    :data:`SESSION_DIR_VAR` is set already, it is kept (the caller owns it)."""
+    env = dict(os.environ if env is None else env)
+    if env.get(SESSION_DIR_VAR):
+        yield env
+        return
+    path = tempfile.mkdtemp(prefix="hoplite-mpi.")
+    env[SESSION_DIR_VAR] = path
+    try:
+        yield env
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="hoplite-mpi", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,10 +151,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         cmd = cmd[:-2] + program
     else:
         cmd = mpirun_command(args.np, program, ft=not args.no_ft, extra=args.mpirun_arg)
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 130
+    with own_session_dir() as env:
+        try:
+            return subprocess.call(cmd, env=env)
+        except KeyboardInterrupt:
+            return 130
 
 
 if __name__ == "__main__":

@@ -101,6 +101,19 @@ def assert_check_ok(results: dict, name: str) -> None:
     assert rec["ok"], rec.get("error")
 
 
+@pytest.fixture(autouse=True)
+def _own_mpi_session_dir(monkeypatch):
+    """Every test's MPI jobs keep their session directory in a fresh one of their own (see
+    hoplite_mpi.cli.own_session_dir: a stale one left by a killed job whose mpirun had the same
+    pid stops a job at start-up once pids wrap, as they do many times in one run of the suite)."""
+    from hoplite_mpi.cli import SESSION_DIR_VAR, own_session_dir
+
+    monkeypatch.delenv(SESSION_DIR_VAR, raising=False)
+    with own_session_dir() as env:
+        monkeypatch.setenv(SESSION_DIR_VAR, env[SESSION_DIR_VAR])
+        yield
+
+
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 from conftest import HERE, ROOT, run_job
-from hoplite_mpi.cli import mpirun_command
+from hoplite_mpi.cli import SESSION_DIR_VAR, mpirun_command, own_session_dir
 
 RANKS = (1, 2, 4)
 
@@ -79,6 +81,29 @@ def test_mpirun_command_flags():
     assert "--oversubscribe" not in cmd and "--allow-run-as-root" not in cmd and "--with-ft" not in cmd
     cmd = mpirun_command(8, ["s.py"], mpirun="mpiexec", flavour="mpich", cores=2, uid=0)
     assert cmd[:3] == ["mpiexec", "-n", "8"] and "--oversubscribe" not in cmd and "--with-ft" not in cmd
+
+
+def test_a_stale_session_dir_left_by_a_dead_mpirun_with_our_pid_does_not_stop_the_job():
+    # CI, 2026-12-01: after pids wrapped, three jobs died at start-up with "The PMIx server's
+    # listener thread failed to start" (exit 213): their mpirun got the pid of one whose job had
+    # ended abnormally and found its stale rendezvous file.  Here the shell plants such a file
+    # for its own pid, then execs mpirun (same pid): the trap without own_session_dir (so that
+    # this test can fail), then the job with it.
+    base = tempfile.mkdtemp(prefix="hm.")     # short: PMIx socket paths must fit in 108 bytes
+    plant = 'mkdir -p "$TMPDIR/ompi.$$" && touch "$TMPDIR/ompi.$$/pmix.$(hostname).tool" && exec "$@"'
+    cmd = ["bash", "-c", plant, "plant"] + mpirun_command(1, [], ft=False)[:-2] + ["-c", "pass"]
+    try:
+        env = {k: v for k, v in os.environ.items() if k != SESSION_DIR_VAR}
+        env["TMPDIR"] = base
+        trapped = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+        assert trapped.returncode != 0 and "listener" in trapped.stderr, trapped
+        with own_session_dir(env) as fresh:
+            own = fresh[SESSION_DIR_VAR]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=fresh)
+        assert proc.returncode == 0, proc.stderr
+        assert not os.path.exists(own)            # removed with the job
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_module_launch_finds_modules_next_to_the_script_on_every_rank(tmp_path):
