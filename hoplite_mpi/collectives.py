@@ -61,6 +61,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .arrays import array_meta, array_of
 from .errors import HopliteError
 from .events import Instruction, Outbox, RankLost
 from .ids import format_id
@@ -77,6 +78,23 @@ COMMUTATIVE = frozenset([np.add, np.multiply, np.minimum, np.maximum, np.fmin, n
                          np.logical_and, np.logical_or, np.logical_xor, np.bitwise_and,
                          np.bitwise_or, np.bitwise_xor, np.gcd, np.lcm, np.logaddexp,
                          np.logaddexp2, np.hypot])
+
+
+# every allowed op pickled once (an op travels as its pickle in ReduceStep and ReduceRequest)
+_OP_BLOBS = {u: pickle.dumps(u) for u in COMMUTATIVE}
+_OPS_OF = {blob: u for u, blob in _OP_BLOBS.items()}
+
+
+def op_blob(ufunc: np.ufunc) -> bytes:
+    """The pickle of an op of :func:`resolve_op`."""
+    blob = _OP_BLOBS.get(ufunc)
+    return pickle.dumps(ufunc) if blob is None else blob
+
+
+def load_op(blob: bytes) -> np.ufunc:
+    """The op of :func:`op_blob`'s ``blob`` (raises what pickle raises for another blob)."""
+    op = _OPS_OF.get(blob)
+    return pickle.loads(blob) if op is None else op
 
 
 def resolve_op(op) -> np.ufunc:
@@ -391,9 +409,9 @@ class ReduceCoordinator:
                 f"buffer (C- or Fortran-contiguous numeric array expected)"))
         try:
             if info.inline is not None:
-                arr = pickle.loads(head, buffers=info.inline[1:])
+                arr = array_of(head, info.inline[1:])
             else:
-                arr = pickle.loads(head, buffers=[np.empty(info.sizes[1], np.uint8)])
+                arr = array_meta(head, info.sizes[1])
         except Exception as exc:
             return self._fail(TypeError(f"reduce input {format_id(info.object_id)} is not a numpy array ({exc})"))
         if self.dtype is not None and type(arr) is np.ndarray and arr.dtype == self.dtype \
@@ -403,7 +421,7 @@ class ReduceCoordinator:
             kind = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
             return self._fail(TypeError(f"reduce input {format_id(info.object_id)} has non-numeric type {kind}"))
         if self.dtype is None:
-            self._ufunc = pickle.loads(self.op)
+            self._ufunc = load_op(self.op)
             why = check_op_dtype(self._ufunc, arr.dtype)
             if why is not None:
                 return self._fail(TypeError(f"reduce input {format_id(info.object_id)}: {why}"))
@@ -439,9 +457,7 @@ class ReduceCoordinator:
                 exc, f"reduce op np.{self._ufunc.__name__} failed on rank {self.home}"))
         if len(self.used) < self.num:
             return []
-        buffers: list = []     # (an ndarray: plain pickle writes what cloudpickle would)
-        head = pickle.dumps(self.acc, protocol=5, buffer_callback=buffers.append)
-        frames = (head,) + tuple(bytes(b.raw()) for b in buffers)
+        frames = to_bytes(serialize(self.acc, copy=True))   # (arrays.array_frames, mostly)
         self.acc = None
         self.result = ObjectInfo(self.result_id, tuple(len(f) for f in frames), (self.target,),
                                  frames)

@@ -52,6 +52,11 @@ class Config:
             which would forward a one-chunk object whole, hop after hop (4 ranks / 2 cores, same
             job: 1 MiB broadcast ~0.8x, allreduce ~0.87x).  Chosen by the broadcasting rank (the
             choice travels in the Fetch).  False: the targets ask the directory for a sender.
+        direct_args: a task's input of one chunk per frame that is not inline is pulled straight from a
+            live holder its RunTask names (rank 0's view), without the DirPull/DirSender hop to
+            the object's shard; a holder that no longer has it (PullRefused) or dies sends the
+            worker to the directory as before.  (Objects of several chunks still ask the shard:
+            its chain of partial copies pipelines them.)  False: every input asks the shard.
         tasks_per_worker: tasks the scheduler keeps in flight on one worker rank (queued there),
             so fine-grained tasks do not wait for a round trip to rank 0.
         worker_threads: tasks one worker rank executes at the same time (tasks blocked in a
@@ -91,6 +96,7 @@ class Config:
     adaptive_chunks: bool = False
     chunk_aware_plan: bool = True
     broadcast_direct: bool = True
+    direct_args: bool = True
     tasks_per_worker: int = 16
     worker_threads: int = 1
     replication: int = 1
@@ -116,7 +122,7 @@ class Config:
                 or self.inline_threshold < 0):
             raise ValueError(f"inline_threshold must be an int >= 0, got {self.inline_threshold!r}")
         for name in ("small_collectives", "worker_deps", "submit_batch", "adaptive_chunks",
-                     "chunk_aware_plan", "broadcast_direct"):
+                     "chunk_aware_plan", "broadcast_direct", "direct_args"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.chunk_size % 64:

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Sequence
 import cloudpickle
 import numpy as np
 
+from .arrays import array_frames, array_of
 from .errors import RemoteTraceback, SerializationError, TaskError
 from .protocol import ObjectInfo
 
@@ -40,6 +41,10 @@ def serialize(value: Any, what: str = "value", copy: bool = False) -> Frames:
         # (fine-grained tasks' usual values: the C pickler gives cloudpickle's bytes for these,
         # without building a cloudpickle Pickler per value; no out-of-band buffers)
         return [pickle.dumps(value, protocol=PROTOCOL)]
+    if type(value) is np.ndarray:       # (the head pickled once per dtype, shape and order)
+        frames = array_frames(value, copy)
+        if frames is not None:
+            return frames
     buffers: list[pickle.PickleBuffer] = []
     try:
         head = cloudpickle.dumps(value, protocol=PROTOCOL, buffer_callback=buffers.append)
@@ -88,8 +93,9 @@ def sole_owner(value: Any, containers: int = 0) -> bool:
 
 
 def deserialize(frames: Sequence[Any]) -> Any:
-    """Rebuild a value from its frames (zero-copy for out-of-band buffers)."""
-    return pickle.loads(frames[0], buffers=[memoryview(f).toreadonly() for f in frames[1:]])
+    """Rebuild a value from its frames (zero-copy for out-of-band buffers; a numpy array of a
+    head seen before without running pickle: :func:`hoplite_mpi.arrays.array_of`)."""
+    return array_of(frames[0], [memoryview(f).toreadonly() for f in frames[1:]])
 
 
 def frame_sizes(frames: Iterable[Any]) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ from ..errors import ObjectDeletedError, TransferError
 from ..ids import format_id, shard_of
 from ..protocol import ObjectInfo
 from ..serialization import error_info, local_error, rebuild_error, to_bytes
-from ..store import DELETED, chunk_ends, object_plan
+from ..store import DELETED, chunk_ends, object_chunk_size, object_plan
 from ..transport.base import PeerFailure
 
 log = logging.getLogger("hoplite_mpi")
@@ -78,10 +78,26 @@ class Fetcher:
         return got
 
     def fetch_from(self, info: ObjectInfo, callback: Callable) -> None:
+        """:meth:`request` the object ``info`` describes (a task's input), straight from one of
+        its holders if it is one chunk (``Config.direct_args``); ``callback`` as :meth:`fetch`."""
         if info.inline is not None:
             callback(info)
             return
-        self.request(info.object_id, callback)
+        self.request(info.object_id, callback, self._direct(info))
+
+    def _direct(self, info: ObjectInfo) -> Optional[ObjectInfo]:
+        """``info`` naming one live holder (not this rank) to pull it from without asking its
+        shard, if ``Config.direct_args`` and the object is one chunk; else None."""
+        ctx = self.ctx
+        if not ctx.config.direct_args or not info.holders or info.error or not info.sizes:
+            return None
+        config = ctx.config
+        if max(info.sizes) > object_chunk_size(info.sizes, config.chunk_size, config.adaptive_chunks):
+            return None     # (more than one chunk per frame: the shard's chain pipelines it)
+        for holder in info.holders:
+            if holder != ctx.rank and holder not in ctx.dead:
+                return ObjectInfo(info.object_id, info.sizes, (holder,), head=info.head)
+        return None
 
     def await_sender(self, oid: int, callback: Callable) -> None:
         """Wait for the answer to a DirPull someone else sent for this rank (a broadcast)."""
@@ -94,9 +110,10 @@ class Fetcher:
         self.fetching[info.object_id] = [callback]
         self.on_sender(info.holders[0], P.DirSender(info.object_id, info))
 
-    def request(self, oid: int, callback: Callable) -> None:
+    def request(self, oid: int, callback: Callable, direct: Optional[ObjectInfo] = None) -> None:
         """Get a complete copy here: wait for one being received/produced, else ask the shard
-        for a sender (DirPull) and pull from it."""
+        for a sender (DirPull) and pull from it (``direct``: pull from its holder at once, as
+        :meth:`pull_direct`)."""
         ctx = self.ctx
         local = ctx.catalog.local_frames(oid)
         if local is not None:
@@ -113,6 +130,9 @@ class Fetcher:
                 waiting = self.producing[oid] = []
                 entry.on_complete.append(lambda e: self._produced(oid, e))
             waiting.append(callback)
+            return
+        if direct is not None:
+            self.pull_direct(direct, callback)
             return
         self.fetching[oid] = [callback]
         self.ask_sender(oid)

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import bisect
 import enum
-import pickle
 from typing import Any, Optional
 
 import numpy as np
 
 from .. import faults
 from .. import protocol as P
-from ..collectives import portable_error
+from ..arrays import array_meta
+from ..collectives import load_op, portable_error
 from ..errors import HopliteError
 from ..ids import format_id
 from ..protocol import ObjectInfo
@@ -56,7 +56,7 @@ class ReduceStep:
 
     def __init__(self, ctx: Any, coordinator: int, msg: P.ReduceStep) -> None:
         self.ctx, self.coordinator, self.msg = ctx, coordinator, msg
-        self.op: np.ufunc = pickle.loads(msg.op)
+        self.op: np.ufunc = load_op(msg.op)
         self.sizes = tuple(msg.sizes)
         self.plan = object_plan(self.sizes, ctx.config)
         # a re-planned reduce goes on from the result's progress: chunks before ``first`` are
@@ -120,7 +120,7 @@ class ReduceStep:
             head, data = self._input(msg.input_info)
             self.locals.append(data)
             self.contributions += 1
-        self.dtype = pickle.loads(head, buffers=[np.empty(self.sizes[1], np.uint8)]).dtype
+        self.dtype = array_meta(head, self.sizes[1]).dtype
         entry.frames[0][:] = np.frombuffer(head, np.uint8)
         self.out = entry.frames[1]
         expected = len(self.locals) + len(msg.children) + self.late

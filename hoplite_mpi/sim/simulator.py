@@ -175,7 +175,8 @@ class Simulation:
                              replication=rng.randint(1, min(3, self.size)),
                              small_collectives=rng.random() < 0.75,
                              # (drawn apart: the seeds' other choices stay as they were)
-                             adaptive_chunks=random.Random(seed * 7919 + 1).random() < 0.5)
+                             adaptive_chunks=random.Random(seed * 7919 + 1).random() < 0.5,
+                             direct_args=random.Random(seed * 7919 + 2).random() < 0.75)
         self.ops = ops if ops is not None else rng.randint(5, 40)
         self.faults = Faults(seed, rng, self.size, self.ops, kills, self.config.heartbeat_timeout)
         self.limits = (time_limit, round_limit)        # virtual seconds, rounds

@@ -194,6 +194,48 @@ def check_put_get_numpy_roundtrip():
         assert hm.get(square.remote(hm.put(arr)), timeout=T).sum() == arr.size
 
 
+@hm.remote
+def _total(arr):
+    return int(arr.sum())
+
+
+@hm.remote
+def _dirpulls_and_pulls():
+    s = hm.stats()
+    return s["messages"].get("DirPull", 0), s["pulls"]
+
+
+def _all_dirpulls_and_pulls():
+    """(DirPull messages handled, chunked copies fetched) summed over every rank."""
+    s = hm.stats()
+    mine = (s["messages"].get("DirPull", 0), s["pulls"])
+    got = hm.get([_dirpulls_and_pulls.options(rank=r).remote() for r in range(1, hm.world_size())],
+                 timeout=T)
+    return tuple(map(sum, zip(mine, *got)))
+
+
+@check
+def check_task_inputs_of_one_chunk_are_pulled_from_their_holder():
+    # Config.direct_args: the worker pulls a one-chunk input from the holder its RunTask names,
+    # without asking the object's shard (no DirPull); an input of several chunks asks the shard
+    # (its chain of partial copies pipelines the chunks)
+    if hm.world_size() < 2:
+        return
+    cfg = hm.current_config()
+    assert cfg.direct_args and cfg.inline_threshold < cfg.chunk_size // 2
+    w = workers()[-1]
+    for chunks, direct in ((0.5, True), (3, False)):
+        arr = np.arange(int(cfg.chunk_size * chunks) // 8, dtype=np.int64)
+        ref = hm.put(arr)
+        before = _all_dirpulls_and_pulls()
+        assert hm.get(_total.options(rank=w).remote(ref), timeout=T) == int(arr.sum())
+        after = _all_dirpulls_and_pulls()
+        assert after[1] - before[1] == 1, (chunks, before, after)     # one chunked copy made
+        dirpulls = after[0] - before[0]
+        assert (dirpulls == 0) if direct else (dirpulls >= 1), (chunks, before, after)
+        hm.delete(ref)
+
+
 def _kept():
     """Worker-side state shared by the two tasks below (functions from __main__ are pickled by
     value with their globals, so a module-level dict would not be shared)."""
