@@ -57,6 +57,11 @@ class Config:
             the object's shard; a holder that no longer has it (PullRefused) or dies sends the
             worker to the directory as before.  (Objects of several chunks still ask the shard:
             its chain of partial copies pipelines them.)  False: every input asks the shard.
+        ready_on_engine: a ref whose object became ready and that has no done-callback is
+            completed on the engine thread at once, not handed to the notifier thread first (a
+            thread waiting in ``get``/``wait``/``result`` wakes one hand-off sooner).  Refs with
+            callbacks, and failures, still complete on the notifier thread, so user code never
+            runs on the engine thread.  False: every ref completes on the notifier thread.
         tasks_per_worker: tasks the scheduler keeps in flight on one worker rank (queued there),
             so fine-grained tasks do not wait for a round trip to rank 0.
         worker_threads: tasks one worker rank executes at the same time (tasks blocked in a
@@ -76,6 +81,9 @@ class Config:
         hot_window: seconds after any activity during which an idle engine polls by yielding
             the core instead of sleeping (a reply usually follows within a round trip); 0:
             sleep at once, on the doorbell that a control batch from the same host rings.
+        hot_yield: the hot poll yields the core with ``os.sched_yield`` (returns at once when no
+            other thread is runnable); False: ``time.sleep(0)``, which sleeps for the kernel's
+            timer slack (~50 us: a 1 KiB ping-pong polled that way took 2.5x as long here).
         heartbeat: seconds between a worker's heartbeats to rank 0 (rank-loss tolerance).
         heartbeat_timeout: seconds without any message from a worker after which rank 0 declares
             it dead although MPI did not (a hung rank: stopped, deadlocked, swapping); every rank
@@ -97,6 +105,7 @@ class Config:
     chunk_aware_plan: bool = True
     broadcast_direct: bool = True
     direct_args: bool = True
+    ready_on_engine: bool = True
     tasks_per_worker: int = 16
     worker_threads: int = 1
     replication: int = 1
@@ -104,6 +113,7 @@ class Config:
     link_latency: float = 1e-4
     backoff_max: float = 0.01
     hot_window: float = 0.005
+    hot_yield: bool = True
     heartbeat: float = 1.0
     heartbeat_timeout: float = 10.0
     shutdown_timeout: float = 30.0
@@ -122,7 +132,8 @@ class Config:
                 or self.inline_threshold < 0):
             raise ValueError(f"inline_threshold must be an int >= 0, got {self.inline_threshold!r}")
         for name in ("small_collectives", "worker_deps", "submit_batch", "adaptive_chunks",
-                     "chunk_aware_plan", "broadcast_direct", "direct_args"):
+                     "chunk_aware_plan", "broadcast_direct", "direct_args", "ready_on_engine",
+                     "hot_yield"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.chunk_size % 64:

@@ -77,6 +77,17 @@ class ObjectRef(cf.Future):
         """The object exists: complete the ref (``result()`` then fetches its value)."""
         self.set_result(_READY)
 
+    def set_ready_if_unobserved(self) -> bool:
+        """Complete the ref now, in the calling thread, if no done-callback is registered (then
+        nothing user-defined can run here; a callback added later runs in the adding thread, as
+        for any completed future).  Returns False, changing nothing, if one is registered or the
+        ref is already done: the caller completes it on the notifier thread instead."""
+        with self._condition:      # (re-entrant: set_result takes it again)
+            if self._done_callbacks or self.done():
+                return False
+            self.set_result(_READY)
+        return True
+
     def set_failed(self, exc: BaseException) -> None:
         """The object is an error object or was deleted: fail the ref with ``exc`` (for an
         Executor's future, a pickling error's own exception: see ``new_refs``)."""

@@ -65,7 +65,8 @@ class Runtime:
             from .transport.mpi import MPITransport
             transport = MPITransport(comm, config.window)
         self.comm = comm
-        self.engine = engine = Engine(transport, clock, config.backoff_max, config.hot_window)
+        self.engine = engine = Engine(transport, clock, config.backoff_max, config.hot_window,
+                                             config.hot_yield)
         rank, size = transport.rank, transport.size
         if threads:
             faults.arm(rank)
@@ -99,6 +100,7 @@ class Runtime:
         self.closed = False
         self._wire()
         # the engine thread and the notifier thread (none with threads=False)
+        ctx.refs.direct = bool(threads) and config.ready_on_engine
         self._threads: tuple[threading.Thread, ...] = () if not threads else (
             threading.Thread(target=self._run, name=f"hoplite-engine-{rank}", daemon=True),
             threading.Thread(target=ctx.refs.run, name="hoplite-notify", daemon=True))
