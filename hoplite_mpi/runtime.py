@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from . import faults
+from . import faults, malloc
 from . import protocol as P
 from .config import Config
 from .context import Context, Loss
@@ -65,6 +65,7 @@ class Runtime:
             from .transport.mpi import MPITransport
             transport = MPITransport(comm, config.window)
         self.comm = comm
+        malloc.tune(config.malloc_mmap_threshold)     # (before the first large buffers)
         self.engine = engine = Engine(transport, clock, config.backoff_max, config.hot_window,
                                              config.hot_yield)
         rank, size = transport.rank, transport.size
