@@ -20,14 +20,16 @@ non-contiguous array, another head) takes plain pickle: the result is always wha
 from __future__ import annotations
 
 import pickle
+import pickletools
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 CACHE_SIZE = 512
 MAX_HEAD = 1024     # bytes: a longer head is not looked up (an array's is ~100-200 bytes)
-# head -> (dtype, shape, order): heads checked to be numpy's out-of-band ``_frombuffer`` form
-_HEADS: dict[bytes, tuple[np.dtype, tuple, str]] = {}
+# head -> (dtype, shape, order, read-only): heads checked to be numpy's out-of-band
+# ``_frombuffer`` form (read-only: the head marks its buffer read-only, READONLY_BUFFER)
+_HEADS: dict[bytes, tuple[np.dtype, tuple, str, bool]] = {}
 # (dtype, shape, order) -> head, for arrays this process serializes
 _MADE: dict[tuple, bytes] = {}
 
@@ -47,8 +49,11 @@ def array_of(head: bytes, buffers: Sequence[Any]) -> Any:
     if key is not None:
         meta = _HEADS.get(key)
         if meta is not None:
-            dtype, shape, order = meta
-            return np.frombuffer(buffers[0], dtype=dtype).reshape(shape, order=order)
+            dtype, shape, order, readonly = meta
+            arr = np.frombuffer(buffers[0], dtype=dtype).reshape(shape, order=order)
+            if readonly and arr.flags.writeable:
+                arr.flags.writeable = False
+            return arr
     value = pickle.loads(head, buffers=buffers)
     if key is not None and type(value) is np.ndarray:
         _learn(key, value, buffers[0])
@@ -69,7 +74,7 @@ def array_meta(head: bytes, nbytes: int) -> Any:
     key = _key(head, [None])
     meta = None if key is None else _HEADS.get(key)
     if meta is not None:
-        dtype, shape, order = meta
+        dtype, shape, order, _ = meta
         return np.empty(shape, dtype=dtype, order=order)
     return array_of(head, [np.empty(nbytes, np.uint8)])
 
@@ -90,7 +95,11 @@ def _learn(head: bytes, arr: np.ndarray, frame: Any) -> None:
         order = "F"
     else:
         return
-    _remember(_HEADS, head, (arr.dtype, arr.shape, order))
+    try:        # (the head makes its buffer read-only: pickle's READONLY_BUFFER opcode)
+        readonly = any(op.name == "READONLY_BUFFER" for op, _, _ in pickletools.genops(head))
+    except Exception:   # (not a pickle stream pickletools can walk: do not remember it)
+        return
+    _remember(_HEADS, head, (arr.dtype, arr.shape, order, readonly))
 
 
 def array_frames(arr: np.ndarray, copy: bool = False) -> Optional[list]:

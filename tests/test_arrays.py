@@ -80,7 +80,26 @@ def test_a_head_is_remembered_only_when_its_value_is_a_view_of_the_frame():
     assert arrays._HEADS == {}
     frames = serialize(np.arange(4.0))
     deserialize(frames)
-    assert list(arrays._HEADS.values()) == [(np.dtype(float), (4,), "C")]
+    assert list(arrays._HEADS.values()) == [(np.dtype(float), (4,), "C", False)]
+
+
+def test_a_read_only_head_gives_a_read_only_array_from_a_writable_frame():
+    arrays._HEADS.clear()      # (learned first from a read-only frame, then met with writable ones)
+    ro = np.arange(5.0)
+    ro.flags.writeable = False
+    frames = serialize(ro)
+    for writable in (False, True, True, False, True):
+        frame = bytearray(bytes(frames[1])) if writable else bytes(frames[1])
+        got = array_of(bytes(frames[0]), [frame])
+        want = pickle.loads(bytes(frames[0]), buffers=[frame])
+        assert got.flags.writeable == want.flags.writeable == False
+    w = np.arange(5.0)
+    frames = serialize(w)
+    for writable in (False, True, True):
+        frame = bytearray(bytes(frames[1])) if writable else bytes(frames[1])
+        got = array_of(bytes(frames[0]), [frame])
+        want = pickle.loads(bytes(frames[0]), buffers=[frame])
+        assert got.flags.writeable == want.flags.writeable == writable
 
 
 def test_the_caches_stay_bounded():
