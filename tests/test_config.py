@@ -13,7 +13,7 @@ DEFAULTS = Config()
 def test_defaults_are_documented_values():
     assert (DEFAULTS.chunk_size, DEFAULTS.window, DEFAULTS.inline_threshold) == (1 << 20, 4, 64 << 10)
     assert (DEFAULTS.tasks_per_worker, DEFAULTS.worker_threads, DEFAULTS.replication) == (16, 1, 1)
-    assert (DEFAULTS.backoff_max, DEFAULTS.shutdown_timeout, DEFAULTS.log_level) == (0.01, 30.0, "WARNING")
+    assert (DEFAULTS.backoff_max, DEFAULTS.shutdown_timeout, DEFAULTS.log_level) == (0.02, 30.0, "WARNING")
 
 
 def test_from_sources_without_options_or_env_gives_defaults():
