@@ -89,17 +89,23 @@ def _learn(head: bytes, arr: np.ndarray, frame: Any) -> None:
         return
     if arr.__array_interface__["data"][0] != data.__array_interface__["data"][0]:
         return
-    if arr.flags.c_contiguous:
-        order = "C"
-    elif arr.flags.f_contiguous:
-        order = "F"
-    else:
+    order = _order(arr)
+    if order is None:
         return
     try:        # (the head makes its buffer read-only: pickle's READONLY_BUFFER opcode)
         readonly = any(op.name == "READONLY_BUFFER" for op, _, _ in pickletools.genops(head))
     except Exception:   # (not a pickle stream pickletools can walk: do not remember it)
         return
     _remember(_HEADS, head, (arr.dtype, arr.shape, order, readonly))
+
+
+def _order(arr: np.ndarray) -> Optional[str]:
+    """The order pickle records for a contiguous array ("C" wins for one both ways), or None."""
+    if arr.flags.c_contiguous:
+        return "C"
+    if arr.flags.f_contiguous:
+        return "F"
+    return None
 
 
 def array_frames(arr: np.ndarray, copy: bool = False) -> Optional[list]:
@@ -109,11 +115,8 @@ def array_frames(arr: np.ndarray, copy: bool = False) -> Optional[list]:
     if type(arr) is not np.ndarray or arr.dtype.hasobject or arr.nbytes == 0 \
             or arr.dtype.fields is not None:
         return None
-    if arr.flags.c_contiguous:
-        order = "C"
-    elif arr.flags.f_contiguous:
-        order = "F"
-    else:
+    order = _order(arr)
+    if order is None:
         return None
     key = (arr.dtype, arr.shape, order, arr.flags.writeable)
     head = _MADE.get(key)

@@ -52,9 +52,22 @@ def object_chunk_size(sizes: Sequence[int], chunk_size: int, adaptive: bool) -> 
     return max(chunk_size, min(ADAPTIVE_MAX, 1 << (want - 1).bit_length()))
 
 
+def config_chunk_size(sizes: Sequence[int], config: Any) -> int:
+    """:func:`object_chunk_size` of an object of frame ``sizes`` under ``config`` (a
+    :class:`Config`), in bytes."""
+    return object_chunk_size(sizes, config.chunk_size, config.adaptive_chunks)
+
+
+def one_chunk_per_frame(sizes: Sequence[int], config: Any) -> bool:
+    """Whether no frame of an object of frame ``sizes`` spans several chunks under ``config``:
+    then no chain of copies can pipeline it, and a direct pull from a holder is as good
+    (``Config.broadcast_direct``, ``Config.direct_args``)."""
+    return bool(sizes) and max(sizes) <= config_chunk_size(sizes, config)
+
+
 def object_plan(sizes: Sequence[int], config: Any) -> list[tuple[int, int, int]]:
     """:func:`chunk_plan` of an object of frame ``sizes`` under ``config`` (a :class:`Config`)."""
-    return chunk_plan(sizes, object_chunk_size(sizes, config.chunk_size, config.adaptive_chunks))
+    return chunk_plan(sizes, config_chunk_size(sizes, config))
 
 
 def chunk_ends(plan: list) -> list[int]:

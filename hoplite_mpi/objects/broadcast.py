@@ -20,7 +20,7 @@ from ..errors import TransferError
 from ..ids import shard_of
 from ..protocol import ObjectInfo
 from ..serialization import rebuild_error
-from ..store import DELETED, object_chunk_size
+from ..store import DELETED, one_chunk_per_frame
 
 
 class Broadcasts:
@@ -69,10 +69,7 @@ class Broadcasts:
         if not ctx.config.broadcast_direct or object_id in ctx.catalog.deleted:
             return None
         entry = ctx.store.get(object_id)
-        if entry is None or not entry.complete or not entry.sizes:
-            return None
-        config = ctx.config
-        if max(entry.sizes) > object_chunk_size(entry.sizes, config.chunk_size, config.adaptive_chunks):
+        if entry is None or not entry.complete or not one_chunk_per_frame(entry.sizes, ctx.config):
             return None
         return ObjectInfo(object_id, entry.sizes, (ctx.rank,), head=ctx.catalog.head_of(object_id))
 

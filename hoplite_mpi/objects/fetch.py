@@ -21,7 +21,7 @@ from ..errors import ObjectDeletedError, TransferError
 from ..ids import format_id, shard_of
 from ..protocol import ObjectInfo
 from ..serialization import error_info, local_error, rebuild_error, to_bytes
-from ..store import DELETED, chunk_ends, object_chunk_size, object_plan
+from ..store import DELETED, chunk_ends, object_plan, one_chunk_per_frame
 from ..transport.base import PeerFailure
 
 log = logging.getLogger("hoplite_mpi")
@@ -89,11 +89,10 @@ class Fetcher:
         """``info`` naming one live holder (not this rank) to pull it from without asking its
         shard, if ``Config.direct_args`` and the object is one chunk; else None."""
         ctx = self.ctx
-        if not ctx.config.direct_args or not info.holders or info.error or not info.sizes:
+        if not ctx.config.direct_args or not info.holders or info.error:
             return None
-        config = ctx.config
-        if max(info.sizes) > object_chunk_size(info.sizes, config.chunk_size, config.adaptive_chunks):
-            return None     # (more than one chunk per frame: the shard's chain pipelines it)
+        if not one_chunk_per_frame(info.sizes, ctx.config):
+            return None     # (the shard's chain of partial copies pipelines it)
         for holder in info.holders:
             if holder != ctx.rank and holder not in ctx.dead:
                 return ObjectInfo(info.object_id, info.sizes, (holder,), head=info.head)

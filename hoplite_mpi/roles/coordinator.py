@@ -16,7 +16,7 @@ from ..collectives import (InputReady, ReduceCoordinator, Reduced, Replanned, St
 from ..context import Loss
 from ..events import RankLost
 from ..ids import format_id
-from ..store import object_chunk_size
+from ..store import config_chunk_size
 
 log = logging.getLogger("hoplite_mpi")
 
@@ -38,8 +38,7 @@ class Coordination:
         def k_of(nbytes: int) -> int:
             return chain_length(nbytes, ctx.config.link_bandwidth, ctx.config.link_latency)
         def chunks_of(sizes: tuple) -> int:
-            data = sizes[1]
-            return -(-data // object_chunk_size(sizes, ctx.config.chunk_size, ctx.config.adaptive_chunks))
+            return -(-sizes[1] // config_chunk_size(sizes, ctx.config))
         coord = ReduceCoordinator(reduce_id, inputs, op, num, target, result_id, ctx.ids.next, k_of,
                                   allreduce, ctx.shard_ranks, small=ctx.config.small_collectives,
                                   home=ctx.rank,
