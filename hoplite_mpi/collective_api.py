@@ -71,10 +71,18 @@ def _collective(refs: Sequence[ObjectRef], op: Any, num: Optional[int], rank_: O
     target = rt.rank if rank_ is None else rank_
     if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target < rt.size:
         raise ValueError(f"rank must be within 0..{rt.size - 1}, got {target!r}")
-    _check_op_now(rt, refs, ufunc, what)
     reduce_id = rt.ids.next(2)
     result_id = reduce_id + 1
     blob = op_blob(ufunc)
+    if target == rt.rank and rt.scheduler is not None and rt.config.reduce_now \
+            and rt.config.small_collectives:
+        infos = _inline_inputs(rt, refs)
+        if infos is not None and rt.ctx.coordinator.combine_now(reduce_id, infos, blob, num,
+                                                                result_id, allreduce):
+            ref = new_ref(rt, result_id, inputs=refs)
+            ref.set_ready()
+            return ref
+    _check_op_now(rt, refs, ufunc, what)
     ref = new_ref(rt, result_id, inputs=refs)   # inputs stay alive (not auto-freed) meanwhile
     inputs = [r.id for r in refs]
     if rt.scheduler is not None:
@@ -84,6 +92,22 @@ def _collective(refs: Sequence[ObjectRef], op: Any, num: Optional[int], rank_: O
         rt.call_soon(rt.send, 0, ReduceRequest(reduce_id, tuple(inputs), blob, num, target, allreduce))
         rt.watch(result_id)
     return ref
+
+
+def _inline_inputs(rt: Any, refs: Sequence[ObjectRef]) -> Optional[list]:
+    """The ObjectInfos of ``refs`` if every one is done and an inline value known on this rank
+    (not an error, not deleted), else None: the reduce can then be combined on the calling
+    thread (:meth:`Coordination.combine_now`)."""
+    infos = []
+    info_of, deleted = rt.info, rt.is_deleted
+    for ref in refs:
+        if not ref.done():
+            return None
+        info = info_of(ref.id)
+        if info is None or info.inline is None or info.error or deleted(ref.id):
+            return None
+        infos.append(info)
+    return infos
 
 
 def _check_op_now(rt: Any, refs: Sequence[ObjectRef], ufunc: Any, what: str) -> None:

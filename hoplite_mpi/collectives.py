@@ -35,8 +35,13 @@ the tree.  No step runs anywhere, so a rank loss re-plans nothing: inputs are va
 that dies after the combine does not lose the (inline) result.  An input that turns out not to be
 inline (a read-only array's pickle is one byte longer: one at the threshold may be larger than
 its peers) moves the inputs combined so far into a tree (nothing was sent yet) and the reduce goes
-on there.  A broadcast of an inline value is the same one message per target
-(:mod:`hoplite_mpi.objects.broadcast`).  Larger objects take the tree-chain below.
+on there.  When every input is already an inline value known on rank 0 and no copy must go
+elsewhere (a reduce to the driver; an allreduce of the driver's own values), the driver's thread
+runs this same coordinator itself (``Config.reduce_now``, ``Coordination.combine_now``) and stores
+the result as a ``put``: the ref is ready when ``reduce`` returns, with no engine round trip
+(1 KiB reduce of 4 inputs 0.56-0.69 -> 0.11-0.18 ms).  A broadcast of an inline value is the
+same one message per target (:mod:`hoplite_mpi.objects.broadcast`).  Larger objects take the
+tree-chain below.
 
 Star (mid-size objects, also ``Config.small_collectives``): for ``n`` inputs of chain length
 ``k``, a star (the target's step pulls every input itself, each named by ``ReduceLate`` as it

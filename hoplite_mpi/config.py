@@ -29,6 +29,10 @@ class Config:
         small_collectives: reduces/allreduces of inline inputs are combined on rank 0 and their
             result sent inline; a broadcast of an inline value sends it in one message per
             target (no tree, no directory hop; see ``collectives``).  False: the tree for all.
+        reduce_now: (with ``small_collectives``) a reduce on the driver whose inputs are all
+            inline values already known on rank 0 and whose result stays there is combined on
+            the calling thread, as ``put`` stores a value: the ref is ready when ``reduce``
+            returns, no engine round trip (``Coordination.combine_now``).
         worker_deps: a task whose missing inputs are all being made by tasks placed on one
             worker rank is placed there at once and waits on the worker, which starts it the
             moment the last input is made there (no rank-0 round trip per link of a chain;
@@ -109,6 +113,7 @@ class Config:
     window: int = 4
     inline_threshold: int = 64 << 10
     small_collectives: bool = True
+    reduce_now: bool = True
     worker_deps: bool = True
     adaptive_chunks: bool = False
     chunk_aware_plan: bool = True
@@ -142,7 +147,7 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        for name in ("small_collectives", "worker_deps", "submit_batch", "adaptive_chunks",
+        for name in ("small_collectives", "reduce_now", "worker_deps", "submit_batch", "adaptive_chunks",
                      "chunk_aware_plan", "broadcast_direct", "direct_args", "ready_on_engine",
                      "hot_yield"):
             if not isinstance(getattr(self, name), bool):

@@ -47,6 +47,33 @@ class Coordination:
         self.running[reduce_id] = coord
         self._coordinated(coord, coord.handle(Start(frozenset(ctx.dead))))
 
+    def combine_now(self, reduce_id: int, infos: list, op: bytes, num: int, result_id: int,
+                    allreduce: bool) -> bool:
+        """(driver thread) The inline path without the engine: when every input is an inline
+        value known here (``infos``, in input order, none an error) and no copy must go to
+        another rank, run the same pure coordinator on the calling thread and store the result
+        as :meth:`Catalog.put` stores a ``put`` (published by the engine afterwards).  Returns
+        False, having changed nothing, when the reduce needs the engine (an input that is not
+        inline, a failure to report, an allreduce whose inputs live elsewhere)."""
+        ctx = self.ctx
+        home = ctx.rank
+        if allreduce and any(info.holders[:1] not in ((), (home,)) for info in infos):
+            return False        # (the result must be copied to those ranks: a round trip)
+        coord = ReduceCoordinator(reduce_id, [info.object_id for info in infos], op, num, home,
+                                  result_id, ctx.ids.next, lambda nbytes: 1, allreduce,
+                                  ctx.shard_ranks, small=True, home=home)
+        coord.handle(Start(frozenset()))
+        for info in infos:
+            coord.handle(InputReady(info))
+            if coord.path != "inline":
+                return False
+        result = coord.result
+        if not coord.done or result is None or result.error or coord.pending_fetch:
+            return False
+        self.reduced[result_id] = list(coord.used)
+        ctx.catalog.put(list(result.inline), result_id)
+        return True
+
     def on_request(self, source: int, msg: P.ReduceRequest) -> None:
         """A reduce asked for by a task (hm.reduce on a worker)."""
         self.start(msg.reduce_id, list(msg.inputs), msg.op, msg.num, msg.target,

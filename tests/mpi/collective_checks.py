@@ -517,6 +517,56 @@ def check_reduce_num_all_and_reduced_inputs():
     assert_same(hm.get(red, timeout=T), expected(arrays, "sum"), "reduce without num")
 
 
+@hm.remote
+def fail_task():
+    raise KeyError("input failed")
+
+
+@hm.remote
+def sum_task(arr):
+    return float(np.asarray(arr, dtype=np.float64).sum())
+
+
+@check
+def check_reduce_now_on_the_driver():
+    """Inline inputs known on rank 0 (puts, small results of worker tasks): the reduce is combined
+    on the calling thread (Config.reduce_now) and its ref is ready when reduce() returns; the
+    result is published like a put (a worker task reads it); anything else takes the engine."""
+    rt = testing.runtime()
+    assert rt.config.reduce_now and rt.config.small_collectives
+    placement = all_ranks() + workers()
+    refs, arrays = produce_many(placement, (37,), "float64", seed=211)
+    ready(refs)
+    want = expected(arrays, "sum")
+    for allreduce in (False, True):
+        red = (hm.allreduce if allreduce else hm.reduce)(refs)
+        fast = not allreduce or set(placement) == {0}
+        # (an allreduce of worker-made inputs copies the result to them: a round trip)
+        assert red.done() == fast, f"allreduce={allreduce}: ready at once {red.done()}"
+        assert_same(hm.get(red, timeout=T), want, f"reduce_now allreduce={allreduce}")
+        assert bounded(hm.reduced_inputs, red) == refs
+        assert bounded(hm.get, sum_task.options(rank=workers()[-1]).remote(red)) == \
+            float(want.sum())
+    puts = [hm.put(a) for a in arrays]
+    red = hm.allreduce(puts, op="max")
+    assert red.done(), "allreduce of the driver's own puts is not ready at once"
+    assert_same(hm.get(red, timeout=T), expected(arrays, "max"), "allreduce of puts")
+    sub = hm.reduce(puts, num=2)
+    assert sub.done() and len(bounded(hm.reduced_inputs, sub)) == 2
+    assert_same(hm.get(sub, timeout=T), arrays[0] + arrays[1], "num=2 of ready puts")
+    hm.delete(sub)
+    raises(hm.ObjectDeletedError, hm.get, sub, timeout=T)
+    # not for this path: a shape mismatch (the engine fails the ref), a failed input
+    bad = hm.reduce(puts + [hm.put(np.zeros(3))])
+    assert "shape" in str(raises(ValueError, hm.get, bad, timeout=T))
+    failed = fail_task.remote()
+    hm.wait([failed], timeout=T)
+    raises(KeyError, hm.get, hm.reduce(puts + [failed]), timeout=T)
+    deleted = hm.put(arrays[0])
+    hm.delete(deleted)
+    raises(hm.ObjectDeletedError, hm.get, hm.reduce([puts[0], deleted]), timeout=T)
+
+
 # --- allreduce ---------------------------------------------------------------------------------
 
 def _allreduce(placement, shape, dtype="float64", op="sum", delay=0.0, seed=79):
