@@ -76,7 +76,7 @@ def _collective(refs: Sequence[ObjectRef], op: Any, num: Optional[int], rank_: O
     blob = op_blob(ufunc)
     if target == rt.rank and rt.scheduler is not None and rt.config.reduce_now \
             and rt.config.small_collectives:
-        infos = _inline_inputs(rt, refs)
+        infos = _inline_inputs(rt, refs, num)
         if infos is not None and rt.ctx.coordinator.combine_now(reduce_id, infos, blob, num,
                                                                 result_id, allreduce):
             ref = new_ref(rt, result_id, inputs=refs)
@@ -94,20 +94,23 @@ def _collective(refs: Sequence[ObjectRef], op: Any, num: Optional[int], rank_: O
     return ref
 
 
-def _inline_inputs(rt: Any, refs: Sequence[ObjectRef]) -> Optional[list]:
-    """The ObjectInfos of ``refs`` if every one is done and an inline value known on this rank
-    (not an error, not deleted), else None: the reduce can then be combined on the calling
-    thread (:meth:`Coordination.combine_now`)."""
+def _inline_inputs(rt: Any, refs: Sequence[ObjectRef], num: int) -> Optional[list]:
+    """The ObjectInfos of the first ``num`` refs (in order) that are done, if they are inline
+    values known on this rank (not errors, not deleted), else None: the reduce can then be
+    combined on the calling thread (:meth:`Coordination.combine_now`).  As on the engine, inputs
+    ready when the reduce starts are taken in input order."""
     infos = []
     info_of, deleted = rt.info, rt.is_deleted
     for ref in refs:
         if not ref.done():
-            return None
+            continue
         info = info_of(ref.id)
         if info is None or info.inline is None or info.error or deleted(ref.id):
             return None
         infos.append(info)
-    return infos
+        if len(infos) == num:
+            return infos
+    return None
 
 
 def _check_op_now(rt: Any, refs: Sequence[ObjectRef], ufunc: Any, what: str) -> None:

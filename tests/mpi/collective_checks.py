@@ -556,6 +556,16 @@ def check_reduce_now_on_the_driver():
     assert_same(hm.get(sub, timeout=T), arrays[0] + arrays[1], "num=2 of ready puts")
     hm.delete(sub)
     raises(hm.ObjectDeletedError, hm.get, sub, timeout=T)
+    # a subset: the first num inputs ready at call time (in input order) are combined at once
+    three = [build((37,), "float64", 300 + i) for i in range(3)]
+    ps = [hm.put(a) for a in three]
+    slow = make.options(rank=workers()[0]).remote(((37,), "float64", 999), 1.0)
+    sub = hm.reduce([slow, ps[2], ps[1], ps[0]], num=2)
+    assert sub.done() and bounded(hm.reduced_inputs, sub) == [ps[2], ps[1]]
+    assert_same(hm.get(sub, timeout=T), three[2] + three[1], "num=2, one input not ready")
+    whole = hm.reduce([slow, ps[0]])
+    assert not whole.done(), "a reduce waiting for an input was ready at once"
+    assert_same(hm.get(whole, timeout=T), build((37,), "float64", 999) + three[0], "waiting")
     # not for this path: a shape mismatch (the engine fails the ref), a failed input
     bad = hm.reduce(puts + [hm.put(np.zeros(3))])
     assert "shape" in str(raises(ValueError, hm.get, bad, timeout=T))
