@@ -76,3 +76,41 @@ def test_event_bell_fallback(monkeypatch):
     bell.wake()
     assert bell.wait(5.0) is True
     assert bell.wait(0.01) is False
+
+
+@linux
+def test_a_rank_on_another_host_is_rung_by_udp():
+    """Two "hosts" (different job keys: their abstract sockets cannot reach each other), whose
+    doorbells also listen on UDP (here on the loopback address)."""
+    a = Doorbell(uuid.uuid4().hex[:8], 0, [0], udp_host="127.0.0.1")
+    b = Doorbell(uuid.uuid4().hex[:8], 1, [1], udp_host="127.0.0.1")
+    try:
+        assert a.udp_address[0] == "127.0.0.1" and a.udp_address[1] > 0
+        b.ring(0)                              # not known yet: nothing happens
+        assert a.wait(0.01) is False
+        a.add_remote({1: b.udp_address})
+        b.add_remote({0: a.udp_address, 1: b.udp_address})   # (its own address is ignored)
+        b.ring(0)
+        assert a.wait(5.0) is True
+        assert a.wait(0.01) is False           # drained
+        for _ in range(10_000):                # a full UDP buffer never raises
+            a.ring(1)
+        assert b.wait(5.0) is True
+        b.wake()                               # the UNIX socket still works next to it
+        assert b.wait(5.0) is True
+    finally:
+        a.close()
+        b.close()
+
+
+@linux
+def test_without_a_usable_address_there_is_no_udp_bell():
+    bell = Doorbell(uuid.uuid4().hex[:8], 0, [0], udp_host="192.0.2.1")   # not an address here
+    try:
+        assert bell.udp_address is None
+        bell.add_remote({1: ("127.0.0.1", 9)})
+        bell.ring(1)                            # sends to a port nobody listens on: no error
+        assert bell.wait(0.01) is False
+    finally:
+        bell.close()
+    assert EventBell.udp_address is None and EventBell().add_remote({1: ("127.0.0.1", 9)}) is None

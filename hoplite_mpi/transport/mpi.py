@@ -18,8 +18,8 @@ is progressed: 10-50 ms after a SIGKILL here) and reported by :meth:`MPITranspor
 sends to a dead rank are dropped.
 
 Waking: a rank with nothing to do sleeps in :meth:`MPITransport.wait`; every control batch sent to
-a rank on the same host also rings that rank's doorbell (:mod:`.doorbell`), so it polls at once
-instead of after its backoff delay.
+a rank also rings that rank's doorbell (:mod:`.doorbell`: a UNIX datagram on the same host, a UDP
+datagram to a rank on another host), so it polls at once instead of after its backoff delay.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from typing import Any, Optional
 from mpi4py import MPI
 
 from ..protocol import Tag
-from .doorbell import make_bell
+from .doorbell import host_address, make_bell
 from .streams import Requests, Stream, StreamError, StreamTable, StreamTransport
 
 
@@ -46,10 +46,16 @@ class MPITransport(StreamTransport):
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self._sends: list = []           # pending control isend requests
+        self._probe_twice = False        # (set by a sleep, see _receive_arrived)
         self._status = MPI.Status()
         key = comm.bcast(uuid.uuid4().hex[:16] if self.rank == 0 else None, root=0)
         hosts = comm.allgather(socket.gethostname())
-        self.bell = make_bell(key, self.rank, [r for r, h in enumerate(hosts) if h == hosts[self.rank]])
+        local = [r for r, h in enumerate(hosts) if h == hosts[self.rank]]
+        remote = len(set(hosts)) > 1    # (the same on every rank: the allgather below is collective)
+        self.bell = make_bell(key, self.rank, local, host_address() if remote else None)
+        if remote:    # (collective: every rank takes part, with None if it has no UDP bell)
+            addresses = comm.allgather(self.bell.udp_address)
+            self.bell.add_remote({r: a for r, a in enumerate(addresses) if r not in local})
         self.ft = _has_ulfm(comm)
         self.dead = _DeadRanks(comm, self.ft)
         self.streams = StreamTable(_Requests(comm, self.dead.ranks, self._status), window,
@@ -67,6 +73,7 @@ class MPITransport(StreamTransport):
         self.bell.ring(dest)
 
     def wait(self, timeout: float) -> bool:
+        self._probe_twice = True
         return self.bell.wait(timeout)
 
     def wake(self) -> None:
@@ -89,7 +96,14 @@ class MPITransport(StreamTransport):
                     raise
                 continue
             if msg is None:
+                if self._probe_twice:
+                    # Open MPI's TCP BTL: the first probe after a sleep reads the socket but
+                    # matches before it does, so it reports nothing; without a second one the
+                    # message waited for the next poll (a second backoff delay)
+                    self._probe_twice = False
+                    continue
                 return got
+            self._probe_twice = False
             source = status.Get_source()
             try:
                 if status.Get_tag() == Tag.CONTROL:
