@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         hoplite_mpi.shutdown()
         from hoplite_mpi import session
+        from hoplite_mpi.jobwatch import write_status
+        write_status(status)     # (hoplite-mpi run: the driver finished; see jobwatch)
         if session.ranks_died():  # a rank died: exit without MPI_Finalize (see session.exit_now)
             if status == 1 and sys.exc_info()[0] is not None:
                 import traceback

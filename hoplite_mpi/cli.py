@@ -3,7 +3,8 @@
 - ``hoplite-mpi run -n 4 script.py [args]``: wraps the installed ``mpirun`` with the right flags
   (Open MPI: ``--oversubscribe`` when ranks exceed cores, ``--with-ft ulfm``, run-as-root allowed
   when uid is 0; MPICH: plain) and runs ``python -m hoplite_mpi script.py`` with a session
-  directory of its own (:func:`own_session_dir`); the exit status of the job is returned.
+  directory of its own (:func:`own_session_dir`); the exit status of the job is returned, or 75
+  when the driver did not finish although mpirun exited 0 (a lost host: :mod:`.jobwatch`).
 - ``hoplite-mpi info``: MPI library and version, thread level, rank count, and whether rank-loss
   tolerance (ULFM) is available.  Run it under ``hoplite-mpi run -n N -- info`` to see a job's view.
 """
@@ -20,6 +21,11 @@ from typing import Iterator, Optional
 
 #: Open MPI's (PRRTE's) MCA variable for the base of a job's session directory
 SESSION_DIR_VAR = "PRTE_MCA_prte_tmpdir_base"
+#: TCP keepalives on the connections between PRRTE's daemons (one per host): a host that stops
+#: answering (powered off, cut off) is noticed after ~8 s instead of PRRTE's default ~8 minutes
+#: (300 s + 9 x 20 s); the job then ends and ``hoplite-mpi run`` names the host (jobwatch.py)
+OOB_KEEPALIVE = (("oob_tcp_keepalive_time", "5"), ("oob_tcp_keepalive_intvl", "1"),
+                 ("oob_tcp_keepalive_probes", "3"))
 
 
 def mpi_flavour(mpirun: str) -> str:
@@ -61,6 +67,7 @@ def mpirun_command(n: int, program: list[str], mpirun: Optional[str] = None,
             cmd += ["--with-ft", "ulfm"]
         if uid == 0:
             cmd.append("--allow-run-as-root")
+        cmd += [arg for name, value in OOB_KEEPALIVE for arg in ("--prtemca", name, value)]
     cmd += list(extra or [])
     return cmd + [sys.executable, "-m", "hoplite_mpi"] + program
 
@@ -151,11 +158,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         cmd = cmd[:-2] + program
     else:
         cmd = mpirun_command(args.np, program, ft=not args.no_ft, extra=args.mpirun_arg)
+    from .jobwatch import run_watched
+
     with own_session_dir() as env:
-        try:
-            return subprocess.call(cmd, env=env)
-        except KeyboardInterrupt:
-            return 130
+        return run_watched(cmd, env, driver=program[:3] != ["-m", "hoplite_mpi.cli", "info"])
 
 
 if __name__ == "__main__":

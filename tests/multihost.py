@@ -64,6 +64,24 @@ def down() -> None:
     hosts("down")
 
 
+def _options(placement: dict[str, int]) -> list[str]:
+    """mpirun's options for a job across the simulated hosts (besides -n and ULFM)."""
+    spec = ",".join(f"{h}:{k}" for h, k in placement.items())
+    return ["--host", spec, "--map-by", "slot", "--bind-to", "none", "--oversubscribe",
+            "--allow-run-as-root",
+            "--mca", "plm_rsh_agent", AGENT,
+            "--prtemca", "oob_tcp_if_include", f"{NET}.0/24",
+            "--mca", "pml", "ob1", "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", f"{NET}.0/24"]
+
+
+def hoplite_run_command(placement: dict[str, int], program: list[str]) -> list[str]:
+    """``hoplite-mpi run`` (as a user types it, with our hosts' options) across the simulated
+    hosts: ``program`` is what follows ``run`` (``script.py args`` or ``-m module args``)."""
+    extra = [f"--mpirun-arg={a}" for a in _options(placement) if a not in ("--oversubscribe", "--allow-run-as-root")]
+    return ["ip", "netns", "exec", BRIDGE_NS, sys.executable, "-m", "hoplite_mpi.cli", "run",
+            "-n", str(sum(placement.values())), *extra, *program]
+
+
 def mpirun_command(placement: dict[str, int], program: list[str], ft: bool = True,
                    mpirun: str | None = None) -> list[str]:
     """``mpirun`` across simulated hosts: ``placement`` maps host name -> ranks there (ranks are
@@ -72,13 +90,8 @@ def mpirun_command(placement: dict[str, int], program: list[str], ft: bool = Tru
     from hoplite_mpi.cli import find_mpirun
 
     mpirun = mpirun or find_mpirun()
-    spec = ",".join(f"{h}:{k}" for h, k in placement.items())
     cmd = ["ip", "netns", "exec", BRIDGE_NS, mpirun, "-n", str(sum(placement.values())),
-           "--host", spec, "--map-by", "slot", "--bind-to", "none", "--oversubscribe",
-           "--allow-run-as-root",
-           "--mca", "plm_rsh_agent", AGENT,
-           "--prtemca", "oob_tcp_if_include", f"{NET}.0/24",
-           "--mca", "pml", "ob1", "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", f"{NET}.0/24"]
+           *_options(placement)]
     if ft:
         cmd += ["--with-ft", "ulfm"]
     return cmd + program

@@ -77,10 +77,12 @@ def test_mpirun_command_flags():
     assert "--oversubscribe" in cmd and "--allow-run-as-root" in cmd
     assert cmd[cmd.index("--with-ft") + 1] == "ulfm"
     assert cmd[-3:] == ["hoplite_mpi", "s.py", "a"]
+    assert cmd[cmd.index("oob_tcp_keepalive_time") - 1:][:3] == ["--prtemca", "oob_tcp_keepalive_time", "5"]
     cmd = mpirun_command(2, ["s.py"], mpirun="mpirun", flavour="openmpi", cores=2, uid=1000, ft=False)
     assert "--oversubscribe" not in cmd and "--allow-run-as-root" not in cmd and "--with-ft" not in cmd
     cmd = mpirun_command(8, ["s.py"], mpirun="mpiexec", flavour="mpich", cores=2, uid=0)
     assert cmd[:3] == ["mpiexec", "-n", "8"] and "--oversubscribe" not in cmd and "--with-ft" not in cmd
+    assert "--prtemca" not in cmd
 
 
 def test_a_stale_session_dir_left_by_a_dead_mpirun_with_our_pid_does_not_stop_the_job():

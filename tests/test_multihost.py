@@ -118,3 +118,46 @@ def test_a_worker_killed_mid_reduce(hosts3, tmp_path, kill):
     if got["dead"] == []:
         pytest.skip(f"{kill}: this run placed no such reduce step on rank {dead}")
     assert got["dead"] == [dead] and got["reduces_replanned"] >= 1, (got, proc.stderr[-4000:])
+
+
+def test_a_lost_host_ends_the_job_with_a_status_that_names_it(hosts3):
+    """The whole of h3 (its PRRTE daemon and ranks) SIGKILLed mid-job: Open MPI's runtime ends
+    the job and mpirun exits 0; `hoplite-mpi run` must exit 75 and name the host (jobwatch.py)."""
+    import threading
+    h1, h2, h3 = hosts3
+    env = M.job_env()
+    cmd = M.hoplite_run_command({h1: 1, h2: 2, h3: 1},
+                                [os.path.join(HERE, "mpi", "busy_loop.py"), "--seconds", "120"])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=ROOT, start_new_session=True)
+    lines: list[str] = []
+    running = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("RUNNING"):
+                running.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert running.wait(90), "the job did not start: " + "".join(lines)[-2000:]
+        assert M.hosts("kill-host", h3).returncode == 0
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            _ask_ranks_where_they_are(proc.pid)
+            pytest.fail("the job went on for 60 s after its host h3 was killed")
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        reader.join(5)
+        shutil.rmtree(env["HM_HOSTS_TMP"], ignore_errors=True)
+        M.down()          # (h3's namespace lost its processes: make the hosts afresh)
+        assert M.up(3) == ""
+    out = "".join(lines)
+    assert not any(line.startswith("DONE") for line in lines), out
+    assert proc.returncode == 75, f"exit {proc.returncode}\n{out[-2000:]}\n{err[-3000:]}"
+    assert f"lost host {h3}" in err, err[-3000:]
