@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Optional, Sequence
 
 from .events import Outbox
 from .ids import origin_rank
@@ -50,8 +50,12 @@ class _Entry:
 class DirectoryShard:
     """The entries of one shard held by this rank."""
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, hosts: Optional[Sequence] = None) -> None:
+        """``hosts[r]``: the host of rank ``r`` (any hashable; None: all on one host).  A
+        receiver is then given a sender on its own host when one has a copy (issue 13: one
+        crossing per host pair, as hierarchical MPI collectives do)."""
         self.rank = rank
+        self.hosts = list(hosts) if hosts is not None and len(set(hosts)) > 1 else None
         self._entries: dict[int, _Entry] = {}
         self._deleted: set[int] = set()             # deleted by the user: answered for ever
         self._freed: set[int] = set()               # freed automatically: remembered a while
@@ -196,8 +200,17 @@ class DirectoryShard:
                 return [(requester, DirSender(object_id, replace(info, holders=(requester,))))]
             entry.pulling.append(requester)   # only the requester itself had it: wait
             return []
-        sender = min(candidates, key=lambda r: (entry.downstream.get(r, 0) > 0,
-                                                self._depth(entry, r), entry.downstream.get(r, 0)))
+        hosts = self.hosts
+        if hosts is None:
+            sender = min(candidates, key=lambda r: (entry.downstream.get(r, 0) > 0,
+                                                    self._depth(entry, r), entry.downstream.get(r, 0)))
+        else:
+            # a copy on the receiver's host first (a second reader of a local copy costs memory
+            # bandwidth; a chain that crosses to another host and back costs two link transfers)
+            mine = hosts[requester] if requester < len(hosts) else None
+            sender = min(candidates, key=lambda r: (
+                r >= len(hosts) or hosts[r] != mine, entry.downstream.get(r, 0) > 0,
+                self._depth(entry, r), entry.downstream.get(r, 0)))
         entry.partial[requester] = sender
         self._feeds(entry, sender, +1)
         return [(requester, DirSender(object_id, replace(info, holders=(sender,))))]

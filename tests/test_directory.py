@@ -312,3 +312,38 @@ def test_a_pull_for_a_dead_rank_is_ignored(shard):
     shard.rank_lost(1)
     assert shard.pull(X, 1) == []
     assert shard.pull(X, 3) == [(3, DirSender(X, info(holders=(0,))))]
+
+
+def _chain_crossings(shard, order, hosts):
+    """Pull X for each rank of ``order``; the host crossings of the resulting sender -> receiver
+    edges."""
+    edges = []
+    for r in order:
+        (dest, reply), = shard.pull(X, r)
+        edges.append((reply.info.holders[0], r))
+    return edges, sum(hosts[a] != hosts[b] for a, b in edges)
+
+
+def test_host_aware_senders_cross_each_host_link_once():
+    # ranks 0, 1 on host A; 2, 3 on B; 4, 5 on C; rank 0 holds X; receivers ask interleaved
+    hosts = ["A", "A", "B", "B", "C", "C"]
+    order = [2, 1, 4, 3, 5]
+    flat = DirectoryShard(rank=0)
+    flat.add(info(holders=(0,)))
+    _, crossings_flat = _chain_crossings(flat, order, hosts)
+    aware = DirectoryShard(rank=0, hosts=hosts)
+    aware.add(info(holders=(0,)))
+    edges, crossings = _chain_crossings(aware, order, hosts)
+    assert crossings == 2 and crossings_flat > crossings, (edges, crossings_flat)
+    assert (0, 1) in edges and (2, 3) in edges and (4, 5) in edges   # each host's copy is local
+    # one host only: the hosts are ignored (the same choice as without them)
+    one = DirectoryShard(rank=0, hosts=["A"] * 6)
+    one.add(info(holders=(0,)))
+    assert one.hosts is None and _chain_crossings(one, order, ["A"] * 6)[0] == \
+        _chain_crossings(_fresh(), order, ["A"] * 6)[0]
+
+
+def _fresh():
+    s = DirectoryShard(rank=0)
+    s.add(info(holders=(0,)))
+    return s

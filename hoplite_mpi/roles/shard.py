@@ -21,7 +21,7 @@ class ShardRole:
 
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
-        self.directory = DirectoryShard(ctx.rank)
+        self.directory = DirectoryShard(ctx.rank, getattr(ctx.transport, "hosts", None))
         self.replicated: set[int] = set()
         self.want: dict[int, int] = {}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import abc
 import time
-from typing import Callable, Sequence
+from typing import Optional, Callable, Sequence
 
 
 class PeerFailure(Exception):
@@ -42,6 +42,7 @@ class Transport(abc.ABC):
     rank: int
     size: int
     ft: bool = False      # whether rank failures are reported (ULFM) rather than fatal
+    hosts: Optional[list] = None   # host name of each rank (None: unknown, one host)
 
     def failures(self) -> list[int]:
         """Ranks found dead since the last call (none by default)."""

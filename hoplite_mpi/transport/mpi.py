@@ -49,7 +49,7 @@ class MPITransport(StreamTransport):
         self._probe_twice = False        # (set by a sleep, see _receive_arrived)
         self._status = MPI.Status()
         key = comm.bcast(uuid.uuid4().hex[:16] if self.rank == 0 else None, root=0)
-        hosts = comm.allgather(socket.gethostname())
+        self.hosts = hosts = comm.allgather(socket.gethostname())
         local = [r for r, h in enumerate(hosts) if h == hosts[self.rank]]
         remote = len(set(hosts)) > 1    # (the same on every rank: the allgather below is collective)
         self.bell = make_bell(key, self.rank, local, host_address() if remote else None)
