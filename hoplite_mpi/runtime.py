@@ -129,6 +129,7 @@ class Runtime:
         on(P.ReduceLate, steps.on_late)
         on(P.ReduceAbort, steps.on_abort)
         on(P.Heartbeat, lambda src, m: None)               # (any message is a sign of life)
+        engine.quiet.add(P.Heartbeat)
         on(P.MemberDown, self.membership.on_member_down)   # roles/membership.py
         on(P.Shutdown, self.shutdown_role.on_last_message)      # roles/shutdown.py
         on(P.ShutdownAck, self.shutdown_role.on_last_message)

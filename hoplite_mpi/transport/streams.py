@@ -348,8 +348,10 @@ class StreamTransport(Transport):
         self.streams.stop_send(peer, tag)
 
     def progress(self) -> bool:
-        progressed = self._prune_sends()
-        return self.streams.progress() or progressed
+        # (completed control sends are only forgotten: nothing follows from them, so they do
+        # not count as progress that would keep the engine polling, e.g. after a heartbeat)
+        self._prune_sends()
+        return self.streams.progress()
 
     def quiesce(self) -> bool:
         progressed = self._prune_sends()
