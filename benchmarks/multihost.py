@@ -4,7 +4,7 @@ MPI over TCP between hosts (tests/hosts/, tests/multihost.py; root needed).
 
     python benchmarks/multihost.py [--placement 2,1,1] [--rate 1gbit] \
         [--collectives "--sizes 1M,16M,64M,256M --iters 3 --stagger-sizes ''"] \
-        [--tasks "--tasks 2000 --chain 200 --repeat 2"] [--out DIR]
+        [--tasks "--tasks 2000 --chain 200 --repeat 2"] [--map-by node] [--config FIELD=VALUE] [--out DIR]
 
 Makes ``len(placement)`` hosts (prefix ``hmb``, addresses 198.18.78.0/24, so that a run of the
 test suite, prefix ``hmt``, is not disturbed), with ``placement[k]`` ranks on host k+1 (rank 0
@@ -30,9 +30,16 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import multihost as M  # noqa: E402
 
 
-def run(placement: dict, script: str, args: list[str], out: str, timeout: float) -> int:
+def run(placement: dict, script: str, args: list[str], out: str, timeout: float,
+        map_by: str = "slot", flags: tuple = ()) -> int:
     env = M.job_env()
-    cmd = M.mpirun_command(placement, [sys.executable, script, *args], ft=True)
+    xs = []
+    for flag in flags:                   # Config fields for every rank: FIELD=VALUE
+        name, value = flag.split("=", 1)
+        var = f"HOPLITE_MPI_{name.upper()}"
+        env[var] = value
+        xs += ["-x", var]
+    cmd = M.mpirun_command(placement, xs + [sys.executable, script, *args], ft=True, map_by=map_by)
     print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
     try:
         with open(out, "w") as fh:
@@ -52,6 +59,9 @@ def main() -> int:
     p.add_argument("--rate", default="", help="tbf rate limit of every host link, e.g. 1gbit")
     p.add_argument("--collectives", default="--sizes 1M,16M,64M,256M --iters 3 --stagger-sizes ''")
     p.add_argument("--tasks", default="--tasks 2000 --chain 200 --repeat 2 --idle 1")
+    p.add_argument("--map-by", default="slot", help="'node': ranks round robin over the hosts")
+    p.add_argument("--config", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a Config field for every rank (e.g. host_aware=0); repeatable")
     p.add_argument("--out", default="/tmp/hoplite-multihost")
     p.add_argument("--timeout", type=float, default=1800)
     args = p.parse_args()
@@ -66,7 +76,8 @@ def main() -> int:
     if why:
         print(why, file=sys.stderr)
         return 2
-    tag = f"{'x'.join(map(str, counts))}{'-' + args.rate if args.rate else ''}"
+    tag = (f"{'x'.join(map(str, counts))}{'-' + args.rate if args.rate else ''}"
+           f"{'-rr' if args.map_by == 'node' else ''}{''.join('-' + c for c in args.config)}")
     rc = 0
     try:
         if args.rate:
@@ -79,7 +90,8 @@ def main() -> int:
                 continue
             base = os.path.join(args.out, f"{name}-{tag}")
             rc |= run(placement, os.path.join(HERE, f"{name}.py"),
-                      shlex.split(extra) + ["--json", base + ".json"], base + ".txt", args.timeout)
+                      shlex.split(extra) + ["--json", base + ".json"], base + ".txt", args.timeout,
+                      args.map_by, tuple(args.config))
             print(f"{name}: {base}.txt", flush=True)
     finally:
         M.down()

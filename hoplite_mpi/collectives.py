@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 import pickle
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Sequence, Callable, Optional
 
 import numpy as np
 
@@ -185,6 +185,19 @@ def star_cheaper(n: int, k: int, m: int = 0) -> bool:
     if m <= 0:
         return (n - 2) * k < depth
     return m * (n - 2) * k < m * depth + (depth - 1) * k
+
+
+def host_order(infos: list, hosts: Sequence, target: int) -> list:
+    """Inputs ready together, in the order to place them (issue 13): grouped by the host of
+    their holder, the target's host last.  Slots are filled leaf first and the data flows
+    towards the root, on the target, so a chain then crosses each host boundary once instead
+    of at every hop when the inputs' ranks alternate between hosts.  Stable within a host
+    (input order).  ``hosts[r]``: the host of rank ``r``."""
+    def key(info):
+        rank = info.holders[0] if info.holders else target
+        host = hosts[rank] if rank < len(hosts) else None
+        return (host == hosts[target], str(host))
+    return sorted(infos, key=key)
 
 
 def tree_chain(n: int, depth: int) -> tuple[list[Optional[int]], list[int]]:

@@ -33,6 +33,11 @@ class Config:
             inline values already known on rank 0 and whose result stays there is combined on
             the calling thread, as ``put`` stores a value: the ref is ready when ``reduce``
             returns, no engine round trip (``Coordination.combine_now``).
+        host_aware: (ranks on several hosts) a broadcast receiver is given a sender on its own
+            host when one has a copy (``DirectoryShard``), and the inputs of a reduce that are
+            ready together are placed grouped by host, the target's host last
+            (``collectives.host_order``): chains cross each host boundary once.  False: host
+            names are ignored.
         worker_deps: a task whose missing inputs are all being made by tasks placed on one
             worker rank is placed there at once and waits on the worker, which starts it the
             moment the last input is made there (no rank-0 round trip per link of a chain;
@@ -114,6 +119,7 @@ class Config:
     inline_threshold: int = 64 << 10
     small_collectives: bool = True
     reduce_now: bool = True
+    host_aware: bool = True
     worker_deps: bool = True
     adaptive_chunks: bool = False
     chunk_aware_plan: bool = True
@@ -147,7 +153,7 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        for name in ("small_collectives", "reduce_now", "worker_deps", "submit_batch", "adaptive_chunks",
+        for name in ("small_collectives", "reduce_now", "host_aware", "worker_deps", "submit_batch", "adaptive_chunks",
                      "chunk_aware_plan", "broadcast_direct", "direct_args", "ready_on_engine",
                      "hot_yield"):
             if not isinstance(getattr(self, name), bool):

@@ -64,10 +64,11 @@ def down() -> None:
     hosts("down")
 
 
-def _options(placement: dict[str, int]) -> list[str]:
-    """mpirun's options for a job across the simulated hosts (besides -n and ULFM)."""
+def _options(placement: dict[str, int], map_by: str = "slot") -> list[str]:
+    """mpirun's options for a job across the simulated hosts (besides -n and ULFM); ``map_by``
+    "node" places ranks round robin over the hosts instead of filling them in turn."""
     spec = ",".join(f"{h}:{k}" for h, k in placement.items())
-    return ["--host", spec, "--map-by", "slot", "--bind-to", "none", "--oversubscribe",
+    return ["--host", spec, "--map-by", map_by, "--bind-to", "none", "--oversubscribe",
             "--allow-run-as-root",
             "--mca", "plm_rsh_agent", AGENT,
             "--prtemca", "oob_tcp_if_include", f"{NET}.0/24",
@@ -83,7 +84,7 @@ def hoplite_run_command(placement: dict[str, int], program: list[str]) -> list[s
 
 
 def mpirun_command(placement: dict[str, int], program: list[str], ft: bool = True,
-                   mpirun: str | None = None) -> list[str]:
+                   mpirun: str | None = None, map_by: str = "slot") -> list[str]:
     """``mpirun`` across simulated hosts: ``placement`` maps host name -> ranks there (ranks are
     numbered in that order: the first host gets rank 0).  ``program``: what each rank runs
     (e.g. ``[sys.executable, "-m", "hoplite_mpi", script]``)."""
@@ -91,7 +92,7 @@ def mpirun_command(placement: dict[str, int], program: list[str], ft: bool = Tru
 
     mpirun = mpirun or find_mpirun()
     cmd = ["ip", "netns", "exec", BRIDGE_NS, mpirun, "-n", str(sum(placement.values())),
-           *_options(placement)]
+           *_options(placement, map_by)]
     if ft:
         cmd += ["--with-ft", "ulfm"]
     return cmd + program

@@ -38,11 +38,12 @@ def hosts3():
 
 
 def run_across(placement: dict, *program: str, timeout: float = BOUND, env: dict | None = None,
-               ft: bool = True) -> subprocess.CompletedProcess:
+               ft: bool = True, map_by: str = "slot") -> subprocess.CompletedProcess:
     """``python -m hoplite_mpi PROGRAM...`` on ranks placed per ``placement`` (host -> ranks,
     rank 0 on the first host); the whole job is killed (and the test fails) after ``timeout``."""
     full_env = M.job_env(dict(os.environ, **(env or {})))
-    cmd = M.mpirun_command(placement, [sys.executable, "-m", "hoplite_mpi", *program], ft=ft)
+    cmd = M.mpirun_command(placement, [sys.executable, "-m", "hoplite_mpi", *program], ft=ft,
+                           map_by=map_by)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=full_env, cwd=ROOT, start_new_session=True)
     try:
@@ -76,6 +77,19 @@ def test_collectives_exact_on_every_rank(hosts3, tmp_path):
     # every rank rings the ranks of the other hosts by UDP (transport/doorbell.py)
     others = {0: [2, 3], 1: [2, 3], 2: [0, 1, 3], 3: [0, 1, 2]}
     assert {int(r): v for r, v in got["udp_bells"].items()} == others, got["udp_bells"]
+
+
+def test_collectives_with_ranks_round_robin_over_the_hosts(hosts3, tmp_path):
+    """Ranks alternate between hosts: host-aware placement reorders the reduce's inputs (the
+    results must not change) and chains broadcast copies within hosts."""
+    h1, h2, h3 = hosts3
+    out = tmp_path / "coll.json"
+    proc = run_across({h1: 2, h2: 2, h3: 2}, os.path.join(HERE, "mpi", "multihost_collectives.py"),
+                      "--sizes", "1K,1M,16M", "--json", str(out), map_by="node")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["hosts"] == {str(r): (h1, h2, h3)[r % 3] for r in range(6)}, got["hosts"]
+    assert len(got["results"]) == 9 and all(r["ok"] for r in got["results"]), got["results"]
 
 
 def test_random_workloads_against_their_reference(hosts3):

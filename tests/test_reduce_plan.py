@@ -424,3 +424,16 @@ def test_a_reduce_failing_while_it_awaits_the_resume_names_every_attempt():
     assert c.awaiting == old and not c.done
     c.rank_lost(0)
     assert c.done and c.result.error and c.reduced.attempts == (old, c.reduce_id)
+
+
+def test_host_order_groups_inputs_by_host_with_the_targets_host_last():
+    from hoplite_mpi.collectives import host_order
+    hosts = ["A", "B", "C", "A", "B", "C"]            # ranks round robin over three hosts
+    infos = [ObjectInfo(100 + r, (10, 10), (r,)) for r in range(6)]
+    got = [i.holders[0] for i in host_order(infos, hosts, target=0)]
+    assert got == [1, 4, 2, 5, 0, 3]                  # B, C, then A (the target's) last
+    crossings = sum(hosts[a] != hosts[b] for a, b in zip(got, got[1:]))
+    assert crossings == 2                              # (input order: 5)
+    # an inline value (no holder) counts as on the target's host; ties keep input order
+    inline = ObjectInfo(200, (10,), (), (b"x",))
+    assert host_order([inline, infos[1], infos[3]], hosts, target=3)[-2:] == [inline, infos[3]]

@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import protocol as P
 from ..collectives import (InputReady, ReduceCoordinator, Reduced, Replanned, Start, WatchInputs,
-                           chain_length)
+                           chain_length, host_order)
 from ..context import Loss
 from ..events import RankLost
 from ..ids import format_id
@@ -29,6 +29,9 @@ class Coordination:
         self.ctx = ctx
         self.running: dict[int, ReduceCoordinator] = {}
         self.reduced: dict[int, list[int]] = {}
+        hosts = getattr(ctx.transport, "hosts", None)
+        # (Config.host_aware: inputs ready together are placed grouped by host)
+        self.hosts = hosts if hosts and len(set(hosts)) > 1 and ctx.config.host_aware else None
 
     def start(self, reduce_id: int, inputs: list[int], op: bytes, num: int, target: int,
               result_id: int, allreduce: bool) -> None:
@@ -108,9 +111,21 @@ class Coordination:
             if cls is tuple:
                 ctx.send(item[0], item[1])
             elif cls is WatchInputs:
+                hosts = self.hosts
+                if hosts is None:
+                    for oid in item.object_ids:
+                        ctx.driver.when_ready(oid, lambda info, c=coord: self._coordinated(
+                            c, c.handle(InputReady(info))))
+                    continue
+                # several hosts: the inputs ready now are placed grouped by host (host_order)
+                now: list = []
+                watching = [True]
                 for oid in item.object_ids:
-                    ctx.driver.when_ready(oid, lambda info, c=coord: self._coordinated(
-                        c, c.handle(InputReady(info))))
+                    ctx.driver.when_ready(oid, lambda info, c=coord: now.append(info) if watching[0]
+                                          else self._coordinated(c, c.handle(InputReady(info))))
+                watching[0] = False
+                for info in host_order(now, hosts, coord.target):
+                    self._coordinated(coord, coord.handle(InputReady(info)))
             elif cls is Replanned:
                 ctx.stats["reduces_replanned"] += 1
                 ctx.stats["reduce_bytes_kept"] += item.start    # result bytes not computed again

@@ -21,7 +21,8 @@ class ShardRole:
 
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
-        self.directory = DirectoryShard(ctx.rank, getattr(ctx.transport, "hosts", None))
+        self.directory = DirectoryShard(ctx.rank, getattr(ctx.transport, "hosts", None)
+                                        if ctx.config.host_aware else None)
         self.replicated: set[int] = set()
         self.want: dict[int, int] = {}
 
