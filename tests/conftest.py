@@ -28,10 +28,14 @@ def run_job(n: int, *program: str, timeout: float = 600, env: dict | None = None
     """Run ``mpirun -n n <python> program...`` (``ft``: with ULFM); kill it (and fail) after
     ``timeout`` seconds."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    cmd = mpirun_cmd(n, *program, ft=ft)
-    # own session: on timeout the whole job (mpirun, its daemon, every rank) is killed
+    return run_bounded(mpirun_cmd(n, *program, ft=ft), timeout, full_env, cwd or ROOT)
+
+
+def run_bounded(cmd: list[str], timeout: float, env: dict, cwd: str) -> subprocess.CompletedProcess:
+    """Run the MPI job ``cmd`` in a session of its own; after ``timeout`` seconds ask its ranks
+    where they are, kill the whole job (mpirun, its daemons, every rank) and fail the test."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=full_env, cwd=cwd or ROOT, start_new_session=True)
+                            env=env, cwd=cwd, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

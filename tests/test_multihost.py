@@ -20,7 +20,7 @@ import sys
 import pytest
 
 import multihost as M
-from conftest import HERE, ROOT, _ask_ranks_where_they_are
+from conftest import HERE, ROOT, _ask_ranks_where_they_are, run_bounded
 
 pytestmark = [pytest.mark.multihost,
               pytest.mark.skipif(bool(M.unavailable()), reason=M.unavailable() or "-")]
@@ -44,19 +44,10 @@ def run_across(placement: dict, *program: str, timeout: float = BOUND, env: dict
     full_env = M.job_env(dict(os.environ, **(env or {})))
     cmd = M.mpirun_command(placement, [sys.executable, "-m", "hoplite_mpi", *program], ft=ft,
                            map_by=map_by)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=full_env, cwd=ROOT, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _ask_ranks_where_they_are(proc.pid)
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"job across hosts did not finish within {timeout} s: {cmd}\n"
-                    f"stdout: {out[-4000:]}\nstderr: {err[-8000:]}")
+        return run_bounded(cmd, timeout, full_env, ROOT)
     finally:
         shutil.rmtree(full_env["HM_HOSTS_TMP"], ignore_errors=True)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_seed_workload(hosts3):
