@@ -3,6 +3,10 @@
 Rank 0 runs the user's program and a dynamic scheduler; the other ranks run tasks; every rank
 holds an object store and a shard of the object directory.  See README.md.
 """
+from . import mpi_defaults
+
+mpi_defaults.apply()     # (before anything imports mpi4py.MPI: it initialises MPI)
+
 from .api import (ObjectLocation, ObjectRef, RemoteFunction, allreduce, broadcast, current_config,
                   dead_ranks, delete, get, init, is_initialized, is_local, locations, object_info,
                   put, rank, reduce, reduced_inputs, remote, shutdown, stats, wait, world_size)
