@@ -9,7 +9,8 @@ mpi_defaults.apply()     # (before anything imports mpi4py.MPI: it initialises M
 
 from .api import (ObjectLocation, ObjectRef, RemoteFunction, allreduce, broadcast, current_config,
                   dead_ranks, delete, get, init, is_initialized, is_local, locations, object_info,
-                  put, rank, reduce, reduced_inputs, remote, shutdown, stats, wait, world_size)
+                  put, rank, reduce, reduced_inputs, remote, shutdown, stats, task_key, wait,
+                  world_size)
 from .config import Config
 from .errors import (BrokenExecutor, HopliteError, NotInitializedError, ObjectDeletedError,
                      ObjectLostError, RankLostError, RemoteTraceback, RuntimeShutdownError, SerializationError,
@@ -22,7 +23,7 @@ __all__ = [
     "init", "shutdown", "is_initialized", "rank", "world_size",
     "remote", "RemoteFunction", "get", "wait", "put", "delete", "ObjectRef", "Executor", "Config",
     "broadcast", "reduce", "allreduce", "reduced_inputs",
-    "stats", "locations", "object_info", "ObjectLocation", "is_local", "dead_ranks", "current_config",
+    "task_key", "stats", "locations", "object_info", "ObjectLocation", "is_local", "dead_ranks", "current_config",
     "HopliteError", "NotInitializedError", "ObjectDeletedError", "ObjectLostError", "RankLostError", "RemoteTraceback",
     "RuntimeShutdownError", "SerializationError", "TaskError", "TransferError", "BrokenExecutor",
     "WorkerCrashedError",

@@ -10,7 +10,8 @@ A facade: each name is defined in the module of its responsibility and re-export
 - :mod:`hoplite_mpi.remote_functions`: remote, RemoteFunction, submit_task;
 - :mod:`hoplite_mpi.collective_api`: broadcast, reduce, allreduce, reduced_inputs;
 - :mod:`hoplite_mpi.introspection`: stats, locations, object_info, ObjectLocation, is_local,
-  dead_ranks, current_config.
+  dead_ranks, current_config;
+- :mod:`hoplite_mpi.worker`: task_key (durable workflows, :mod:`hoplite_mpi.durable`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .objectref import ObjectRef
 from .remote_functions import RemoteFunction, remote, submit_task
 from .session import init, is_initialized, rank, shutdown, world_size
 from .values import delete, get, put, wait
+from .worker import task_key
 
 __all__ = [
     "init", "shutdown", "is_initialized", "rank", "world_size",
@@ -28,5 +30,5 @@ __all__ = [
     "remote", "RemoteFunction", "submit_task",
     "broadcast", "reduce", "allreduce", "reduced_inputs",
     "stats", "locations", "object_info", "ObjectLocation", "is_local", "dead_ranks",
-    "current_config",
+    "current_config", "task_key",
 ]

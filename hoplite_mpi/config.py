@@ -109,6 +109,16 @@ class Config:
             above the longest time a task can hold the GIL without releasing it.
         shutdown_timeout: seconds the driver waits for workers to acknowledge shutdown.
         log_level: name of the ``logging`` level of the ``hoplite_mpi`` logger.
+        storage: a directory for durable workflows (issue 14; typically on a shared file system,
+            e.g. ``$SLURM_SUBMIT_DIR/.hoplite/<name>``): the results of checkpointed tasks are
+            committed there by the ranks that made them, and a later run of the same program
+            with the same directory restores them instead of running those tasks again (see
+            ``hoplite_mpi.durable``).  Only rank 0's value matters.  "": no storage.
+        checkpoint: with ``storage``, every task submitted on the driver is checkpointed unless
+            its ``checkpoint`` option says otherwise.  False: only tasks with
+            ``checkpoint=True``.
+        storage_sync: fsync each committed file and directory (a commit then survives a crash
+            of the host, not only of the process).  False on tmpfs or scratch space.
         submit_batch: tasks submitted in a burst (``remote()`` calls in a row, with no other
             call to the engine in between) reach the engine as one call and the scheduler as
             one event, placed in one pass; False: one engine call and one event per task.
@@ -140,6 +150,9 @@ class Config:
     shutdown_timeout: float = 30.0
     log_level: str = "WARNING"
     submit_batch: bool = True
+    storage: str = ""
+    checkpoint: bool = False
+    storage_sync: bool = True
 
     def __post_init__(self) -> None:
         positive = ("chunk_size", "window", "tasks_per_worker", "worker_threads", "replication")
@@ -155,7 +168,7 @@ class Config:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         for name in ("small_collectives", "reduce_now", "host_aware", "worker_deps", "submit_batch", "adaptive_chunks",
                      "chunk_aware_plan", "broadcast_direct", "direct_args", "ready_on_engine",
-                     "hot_yield"):
+                     "hot_yield", "checkpoint", "storage_sync"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.chunk_size % 64:

@@ -38,7 +38,9 @@ class Context:
             engine's (properties).  shards: the shard map (``directory.shard_map``).
         catalog, lookups, fetcher, server, broadcasts, steps, freeing, shard, refs: the components
             every rank has (the runtime reads them here too).  driver, coordinator: rank 0 only
-            (else None).  tasks: ranks that run tasks (else None).
+            (else None).  tasks: ranks that run tasks (else None).  workflow: rank 0's durable
+            workflow (``Config.storage``), else None.  persister: the rank's checkpoint writer,
+            once it wrote one.
         rank_lost: ``rank_lost(rank)`` (the runtime's), for a component that learns of a death
             first.  engine_state: ``() -> str``, the rank's state for error logs.
     """
@@ -62,6 +64,8 @@ class Context:
         self.driver: Any = None
         self.coordinator: Any = None
         self.tasks: Any = None
+        self.workflow: Any = None     # rank 0 with durable storage: durable.workflow.Workflow
+        self.persister: Any = None    # made at the first checkpointed task run here
         self.rank_lost: Callable[[int], None] = lambda rank: None
         self.engine_state: Callable[[], str] = lambda: ""
 

@@ -10,6 +10,9 @@ Set ``HOPLITE_MPI_KILL="RANK:POINT:N"`` (several separated by ``,``): the proces
 ``reduce``   a rank starts a reduce step (leaf, inner slot or final copy)
 ``combine``  a reduce step received a chunk of a child's output (a reduce in mid-stream)
 ``replica``  a rank starts receiving a background replica copy
+``persist``  a checkpoint write passed one of its steps (a frame file written; the manifest
+             written, not yet linked: durable/storage.py)
+``done``     rank 0 received a task's completion (TaskDone)
 
 Used by the fault-injection suite (tests/test_faults.py) to kill a rank at a chosen moment of a
 real ``mpirun --with-ft ulfm`` job.  Unset (the default), :func:`reached` costs one dict lookup.
@@ -20,7 +23,7 @@ import os
 import signal
 import sys
 
-POINTS = ("task", "chunk", "serve", "dir", "reduce", "combine", "replica")
+POINTS = ("task", "chunk", "serve", "dir", "reduce", "combine", "replica", "persist", "done")
 
 _plan: dict[str, int] = {}    # point -> remaining count for this rank
 _rank: int | None = None

@@ -45,7 +45,13 @@ def stats() -> dict:
     - ``dead_ranks``: sorted list of the ranks this rank knows are dead;
     - ``rank``: this rank; ``rank_loss_tolerance``: whether ULFM rank-loss tolerance is active;
     - ``scheduler``: on the driver, dict ``submitted``/``done``/``failed``/``retried``/``rebuilt``
-      (tasks), else None.
+      (tasks), else None;
+    - ``durable``: on the driver with durable storage, dict ``root``, ``restored`` (checkpointed
+      tasks not executed: restored from storage), ``checkpointed`` (checkpointed tasks
+      submitted for execution), ``persisted`` (steps this run committed), ``persist_dups``,
+      ``persist_failed``, ``unkeyed`` (checkpointed tasks run without a checkpoint: no stable
+      key), ``committed_at_start``; else None.  A worker counts ``persisted``,
+      ``persist_dups``, ``persist_errors``, ``persist_bytes`` and ``persist_us`` (writer time).
 
     Raises NotInitializedError / RuntimeShutdownError without a running runtime.
     """
@@ -66,6 +72,8 @@ def _snapshot(rt: Any) -> dict:
     out["rank_loss_tolerance"] = bool(rt.transport.ft)
     scheduler = rt.scheduler
     out["scheduler"] = dict(scheduler.stats) if scheduler is not None else None
+    workflow = getattr(rt, "workflow", None)
+    out["durable"] = workflow.snapshot() if workflow is not None else None
     return out
 
 

@@ -94,6 +94,7 @@ class TaskSpec:
     inline_threshold: Optional[int] = None    # results <= this many bytes go in-band (None: config)
     replicas: Optional[int] = None            # copies of each result (None: Config.replication)
     strict_rank: bool = False                 # lineage re-runs only on ``rank`` (else anywhere)
+    durable: Optional[tuple[str, str]] = None  # (storage root, step key): commit the results there
 
     @property
     def return_ids(self) -> tuple[int, ...]:
@@ -400,6 +401,19 @@ class ObjectLost:
 
     object_id: int
     rank: int
+
+
+@message
+class Persisted:
+    """Worker -> rank 0: an attempt to commit checkpointed task ``task_id``'s results as step
+    ``key`` ended (``ok`` False: an I/O error; ``committed`` False: committed before by
+    another attempt); ``nbytes`` written (durable/persister.py)."""
+
+    task_id: int
+    key: str
+    ok: bool
+    committed: bool
+    nbytes: int
 
 
 @message

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import pickle
 from typing import Any, Callable, Optional, overload
 
 from . import session
+from .durable.keys import UnstableKey, function_key
 from .errors import SerializationError
 from .objectref import ObjectRef, new_refs
 from .protocol import TaskSpec
@@ -14,8 +16,10 @@ from .serialization import dumps
 from .values import put
 from .worker import DepPlaceholder
 
+log = logging.getLogger("hoplite_mpi")
+
 _TASK_OPTIONS = ("num_returns", "max_retries", "rank", "name", "inline_threshold", "replicas",
-                 "strict_rank")
+                 "strict_rank", "checkpoint", "version")
 
 
 def check_options(options: dict) -> None:
@@ -35,6 +39,11 @@ def check_options(options: dict) -> None:
             raise TypeError(f"rank must be an int, got {rank_!r}")
     if not isinstance(options.get("strict_rank", False), bool):
         raise TypeError(f"strict_rank must be a bool, got {options['strict_rank']!r}")
+    if not isinstance(options.get("checkpoint", False), bool):
+        raise TypeError(f"checkpoint must be a bool, got {options['checkpoint']!r}")
+    v = options.get("version")
+    if v is not None and not isinstance(v, (str, int)):
+        raise TypeError(f"version must be a str or int, got {v!r}")
     t = options.get("inline_threshold")
     if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 0):
         raise ValueError(f"inline_threshold must be an int >= 0 (bytes), got {t!r}")
@@ -106,6 +115,7 @@ class RemoteFunction:
         self._fn = fn
         self._options = dict(options)
         self._identity: Optional[tuple[bytes, bytes]] = None
+        self._durable_key: Optional[bytes] = None     # keys.function_key, when storage is on
         self.__name__ = getattr(fn, "__name__", "task")
         self.__doc__ = getattr(fn, "__doc__", None)
         self.__wrapped__ = fn
@@ -130,6 +140,8 @@ class RemoteFunction:
         check_options(options)
         other = RemoteFunction(self._fn, {**self._options, **options})
         other._identity = self._identity
+        if "version" not in options:
+            other._durable_key = self._durable_key
         return other
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
@@ -140,22 +152,43 @@ class RemoteFunction:
         """
         if self._identity is None:
             self._identity = fn_identity(self._fn, f"function {self.__name__}")
-        return submit_task(session.current(), self._identity, self.__name__, args, kwargs, self._options)
+        rt = session.current()
+        if rt.rank == 0 and rt.workflow is not None and self._durable_key is None:
+            try:
+                version = self._options.get("version")
+                self._durable_key = function_key(self._fn, None if version is None else str(version))
+            except UnstableKey:
+                self._durable_key = b""
+        return submit_task(rt, self._identity, self.__name__, args, kwargs, self._options,
+                           fn_key=self._durable_key)
 
 
 def submit_task(rt: Any, identity: tuple[bytes, bytes], name: str, args: tuple, kwargs: dict,
                 options: dict, allowed: Optional[tuple[int, ...]] = None,
-                init: Optional[tuple[bytes, bytes]] = None, original_errors: bool = False) -> Any:
+                init: Optional[tuple[bytes, bytes]] = None, original_errors: bool = False,
+                fn_key: Optional[bytes] = None) -> Any:
     """Build a TaskSpec and hand it to the scheduler; returns the ref(s).  ``options`` were
     checked by :func:`check_options` already; only the pinned rank is checked here.
     ``original_errors`` (Executor): a return value that cannot be pickled fails the ref with
-    the pickler's own exception instead of SerializationError."""
+    the pickler's own exception instead of SerializationError.  ``fn_key``: the function's
+    durable key (keys.function_key; b"": it has none), given on the driver with storage on.
+
+    Durable workflows (issue 14): with storage attached on the driver, every task submitted
+    there gets a durable key (the keys of its ref arguments come from their producers).  A
+    checkpointed one whose key an earlier run committed is not submitted: its refs are ready
+    at once, their values memory-mapped from storage (read only when used)."""
     pinned = options.get("rank")
     if pinned is not None and pinned not in rt.worker_ranks:
         raise ValueError(f"rank={pinned} is not a worker rank (worker ranks: {list(rt.worker_ranks)})")
     copies = options.get("replicas")
     if copies is not None and copies > rt.size:
         raise ValueError(f"replicas={copies} exceeds the number of ranks ({rt.size})")
+    workflow = rt.workflow if rt.rank == 0 else None
+    key = None
+    if workflow is not None:
+        key, restored = _durable(rt, workflow, fn_key, name, args, kwargs, options)
+        if restored is not None:
+            return restored
     fn_id, fn_blob = identity
     keep: list = []   # refs of arguments stored as objects: alive while a result ref is
     args_blob, deps = _pack_args(rt, name, args, kwargs, keep)
@@ -170,7 +203,12 @@ def submit_task(rt: Any, identity: tuple[bytes, bytes], name: str, args: tuple, 
         inline_threshold=options.get("inline_threshold"), replicas=options.get("replicas"),
         strict_rank=bool(options.get("strict_rank", False)),
         init_id=init[0] if init else None,
-        init_blob=init[1] if init and init[0] not in sent else None)
+        init_blob=init[1] if init and init[0] not in sent else None,
+        durable=(workflow.root, key) if key is not None and _checkpointed(rt, options) else None)
+    if key is not None:
+        workflow.made(task_id, key, num_returns)
+        if spec.durable is not None:
+            workflow.stats["checkpointed"] += 1
     sent.add(fn_id)
     if init:
         sent.add(init[0])
@@ -184,6 +222,45 @@ def submit_task(rt: Any, identity: tuple[bytes, bytes], name: str, args: tuple, 
             ref._args = keep
     rt.submit(spec)
     return refs[0] if num_returns == 1 else refs
+
+
+def _checkpointed(rt: Any, options: dict) -> bool:
+    return bool(options.get("checkpoint", rt.config.checkpoint))
+
+
+def _durable(rt: Any, workflow: Any, fn_key: Optional[bytes], name: str, args: tuple,
+             kwargs: dict, options: dict) -> tuple[Optional[str], Any]:
+    """(driver, storage on) ``(key, refs)``: the task's durable key (None: it has none; a
+    checkpointed task then runs without a checkpoint, with a warning), and its refs if an
+    earlier run committed it (restored: not submitted), else None."""
+    checkpoint = _checkpointed(rt, options)
+    try:
+        if not fn_key:
+            raise UnstableKey("the function cannot be identified across runs")
+        named = options.get("name") if checkpoint else None
+        key = workflow.call_key(fn_key, args, kwargs, named)
+    except UnstableKey as why:
+        if checkpoint:
+            workflow.unkeyed(options.get("name", name), why)
+        return None, None
+    if not checkpoint:
+        return key, None
+    stored = workflow.restore(key)
+    if stored is None:
+        return key, None
+    num_returns = options.get("num_returns", 1)
+    if len(stored) != num_returns:
+        log.warning("checkpoint %s has %d return values, the task %d; it runs again", key,
+                    len(stored), num_returns)
+        return key, None
+    task_id = rt.ids.next(num_returns)
+    for i, frames in enumerate(stored):
+        rt.put(list(frames), task_id + i)
+    workflow.made(task_id, key, num_returns)
+    refs = new_refs(rt, task_id, num_returns, task_id, False)
+    for ref in refs:
+        ref.set_ready()
+    return key, (refs[0] if num_returns == 1 else refs)
 
 
 @overload

@@ -91,6 +91,8 @@ class Runtime:
         if rank == 0:
             ctx.driver = Driver(ctx, self.worker_ranks)
             ctx.coordinator = Coordination(ctx)
+            if config.storage:
+                self.attach_storage(config.storage, config.storage_sync)
         if rank in self.worker_ranks:
             ctx.tasks = TaskRole(ctx, worker or Worker)
             if rank != 0 and threads:
@@ -141,6 +143,7 @@ class Runtime:
             on(P.Revoked, driver.on_revoked)
             on(P.ObjectLost, driver.on_object_lost)
             on(P.TaskExit, driver.on_task_exit)
+            on(P.Persisted, driver.on_persisted)
             on(P.ReduceRequest, coordinator.on_request)
             on(P.ReduceStepDone, coordinator.on_step_done)
             on(P.ReduceResume, coordinator.on_resume)
@@ -367,6 +370,20 @@ class Runtime:
     def fetch(self, object_id: int, callback: Callable[[Any], None]) -> None:
         """(engine) See :meth:`Fetcher.fetch`."""
         self.ctx.fetcher.fetch(object_id, callback)
+
+    @property
+    def workflow(self) -> Any:
+        """(driver) The durable workflow (``Config.storage``, :meth:`attach_storage`), else None."""
+        return self.ctx.workflow
+
+    def attach_storage(self, root: str, sync: bool = True) -> Any:
+        """(driver) Use durable storage ``root`` from now on (``hm.init(storage=...)`` in a
+        program run by ``python -m hoplite_mpi``); returns the Workflow.  Raises ValueError if
+        another directory is attached, StorageError if ``root`` is not usable."""
+        from .durable.workflow import attach
+        if self.rank != 0:
+            raise ValueError("durable storage is attached on the driver (rank 0)")
+        return attach(self.ctx.workflow, root, sync, lambda wf: setattr(self.ctx, "workflow", wf))
 
     def put(self, frames: list, object_id: int | None = None) -> int:
         """Store a serialized value as a new object on this rank (any thread).  Returns its id."""

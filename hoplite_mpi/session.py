@@ -132,7 +132,9 @@ def init(comm: Any = None, **options: Any) -> None:
 
     Rank 0 returns (it is the driver).  Every other rank serves tasks until the driver calls
     :func:`shutdown` (or exits), then exits the process with status 0, so code after ``init()`` runs
-    on rank 0 only.  Idempotent: a second call returns at once.
+    on rank 0 only.  Idempotent: a second call returns at once, except that ``storage=DIR``
+    given on the driver of a running runtime (a script run by ``python -m hoplite_mpi``)
+    attaches that durable storage (ValueError if another one is attached).
 
     Args:
         comm: an ``mpi4py.MPI.Comm``; the runtime works on a private copy (``comm.Split``).
@@ -145,6 +147,9 @@ def init(comm: Any = None, **options: Any) -> None:
     """
     with _lock:
         if _runtime is not None:
+            if options.get("storage") and _runtime.rank == 0:
+                _runtime.attach_storage(options["storage"], bool(options.get(
+                    "storage_sync", _runtime.config.storage_sync)))
             return
         rt = _start(comm, 0, options)
     debug.install(rt)        # kill -USR1 / -USR2 <pid>: where this rank is (hoplite_mpi/debug.py)

@@ -26,6 +26,8 @@ def put(value: Any) -> ObjectRef:
         raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself instead")
     frames = serialize(value, "the value given to put()", copy=True)
     oid = rt.put(frames)
+    if rt.rank == 0 and rt.workflow is not None:
+        rt.workflow.put(oid, value)       # (its durable key: the digest of its content)
     ref = new_ref(rt, oid)
     ref.set_ready()
     return ref

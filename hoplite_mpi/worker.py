@@ -33,6 +33,14 @@ def current_task_id() -> int | None:
     return getattr(_context, "task_id", None)
 
 
+def task_key() -> str | None:
+    """The durable key (32 hex digits) of the checkpointed task the calling thread runs, or
+    None (not in a task, or a task without a checkpoint).  The same in every run of the
+    program: an idempotency token for the task's side effects (a task may run again until its
+    result is committed; see ``hoplite_mpi.durable``)."""
+    return getattr(_context, "key", None)
+
+
 def guard_exit(notify: Callable[[int, int], None]) -> None:
     """Make ``os._exit`` called by a task on this (worker) rank a reported, prompt rank loss.
 
@@ -158,6 +166,7 @@ class TaskRunner:
         faults.reached("task")
         spec = msg.spec
         _context.task_id = spec.task_id
+        _context.key = spec.durable[1] if spec.durable is not None else None
         _context.blocked = False
         try:
             results = self._run(spec, msg.deps)
@@ -165,7 +174,7 @@ class TaskRunner:
             error = serialize_error(exc, self.rank)
             results = [(error, True)] * spec.num_returns
         finally:
-            _context.task_id = None
+            _context.task_id = _context.key = None
         self.executed += 1
         self._finished(spec, results)
 

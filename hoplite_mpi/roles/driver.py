@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Optional
 
+from .. import faults
 from .. import protocol as P
 from ..context import Loss
 from ..errors import ObjectDeletedError
@@ -85,8 +86,15 @@ class Driver:
     def on_submit(self, source: int, msg: P.SubmitTask) -> None:
         self.submit(msg.spec)
 
+    def on_persisted(self, source: int, msg: P.Persisted) -> None:
+        """A worker's report of a checkpoint commit (durable workflows: counters only; the
+        commit itself is the storage's link, not this message)."""
+        if self.ctx.workflow is not None:
+            self.ctx.workflow.persisted(msg.ok, msg.committed)
+
     def on_task_done(self, source: int, msg: P.TaskDone) -> None:
         ctx = self.ctx
+        faults.reached("done")
         self.scheduled(self.scheduler.handle(msg))
         if not ctx.dead:
             return

@@ -46,8 +46,12 @@ class Membership:
                 ctx.rank_lost(rank)
 
     def driver_lost(self) -> None:
-        """(engine) Rank 0 died: this rank cannot go on without the driver; it exits."""
+        """(engine) Rank 0 died: this rank cannot go on without the driver; it exits, once the
+        checkpoints it was writing are committed (bounded: ``Config.shutdown_timeout``), so that
+        a task that finished before the driver died is not run again by the next run."""
         log.error("rank %d: rank 0 (the driver) died; exiting", self.ctx.rank)
+        if self.ctx.tasks is not None:
+            self.ctx.tasks.flush_checkpoints()
         logging.shutdown()
         self.exit_process(1)
 

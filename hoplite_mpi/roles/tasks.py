@@ -12,17 +12,22 @@ here for its results then fail with CancelledError.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import CancelledError
 from typing import Any, Iterable, Optional
 
 from .. import protocol as P
+from ..arrays import array_of
+from ..durable.persister import Persister
 from ..errors import ObjectDeletedError, RuntimeShutdownError
 from ..ids import format_id
 from ..local_deps import LocalDeps, Waiting
 from ..protocol import ObjectInfo
 from ..serialization import error_info, frame_sizes, local_error, serialize_error, to_bytes
 from ..worker import _context, current_task_id
+
+log = logging.getLogger("hoplite_mpi")
 
 
 class TaskRole:
@@ -97,6 +102,8 @@ class TaskRole:
             if info.inline is None:
                 stored.append((oid, frames))
         infos = tuple(infos)
+        if spec.durable is not None and not any(is_error for _, is_error in results):
+            self._persist(spec, [frames for frames, _ in results])
         handed = not stored    # (a chunked result waits for the engine: its users read the store)
         try:
             ctx.call_soon(self._report, spec, infos, stored, handed)
@@ -104,6 +111,32 @@ class TaskRole:
             return
         if handed:
             self._start(self.deps.made(infos))
+
+    def _persist(self, spec: P.TaskSpec, returns: list) -> None:
+        """(executor thread) Hand a checkpointed task's results to this rank's persister (made
+        at the first one); the frames are final, shared with the store, not copied."""
+        ctx = self.ctx
+        if ctx.persister is None:
+            with _persister_lock:
+                if ctx.persister is None:
+                    ctx.persister = Persister(self._persisted, sync=ctx.config.storage_sync)
+        root, key = spec.durable
+        ctx.persister.submit(spec.task_id, root, key, returns,
+                             {"name": spec.name, "rank": ctx.rank}, _ArrayValues(returns))
+
+    def _persisted(self, task_id: int, key: str, ok: bool, committed: bool, nbytes: int,
+                   seconds: float) -> None:
+        """(persister thread) Count the attempt and tell rank 0."""
+        def report() -> None:
+            stats = self.ctx.stats
+            stats["persisted" if ok and committed else "persist_dups" if ok else "persist_errors"] += 1
+            stats["persist_bytes"] += nbytes
+            stats["persist_us"] += int(seconds * 1e6)
+            self.ctx.send(0, P.Persisted(task_id, key, ok, committed, nbytes))
+        try:
+            self.ctx.call_soon(report)
+        except RuntimeShutdownError:
+            pass
 
     def _report(self, spec: P.TaskSpec, infos: tuple, stored: list, handed: bool = False) -> None:
         """(engine) Store, register and report a task's results; unless ``handed`` (by the
@@ -145,3 +178,32 @@ class TaskRole:
 
     def close(self) -> None:
         self.worker.close()
+        self.flush_checkpoints()
+
+    def flush_checkpoints(self) -> None:
+        """Wait (at most ``Config.shutdown_timeout``) until the checkpoints handed over are
+        committed: before this process exits (the job ends, or the driver died)."""
+        persister = self.ctx.persister
+        if persister is not None and not persister.close(self.ctx.config.shutdown_timeout):
+            log.warning("rank %d: %d checkpoint(s) not written within %.0f s", self.ctx.rank,
+                        persister.pending, self.ctx.config.shutdown_timeout)
+
+
+class _ArrayValues:
+    """Per return value, the numpy array its frames hold if it is one plain array (written as
+    ``.npy``), else None; computed on the persister thread when asked (storage.commit)."""
+
+    def __init__(self, returns: list) -> None:
+        self.returns = returns
+
+    def __getitem__(self, i: int) -> Any:
+        frames = self.returns[i]
+        if len(frames) != 2 or memoryview(frames[0]).nbytes > 1024:
+            return None
+        try:
+            return array_of(bytes(frames[0]), frames[1:])
+        except Exception:
+            return None
+
+
+_persister_lock = threading.Lock()

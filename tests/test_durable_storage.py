@@ -1,0 +1,103 @@
+"""The storage format of durable workflows (hoplite_mpi/durable/storage.py): round trips,
+zero-copy reads, atomic commits under SIGKILL, first commit wins, damage detected."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+
+from hoplite_mpi import faults
+from hoplite_mpi.durable import storage as S
+from hoplite_mpi.serialization import deserialize, serialize
+
+KEY = "0f" * 16
+
+
+def _returns(values):
+    return [serialize(v, "value") for v in values]
+
+
+def test_round_trip_inline_npy_and_bin(tmp_path):
+    root = S.open_root(str(tmp_path / "st"))
+    big = np.arange(1 << 18, dtype=np.float32).reshape(512, 512)
+    mixed = {"a": np.ones(1 << 16), "b": np.zeros(1 << 16, dtype=np.int8), "s": "text"}
+    values = [42, big, mixed]
+    ok, nbytes = S.commit(root, KEY, _returns(values), {"name": "t"}, values=values)
+    assert ok and nbytes > big.nbytes
+    assert S.committed_keys(root) == {KEY}
+    got = S.load(root, KEY, verify=True)
+    assert deserialize(got[0]) == 42
+    arr = deserialize(got[1])
+    assert np.array_equal(arr, big) and not arr.flags.writeable       # read-only memory map
+    m = deserialize(got[2])
+    assert np.array_equal(m["a"], mixed["a"]) and np.array_equal(m["b"], mixed["b"]) and m["s"] == "text"
+    npy = [p for p in (tmp_path / "st" / "steps" / KEY[:2]).rglob("*.npy")]
+    assert len(npy) == 1 and np.array_equal(np.load(npy[0], mmap_mode="r"), big)   # outside tools
+    assert os.listdir(tmp_path / "st" / "tmp") == []
+
+
+def test_the_first_commit_wins(tmp_path):
+    root = S.open_root(str(tmp_path))
+    assert S.commit(root, KEY, _returns([np.ones(1 << 17)]), {})[0]
+    assert S.commit(root, KEY, _returns([np.zeros(1 << 17)]), {}) == (False, 0)
+    assert deserialize(S.load(root, KEY)[0])[0] == 1.0
+    assert len(list((tmp_path / "steps" / KEY[:2]).iterdir())) == 2   # manifest + one attempt dir
+
+
+def test_an_uncommitted_key_loads_as_none_and_damage_is_detected(tmp_path):
+    root = S.open_root(str(tmp_path))
+    assert S.load(root, KEY) is None
+    S.commit(root, KEY, _returns([b"x" * 1000, np.ones(1 << 17)]), {})
+    path = S.manifest_path(root, KEY)
+    data = bytearray(open(path, "rb").read())
+    data[-10] ^= 0xFF                       # an inline frame's byte
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(S.StorageError, match="crc32"):
+        S.load(root, KEY)
+
+
+def test_another_format_is_refused(tmp_path):
+    (tmp_path / "hoplite-storage.json").write_text('{"format": 99}')
+    with pytest.raises(S.StorageError, match="format 99"):
+        S.open_root(str(tmp_path))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_writer_killed_at_any_step_leaves_no_visible_partial_step(tmp_path, seed):
+    """Fork a writer armed to SIGKILL itself at the N-th ``persist`` point (after a frame file;
+    after the manifest is written, before the link); the step is then absent, and a later
+    attempt commits it whole."""
+    root = S.open_root(str(tmp_path))
+    rng = random.Random(seed)
+    values = [np.full(rng.choice((1 << 15, 1 << 17)), i, dtype=np.int64) for i in range(3)]
+    files = sum(v.nbytes > S.FILE_FRAME for v in values)
+    n = rng.randint(1, files + 1)           # files + 1: the manifest is written, not linked
+    pid = os.fork()
+    if pid == 0:                            # the writer
+        try:
+            faults.arm(0, f"0:persist:{n}")
+            S.commit(root, KEY, _returns(values), {}, values=values)
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert S.committed_keys(root) == set() and S.load(root, KEY) is None
+    faults.arm(0, "")
+    assert S.commit(root, KEY, _returns(values), {}, values=values)[0]
+    got = S.load(root, KEY, verify=True)
+    assert [int(deserialize(f)[0]) for f in got] == [0, 1, 2]
+
+
+def test_crc_of_a_file_frame_is_checked_with_verify(tmp_path):
+    root = S.open_root(str(tmp_path))
+    S.commit(root, KEY, _returns([np.ones(1 << 17)]), {})
+    f = next((tmp_path / "steps" / KEY[:2]).rglob("r0.f1.bin"))
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    S.load(root, KEY)                       # lazy: not read
+    with pytest.raises(S.StorageError, match="crc32"):
+        S.load(root, KEY, verify=True)
