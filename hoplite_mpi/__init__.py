@@ -12,7 +12,7 @@ from .api import (ObjectLocation, ObjectRef, RemoteFunction, allreduce, broadcas
                   put, rank, reduce, reduced_inputs, remote, shutdown, stats, task_key, wait,
                   world_size)
 from .config import Config
-from .errors import (BrokenExecutor, HopliteError, NotInitializedError, ObjectDeletedError,
+from .errors import (BrokenExecutor, Drained, HopliteError, NotInitializedError, ObjectDeletedError,
                      ObjectLostError, RankLostError, RemoteTraceback, RuntimeShutdownError, SerializationError,
                      TaskError, TransferError, WorkerCrashedError)
 from .executor import Executor
@@ -24,7 +24,7 @@ __all__ = [
     "remote", "RemoteFunction", "get", "wait", "put", "delete", "ObjectRef", "Executor", "Config",
     "broadcast", "reduce", "allreduce", "reduced_inputs",
     "task_key", "stats", "locations", "object_info", "ObjectLocation", "is_local", "dead_ranks", "current_config",
-    "HopliteError", "NotInitializedError", "ObjectDeletedError", "ObjectLostError", "RankLostError", "RemoteTraceback",
+    "Drained", "HopliteError", "NotInitializedError", "ObjectDeletedError", "ObjectLostError", "RankLostError", "RemoteTraceback",
     "RuntimeShutdownError", "SerializationError", "TaskError", "TransferError", "BrokenExecutor",
     "WorkerCrashedError",
 ]

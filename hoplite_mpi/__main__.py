@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     import os
 
     import hoplite_mpi
+    from hoplite_mpi.errors import Drained
+    from hoplite_mpi.jobwatch import EXIT_DRAINED
 
     if argv[0] not in ("-m", "-c"):
         # on every rank, before init(): workers unpickle functions from modules next to the script
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             sys.argv = argv
             runpy.run_path(argv[0], run_name="__main__")
+    except Drained:
+        status = EXIT_DRAINED     # (the drain logged why and what is left)
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if not isinstance(exc.code, (int, type(None))):

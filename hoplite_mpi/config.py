@@ -119,6 +119,10 @@ class Config:
             ``checkpoint=True``.
         storage_sync: fsync each committed file and directory (a commit then survives a crash
             of the host, not only of the process).  False on tmpfs or scratch space.
+        drain_grace: seconds a drain (``hoplite_mpi/roles/drain.py``) waits for running tasks and
+            their checkpoints before the program gets ``Drained``.
+        drain_margin: seconds before the job's end time (``HOPLITE_MPI_JOB_END_TIME`` or
+            ``SLURM_JOB_END_TIME``, epoch seconds) at which rank 0 starts draining.
         submit_batch: tasks submitted in a burst (``remote()`` calls in a row, with no other
             call to the engine in between) reach the engine as one call and the scheduler as
             one event, placed in one pass; False: one engine call and one event per task.
@@ -153,6 +157,8 @@ class Config:
     storage: str = ""
     checkpoint: bool = False
     storage_sync: bool = True
+    drain_grace: float = 60.0
+    drain_margin: float = 120.0
 
     def __post_init__(self) -> None:
         positive = ("chunk_size", "window", "tasks_per_worker", "worker_threads", "replication")
@@ -171,12 +177,14 @@ class Config:
                      "hot_yield", "checkpoint", "storage_sync"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.storage, str):
+            raise ValueError(f"storage must be a directory path (str), got {self.storage!r}")
         if self.chunk_size % 64:
             raise ValueError(f"chunk_size must be a multiple of 64 bytes (whole array elements), got {self.chunk_size}")
         if not float(self.hot_window) >= 0:
             raise ValueError(f"hot_window must be >= 0 seconds, got {self.hot_window!r}")
         for name in ("backoff_max", "shutdown_timeout", "link_bandwidth", "link_latency",
-                     "heartbeat", "heartbeat_timeout"):
+                     "heartbeat", "heartbeat_timeout", "drain_grace", "drain_margin"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
 

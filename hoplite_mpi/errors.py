@@ -39,6 +39,14 @@ class RuntimeShutdownError(HopliteError, RuntimeError):
     """The runtime was shut down while the call was waiting or before it was made."""
 
 
+class Drained(BaseException):
+    """The job is draining (durable workflows: the launcher was signalled, or the job's end
+    time is near; ``hoplite_mpi/roles/drain.py``): raised by calls that wait on the runtime,
+    after running tasks finished and their checkpoints were committed.  A ``BaseException``,
+    so that ``except Exception`` in the program does not swallow it; ``python -m hoplite_mpi``
+    exits with status 79 on it.  Running the same program again resumes from storage."""
+
+
 class SerializationError(HopliteError, TypeError):
     """A function, argument or return value could not be pickled (cloudpickle protocol 5).
 

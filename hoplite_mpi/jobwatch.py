@@ -17,16 +17,20 @@ although mpirun exited 0, after printing which host was lost when mpirun named o
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
-from typing import IO, Optional
+import time
+from typing import IO, Any, Optional
 
 STATUS_VAR = "HOPLITE_MPI_STATUS_FILE"
 EXIT_JOB_LOST = 75
+EXIT_DRAINED = 79     # the driver drained (durable workflows): run again to resume
 LOST_HOST = (re.compile(r"Remote daemon:\s*\S+\s+on node\s+(\S+)"),
              re.compile(r"Remote host:\s+(\S+)"))
 
@@ -77,6 +81,69 @@ class _Forward(threading.Thread):
                         self.hosts.append(m.group(1))
 
 
+class _DrainRequest:
+    """(launcher) SIGUSR1 or SIGTERM asks rank 0 to drain instead of ending the job: the first
+    one writes the drain file rank 0 watches (roles/drain.py) and is not forwarded to mpirun
+    (USR1 would make every rank dump its stacks, TERM ends the job).  A second SIGTERM, or the
+    job still running ``bound`` seconds after the first signal, terminates mpirun."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self, path: str, proc: Any, bound: float) -> None:
+        self.path, self.proc, self.bound = path, proc, bound
+        self.asked = False
+        self.old: dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self.old[sig] = signal.signal(sig, self._on_signal)
+
+    def restore(self) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.asked:
+            if signum == signal.SIGTERM:
+                print(f"hoplite-mpi: second {name}: ending the job", file=sys.stderr, flush=True)
+                self.proc.terminate()
+            return
+        self.asked = True
+        tmp = f"{self.path}.{os.getpid()}"
+        with open(tmp, "w") as fh:
+            json.dump({"reason": f"{name} to hoplite-mpi run", "at": time.time()}, fh)
+        os.replace(tmp, self.path)
+        print(f"hoplite-mpi: {name}: draining (rank 0 stops starting tasks, lets running ones "
+              f"and their checkpoints finish, then the job exits with {EXIT_DRAINED})",
+              file=sys.stderr, flush=True)
+        threading.Thread(target=self._bound, daemon=True).start()
+
+    def _bound(self) -> None:
+        try:
+            self.proc.wait(timeout=self.bound)
+        except subprocess.TimeoutExpired:
+            print(f"hoplite-mpi: the job did not drain within {self.bound:.0f} s; ending it",
+                  file=sys.stderr, flush=True)
+            self.proc.terminate()
+
+
+def _drain_bound(env: dict) -> float:
+    """Seconds after a drain request before the launcher ends the job anyway: the drain's grace
+    (``HOPLITE_MPI_DRAIN_GRACE``, default 60) plus time to exit."""
+    try:
+        grace = float(env.get("HOPLITE_MPI_DRAIN_GRACE", "60"))
+    except ValueError:
+        grace = 60.0
+    return grace + 60.0
+
+
 def run_watched(cmd: list[str], env: dict, driver: bool = True) -> int:
     """Run the job ``cmd`` (mpirun ...) with ``env``, forwarding its output; return the job's
     exit status as described in the module docstring (``driver``: the job runs ``python -m
@@ -84,15 +151,26 @@ def run_watched(cmd: list[str], env: dict, driver: bool = True) -> int:
     fd, status_path = tempfile.mkstemp(prefix="hoplite-mpi-status.")
     os.close(fd)
     os.unlink(status_path)      # (the driver creates it when it ends normally)
+    drain_path = status_path + ".drain"
     env = dict(env, **{STATUS_VAR: status_path})
+    if driver:
+        env["HOPLITE_MPI_DRAIN_FILE"] = drain_path
     hosts: list[str] = []
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    drain = _DrainRequest(drain_path, proc, _drain_bound(env))
+    if driver:
+        drain.install()
     threads = [_Forward(proc.stdout, sys.stdout.buffer, hosts),
                _Forward(proc.stderr, sys.stderr.buffer, hosts)]
     for t in threads:
         t.start()
     try:
-        rc = proc.wait()
+        while True:
+            try:
+                rc = proc.wait()
+                break
+            except InterruptedError:     # (a drain request's handler ran)
+                continue
     except KeyboardInterrupt:
         proc.terminate()
         try:
@@ -102,6 +180,7 @@ def run_watched(cmd: list[str], env: dict, driver: bool = True) -> int:
         rc = 130
     for t in threads:
         t.join(timeout=5)
+    drain.restore()
     status = read_status(status_path)
     try:
         os.unlink(status_path)

@@ -15,7 +15,7 @@ import queue
 import threading
 import weakref
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Optional
 
 from .errors import ObjectDeletedError, RuntimeShutdownError
 from .ids import format_id
@@ -35,6 +35,7 @@ class Refs:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.waiters: "weakref.WeakSet[Future]" = weakref.WeakSet()
         self.direct = False      # set when the notifier thread runs (see the module docstring)
+        self.drained: Optional[BaseException] = None   # draining: what failed refs raise
 
     def register(self, ref: Any) -> Any:
         """Intern ``ref`` (one ObjectRef per id per process); returns the interned one."""
@@ -117,15 +118,16 @@ class Refs:
             if isinstance(item, int):
                 ref.set_failed(ObjectDeletedError(format_id(oid)))
             elif item.error:
-                ref.set_failed(rebuild_error(item.inline))
+                ref.set_failed(self.drained or rebuild_error(item.inline))
             else:
                 ref.set_ready()
         except Exception:  # a concurrent cancel() won the race: nothing to deliver
             log.debug("ref %s already completed", format_id(oid))
 
-    def fail_waiters(self) -> None:
-        """Threads blocked in get/wait/result/broadcast/call return with RuntimeShutdownError."""
-        error = RuntimeShutdownError("the hoplite_mpi runtime was shut down while this call waited")
+    def fail_waiters(self, error: Optional[BaseException] = None) -> None:
+        """Threads blocked in get/wait/result/broadcast/call return with ``error`` (default
+        RuntimeShutdownError)."""
+        error = error or RuntimeShutdownError("the hoplite_mpi runtime was shut down while this call waited")
         with self.lock:
             refs = list(self.refs.values())
         for fut in refs + list(self.waiters):

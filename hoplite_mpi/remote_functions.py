@@ -208,7 +208,7 @@ def submit_task(rt: Any, identity: tuple[bytes, bytes], name: str, args: tuple, 
     if key is not None:
         workflow.made(task_id, key, num_returns)
         if spec.durable is not None:
-            workflow.stats["checkpointed"] += 1
+            workflow.submitted(task_id)
     sent.add(fn_id)
     if init:
         sent.add(init[0])

@@ -37,6 +37,7 @@ from .objects.serve import Server
 from .refs import Refs
 from .roles.coordinator import Coordination
 from .roles.driver import Driver
+from .roles.drain import DrainRole
 from .roles.membership import Membership
 from .roles.shard import ShardRole
 from .roles.shutdown import Shutdown
@@ -93,6 +94,7 @@ class Runtime:
             ctx.coordinator = Coordination(ctx)
             if config.storage:
                 self.attach_storage(config.storage, config.storage_sync)
+            self.drain = DrainRole(ctx, exit_process)
         if rank in self.worker_ranks:
             ctx.tasks = TaskRole(ctx, worker or Worker)
             if rank != 0 and threads:
@@ -102,6 +104,8 @@ class Runtime:
         self.stopped = threading.Event()   # the engine thread has ended
         self.closed = False
         self._wire()
+        if rank == 0 and threads:
+            self.drain.install()      # (watches the drain file and the job's end time)
         # the engine thread and the notifier thread (none with threads=False)
         ctx.refs.direct = bool(threads) and config.ready_on_engine
         self._threads: tuple[threading.Thread, ...] = () if not threads else (

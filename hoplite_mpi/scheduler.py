@@ -121,6 +121,14 @@ class Cancel:
     task_id: int
 
 
+@dataclass(slots=True)
+class Drain:
+    """Stop starting tasks (durable workflows, issue 14: the job is about to end): from now on
+    no task is placed, and every placed task that may not have started on its worker is
+    revoked (a Revoke; the worker drops it unstarted, as for :class:`Cancel`).  Tasks that have
+    started run to their end.  Irreversible."""
+
+
 # --- local instructions (in handle()'s output beside the (rank, message) sends) -----------------
 
 @dataclass(slots=True)
@@ -241,13 +249,15 @@ class Scheduler:
         self.ahead_later: dict[int, deque] = {}         # rank -> tasks to place ahead when it has room
         self.ahead_count: dict[int, int] = {}           # missing object -> tasks placed ahead on it
         self.revoking: set[int] = set()                 # placed tasks whose cancel was asked of the worker
+        self.draining = False                           # Drain: no task is placed any more
         self.stats = {"submitted": 0, "done": 0, "failed": 0, "retried": 0, "rebuilt": 0}
         self._handlers: dict[type, Callable] = {
             TaskSpec: self._submit, Submitted: self._submit_many, TaskDone: self._task_done, TaskBlocked: self._task_blocked,
             ObjectLost: self._object_lost, TaskExit: self._task_exit,
             ObjectKnown: self._object_known, LookedUp: self._looked_up,
             ObjectDeleted: self._object_deleted, Forget: self._forget, Release: self._release,
-            Cancel: self._cancel, Revoked: self._revoked, RankLost: self._rank_lost}
+            Cancel: self._cancel, Revoked: self._revoked, RankLost: self._rank_lost,
+            Drain: self._drain_job}
 
     def handle(self, event: object) -> list:
         """Apply one event; returns the instructions, in order: ``(rank, message)`` sends, then
@@ -724,10 +734,27 @@ class Scheduler:
 
     # --- placement -----------------------------------------------------------------------
 
+    def running(self) -> int:
+        """Tasks placed on a worker and not finished (started there or not)."""
+        return sum(1 for task in self.tasks.values() if task.state is TaskState.RUNNING)
+
+    def _drain_job(self, event: Drain) -> Outbox:
+        self.draining = True
+        self.candidates = []
+        self.ahead_later = {}
+        out: Outbox = []
+        for task_id, task in self.tasks.items():
+            if self._revocable(task_id) is not None and task_id not in self.revoking:
+                self.revoking.add(task_id)
+                out.append((task.rank, Revoke(task_id)))
+        return out
+
     def _dispatch(self) -> Outbox:
         """Place ready tasks on workers with room; returns the RunTask messages (and the DirAdds
-        of tasks whose inputs went away meanwhile)."""
+        of tasks whose inputs went away meanwhile).  Nothing once draining."""
         inflight = self.inflight
+        if self.draining:
+            return []
         if not inflight or min(inflight.values()) >= self.tasks_per_worker:
             # no room anywhere: nothing can be placed (the common case under a burst; a ready
             # task whose input went away fails when it would be placed, candidates to go ahead

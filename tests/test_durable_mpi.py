@@ -15,12 +15,15 @@ import json
 import os
 import random
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
-from conftest import HERE, run_job
+from conftest import HERE, ROOT, run_job
 from hoplite_mpi.durable import storage as S
 
 WORKLOAD = os.path.join(HERE, "mpi", "durable_workload.py")
@@ -127,3 +130,63 @@ def test_a_worker_killed_while_writing_leaves_no_partial_step(space):
     proc, out = _run(space, 2, 11, 40)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.load(open(out))["durable"]["restored"] == 40
+
+
+def _wait_for_commits(root: str, n: int, proc, bound: float = 120.0) -> int:
+    """Poll the storage until ``n`` steps are committed (or the job ended); bounded."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline and proc.poll() is None:
+        got = len(S.committed_keys(root)) if os.path.isdir(root) else 0
+        if got >= n:
+            return got
+        time.sleep(0.1)
+    pytest.fail(f"fewer than {n} steps committed within {bound} s (job status {proc.poll()})")
+
+
+def test_sigusr1_to_the_launcher_drains_then_a_rerun_resumes(space):
+    """``hoplite-mpi run`` gets SIGUSR1 (as from ``#SBATCH --signal=B:USR1@N``) in the middle of
+    a workflow of slow tasks: it exits 79 (drained) after the running tasks' checkpoints are
+    committed; the same command again runs only what was not committed."""
+    root, out = os.path.join(space, "st"), os.path.join(space, "run1.json")
+    cmd = [sys.executable, "-m", "hoplite_mpi.cli", "run", "-n", "3", WORKLOAD, "--storage", root,
+           "--sidefx", os.path.join(space, "sidefx"), "--seed", "5", "--tasks", "120", "--json", out]
+    env = dict(os.environ, DURABLE_RUN="1", DURABLE_TASK_SECONDS="0.1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT, start_new_session=True)
+    try:
+        _wait_for_commits(root, 10, proc)
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 79, err[-4000:]
+    assert "draining (SIGUSR1 to hoplite-mpi run)" in err and "drained" in err
+    assert "Traceback" not in err, err[-4000:]           # (the stack dumps of USR1 stayed away)
+    committed = S.committed_keys(root)
+    ran = {key for (_, key), where in _executions(space).items() if 1 in where}
+    assert ran == committed, "a task that ran before the drain was not committed"
+    assert len(committed) < 120
+
+    proc2, out2 = _run(space, 2, 5, 120)
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    got = json.load(open(out2))
+    assert [r[:2] for r in got["results"]] == got["reference"]
+    assert got["durable"]["restored"] == len(committed)
+    assert all(len(where) == 1 for where in _executions(space).values())
+
+
+def test_the_end_time_coming_near_drains(space):
+    """``HOPLITE_MPI_JOB_END_TIME`` (as SLURM's end time) less than ``drain_margin`` away: the
+    job drains by itself and exits 79, under plain mpirun too."""
+    env = {"DURABLE_TASK_SECONDS": "0.1", "HOPLITE_MPI_JOB_END_TIME": str(time.time() + 8),
+           "HOPLITE_MPI_DRAIN_MARGIN": "5"}
+    out = os.path.join(space, "run1.json")
+    proc = run_job(3, "-m", "hoplite_mpi", WORKLOAD, "--storage", os.path.join(space, "st"),
+                   "--sidefx", os.path.join(space, "sidefx"), "--seed", "6", "--tasks", "200",
+                   "--json", out, timeout=300, env=dict(env, DURABLE_RUN="1"), ft=_ulfm())
+    assert proc.returncode == 79, proc.stderr[-3000:]
+    assert "the job ends in" in proc.stderr and not os.path.exists(out)
+    committed = S.committed_keys(os.path.join(space, "st"))
+    ran = {key for (_, key), where in _executions(space).items() if 1 in where}
+    assert ran == committed

@@ -1001,3 +1001,27 @@ def test_rank_lost_asks_the_shard_about_results_whose_maker_died():
                                                        for _, m in out)
     assert s.produces(11) and not s.produces(12)
     assert s(RankLost(2, dead=frozenset({2, 3}))) == []          # not its maker: nothing to ask
+
+
+def test_drain_places_nothing_more_and_revokes_what_may_not_have_started():
+    """Durable workflows (issue 14): after Drain no task is placed; placed tasks are revoked
+    (a blocked one has started: left alone); a task finishing afterwards still completes; one
+    its worker dropped unstarted fails as cancelled."""
+    from hoplite_mpi.scheduler import Drain
+    s = make(workers=(1, 2), cap=1)
+    a, b, c = first(10), spec(20), spec(30)
+    assert s.submit(a) == [(1, run(a, blobs=FIRST))]
+    assert s.submit(b) == [(2, run(b, blobs=FIRST))]
+    assert s.submit(c) == []                          # no room: ready, queued here
+    assert s.task_blocked(20, True) == [(2, run(c))]  # b waits in a get: its slot goes to c
+    assert s(Drain()) == [(1, Revoke(10)), (2, Revoke(30))]
+    assert s.running() == 3
+    assert s(Revoked(10, 1, False)) == []             # a had started: its result counts
+    assert s.task_done(done(a, 1)) == []
+    assert s.completed == [value(10, 1)] and s.running() == 2
+    assert s(Revoked(30, 2, True)) == [(SHARD, DirAdd(failed(30, CANCELLED)))]
+    d = spec(40)
+    assert s.submit(d) == []                          # nothing is placed any more
+    s.task_blocked(20, False)
+    assert s.task_done(done(b, 2)) == [] and s.running() == 0
+    assert s.pending() == 1 and s.tasks[40].state is TaskState.READY

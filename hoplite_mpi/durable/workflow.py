@@ -36,6 +36,8 @@ class Workflow:
         self._warned: set = set()
         self.stats: collections.Counter = collections.Counter()
         self.stats["committed_at_start"] = len(self.committed)
+        self.running: set[int] = set()        # checkpointed tasks submitted, not finished
+        self.unpersisted: set[int] = set()    # finished, their commit not reported yet
 
     # --- keys --------------------------------------------------------------------------------
 
@@ -104,9 +106,26 @@ class Workflow:
             self.stats["restored"] += 1
         return frames
 
-    def persisted(self, ok: bool, committed: bool) -> None:
-        """(engine thread) A worker's report of a commit attempt."""
+    def submitted(self, task_id: int) -> None:
+        """A checkpointed task was submitted for execution."""
+        self.stats["checkpointed"] += 1
+        with self._lock:
+            self.running.add(task_id)
+
+    def task_done(self, task_id: int, ok: bool) -> None:
+        """(engine thread) A task finished (``ok``: no error result, so a commit will be
+        reported)."""
+        with self._lock:
+            if task_id in self.running:
+                self.running.discard(task_id)
+                if ok:
+                    self.unpersisted.add(task_id)
+
+    def persisted(self, task_id: int, ok: bool, committed: bool) -> None:
+        """(engine thread) A worker's report of a commit attempt (after its TaskDone)."""
         self.stats["persisted" if ok and committed else "persist_dups" if ok else "persist_failed"] += 1
+        with self._lock:
+            self.unpersisted.discard(task_id)
 
     def snapshot(self) -> dict:
         return {"root": self.root, **{k: self.stats.get(k, 0) for k in (

@@ -40,6 +40,7 @@ class Driver:
         self.ready_waiters: dict[int, list[Callable]] = {}
         self.stale_lookups: dict[int, list[Callable]] = {}
         self.cancels: dict[int, list[Callable[[bool], None]]] = {}   # task -> cancel() answers
+        self.succeeded = 0      # TaskDones without an error result (a drain's summary)
         ctx.catalog.authority = self.scheduler.object_info
         self._local = {Completed: self._completed, FreeObjects: self._free,
                        TaskCancelled: self._cancel_answered}
@@ -90,11 +91,15 @@ class Driver:
         """A worker's report of a checkpoint commit (durable workflows: counters only; the
         commit itself is the storage's link, not this message)."""
         if self.ctx.workflow is not None:
-            self.ctx.workflow.persisted(msg.ok, msg.committed)
+            self.ctx.workflow.persisted(msg.task_id, msg.ok, msg.committed)
 
     def on_task_done(self, source: int, msg: P.TaskDone) -> None:
         ctx = self.ctx
         faults.reached("done")
+        ok = not any(info.error for info in msg.results)
+        self.succeeded += ok
+        if ctx.workflow is not None:
+            ctx.workflow.task_done(msg.task_id, ok)
         self.scheduled(self.scheduler.handle(msg))
         if not ctx.dead:
             return

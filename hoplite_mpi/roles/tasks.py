@@ -102,13 +102,14 @@ class TaskRole:
             if info.inline is None:
                 stored.append((oid, frames))
         infos = tuple(infos)
-        if spec.durable is not None and not any(is_error for _, is_error in results):
-            self._persist(spec, [frames for frames, _ in results])
         handed = not stored    # (a chunked result waits for the engine: its users read the store)
         try:
             ctx.call_soon(self._report, spec, infos, stored, handed)
         except RuntimeShutdownError:    # the job ended while the task ran: nobody wants it
             return
+        if spec.durable is not None and not any(is_error for _, is_error in results):
+            # (after the TaskDone is queued: the Persisted report then reaches rank 0 after it)
+            self._persist(spec, [frames for frames, _ in results])
         if handed:
             self._start(self.deps.made(infos))
 

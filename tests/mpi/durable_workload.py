@@ -3,7 +3,8 @@
 ``python -m hoplite_mpi durable_workload.py --storage DIR --sidefx DIR --seed S --tasks N``.
 
 Every execution of a task writes a side-effect file ``SIDEFX/<index>.<durable key>.<run>.<pid>``
-(``<run>``: the environment variable ``DURABLE_RUN``)
+(``<run>``: the environment variable ``DURABLE_RUN``; ``DURABLE_TASK_SECONDS``: each task
+sleeps that long after it, for the drain tests)
 before it computes, so the test can count executions per task and per run.  The driver prints
 nothing but writes ``--json``: the value and size of every task's result, checked against
 :func:`reference` (a sequential computation of the same DAG), and ``hm.stats()["durable"]``.
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import time
 
 import numpy as np
 
@@ -53,6 +55,7 @@ def step(i: int, size: int, sidefx: str, *inputs: np.ndarray) -> np.ndarray:
     run = os.environ.get("DURABLE_RUN", "0")     # (not an argument: it would change the keys)
     with open(os.path.join(sidefx, f"{i}.{hm.task_key()}.{run}.{os.getpid()}"), "x"):
         pass
+    time.sleep(float(os.environ.get("DURABLE_TASK_SECONDS", "0")))   # (a slow task)
     return np.full(size, value(i, [int(x[0]) for x in inputs]), dtype=np.int64)
 
 
