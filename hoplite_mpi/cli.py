@@ -132,7 +132,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     run.add_argument("--mpirun-arg", action="append", default=[], help="extra argument for mpirun")
     run.add_argument("program", nargs="?", help="script.py [args] | -m module [args] | info")
     sub.add_parser("info", help="print the MPI library, thread level, ranks and ULFM availability")
+    sub.add_parser("storage", help="ls|gc|rm|verify DIR: a durable workflow's storage directory",
+                   add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["storage"]:
+        from .durable.admin import main as storage_main
+        return storage_main(argv[1:])
     program: list[str] = []
     if argv[:1] == ["run"]:
         # everything from the first word that is not one of run's own options is the program

@@ -235,6 +235,8 @@ class Runtime:
                 self.shutdown_role.unclean = True
         self.ctx.refs.stop()
         self.ctx.refs.fail_waiters()
+        if self.ctx.workflow is not None:    # (its run record: ended, or drained)
+            self.ctx.workflow.close("drained" if self.drain.reason is not None else "ended")
         if self.unclean:
             return
         self.transport.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -101,3 +102,55 @@ def test_crc_of_a_file_frame_is_checked_with_verify(tmp_path):
     S.load(root, KEY)                       # lazy: not read
     with pytest.raises(S.StorageError, match="crc32"):
         S.load(root, KEY, verify=True)
+
+
+def test_storage_cli_ls_gc_rm_verify(tmp_path, capsys):
+    """``hoplite-mpi storage``: gc keeps what the latest run used and what was committed since
+    it started, removes older steps, orphan attempts and tmp files; rm --all empties it."""
+    from hoplite_mpi.cli import main
+    from hoplite_mpi.durable.workflow import Workflow
+    root = str(tmp_path / "st")
+    keys = {name: name * 32 for name in "abc"}
+    run1 = Workflow(root)
+    for k in ("a", "b"):
+        S.commit(run1.root, keys[k], _returns([np.full(1 << 15, ord(k))]), {"name": f"step-{k}"})
+        run1.used(keys[k])
+    run1.close("ended")
+    old = time.time() - 7200
+    for k in ("a", "b"):
+        os.utime(S.manifest_path(run1.root, keys[k]), (old, old))
+    orphan = tmp_path / "st" / "steps" / "aa" / f"{keys['a']}.host-1-9"
+    orphan.mkdir()
+    (orphan / "r0.f1.bin").write_bytes(b"x")
+    os.utime(orphan, (old, old))
+    (tmp_path / "st" / "tmp" / "left.m.tmp").write_bytes(b"x")
+    time.sleep(0.01)
+    run2 = Workflow(root)
+    assert run2.committed == {keys["a"], keys["b"]}
+    S.commit(run2.root, keys["c"], _returns([np.ones(10)]), {"name": "step-c"})
+    run2.used(keys["b"])
+    run2.used(keys["c"])
+    run2.close("ended")
+
+    assert main(["storage", "ls", root, "--steps"]) == 0
+    out = capsys.readouterr().out
+    assert "3 step(s)" in out and out.count("run ") == 2 and "step-a" in out
+    assert main(["storage", "gc", root, "--grace", "0", "--dry-run"]) == 0
+    assert S.committed_keys(root) == set(keys.values())         # a dry run removes nothing
+    assert main(["storage", "gc", root, "--grace", "0"]) == 0
+    assert S.committed_keys(root) == {keys["b"], keys["c"]}
+    assert not orphan.exists() and os.listdir(tmp_path / "st" / "tmp") == []
+    assert len(os.listdir(tmp_path / "st" / "runs")) == 2       # run 1's record and keys went
+    assert main(["storage", "verify", root]) == 0
+    assert main(["storage", "rm", root, "--all"]) == 0
+    assert S.committed_keys(root) == set()
+    assert main(["storage", "ls", str(tmp_path)]) == 2          # not a storage directory
+
+
+def test_gc_refuses_while_a_run_is_running(tmp_path):
+    from hoplite_mpi.durable import admin
+    from hoplite_mpi.durable.workflow import Workflow
+    Workflow(str(tmp_path))                       # never closed: "running"
+    with pytest.raises(RuntimeError, match="running"):
+        admin.gc(str(tmp_path), grace=60)
+    assert admin.gc(str(tmp_path), grace=60, force=True) == []

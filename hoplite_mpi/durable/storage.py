@@ -3,6 +3,10 @@
 Layout (``tmp/`` and ``steps/`` on one file system, so that ``link`` is atomic)::
 
     DIR/hoplite-storage.json      {"format": 1}
+    DIR/runs/<run>.json           a run of the program: argv, host, pid, SLURM job and restart
+                                  count, start, end, status (running, finished, drained, failed)
+    DIR/runs/<run>.keys           the steps the run restored or committed, one key per line
+                                  (``hoplite-mpi storage gc`` keeps what recent runs used)
     DIR/steps/ab/<key>.m          a step's manifest: its commit record (ab = the key's first 2 digits)
     DIR/steps/ab/<key>.<attempt>/ its large frames: r<i>.f<j>.npy (a plain numpy array, loadable
                                   with numpy.load(mmap_mode="r")) or r<i>.f<j>.bin
@@ -54,7 +58,7 @@ def open_root(root: str) -> str:
 
     Raises StorageError: ``root`` holds something else, or another format version."""
     root = os.path.abspath(root)
-    for sub in ("steps", "tmp"):
+    for sub in ("steps", "tmp", "runs"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     marker = os.path.join(root, "hoplite-storage.json")
     if not os.path.exists(marker):
@@ -75,6 +79,14 @@ def open_root(root: str) -> str:
     if fmt != FORMAT:
         raise StorageError(f"{root}: storage format {fmt!r}, this version reads {FORMAT}")
     return root
+
+
+def write_json(path: str, doc: dict) -> None:
+    """Write ``doc`` to ``path`` atomically (a temporary name, then rename)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
 
 
 def manifest_path(root: str, key: str) -> str:

@@ -6,14 +6,20 @@ Thread-safe (tasks may be submitted from several driver threads); no MPI, no eng
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
+import os
+import socket
+import sys
 import threading
+import time
 from typing import Any, Callable, Optional
 
 from . import keys as K
 from . import storage
 
 log = logging.getLogger("hoplite_mpi")
+_runs = itertools.count()
 
 
 class Workflow:
@@ -31,6 +37,15 @@ class Workflow:
         self.sync = sync
         self.committed = storage.committed_keys(self.root)
         self._lock = threading.Lock()
+        self.run = (f"{time.strftime('%Y%m%dT%H%M%S')}-{socket.gethostname()}-{os.getpid()}"
+                    f"-{next(_runs)}")
+        self._record = {
+            "run": self.run, "argv": list(sys.argv), "host": socket.gethostname(),
+            "pid": os.getpid(), "start": time.time(), "status": "running",
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0)}
+        storage.write_json(self._path(".json"), self._record)
+        self._keys_log = open(self._path(".keys"), "a", buffering=1)   # (a line per write)
         self._keys: dict[int, str] = {}          # object id -> durable key
         self._occurrences: collections.Counter = collections.Counter()
         self._warned: set = set()
@@ -38,6 +53,28 @@ class Workflow:
         self.stats["committed_at_start"] = len(self.committed)
         self.running: set[int] = set()        # checkpointed tasks submitted, not finished
         self.unpersisted: set[int] = set()    # finished, their commit not reported yet
+
+    def _path(self, ext: str) -> str:
+        return os.path.join(self.root, "runs", self.run + ext)
+
+    def used(self, key: str) -> None:
+        """Record that this run restored or committed step ``key`` (its keys log: gc roots)."""
+        with self._lock:
+            if not self._keys_log.closed:
+                self._keys_log.write(key + "\n")
+
+    def close(self, status: str) -> None:
+        """Record the end of the run (``ended``: the runtime shut down; ``drained``) with its
+        counters.  A run whose driver was killed stays ``running``."""
+        with self._lock:
+            if self._keys_log.closed:
+                return
+            self._keys_log.close()
+        self._record.update(status=status, end=time.time(), **self.snapshot())
+        try:
+            storage.write_json(self._path(".json"), self._record)
+        except OSError as exc:
+            log.warning("cannot record the end of run %s: %s", self.run, exc)
 
     # --- keys --------------------------------------------------------------------------------
 
@@ -104,6 +141,7 @@ class Workflow:
             return None
         if frames is not None:
             self.stats["restored"] += 1
+            self.used(key)
         return frames
 
     def submitted(self, task_id: int) -> None:
@@ -121,14 +159,16 @@ class Workflow:
                 if ok:
                     self.unpersisted.add(task_id)
 
-    def persisted(self, task_id: int, ok: bool, committed: bool) -> None:
+    def persisted(self, task_id: int, key: str, ok: bool, committed: bool) -> None:
         """(engine thread) A worker's report of a commit attempt (after its TaskDone)."""
         self.stats["persisted" if ok and committed else "persist_dups" if ok else "persist_failed"] += 1
+        if ok:
+            self.used(key)
         with self._lock:
             self.unpersisted.discard(task_id)
 
     def snapshot(self) -> dict:
-        return {"root": self.root, **{k: self.stats.get(k, 0) for k in (
+        return {"root": self.root, "run": self.run, **{k: self.stats.get(k, 0) for k in (
             "restored", "checkpointed", "persisted", "persist_dups", "persist_failed", "unkeyed",
             "committed_at_start")}}
 
@@ -137,7 +177,6 @@ def attach(current: Optional[Workflow], root: str, sync: bool, on_new: Callable[
            ) -> Workflow:
     """The workflow of ``root``: ``current`` if it is that one, else a new one passed to
     ``on_new``.  Raises ValueError if ``current`` is another directory."""
-    import os
     if current is not None:
         if current.root != os.path.abspath(root):
             raise ValueError(f"this runtime's durable storage is {current.root}; it cannot change "

@@ -91,7 +91,7 @@ class Driver:
         """A worker's report of a checkpoint commit (durable workflows: counters only; the
         commit itself is the storage's link, not this message)."""
         if self.ctx.workflow is not None:
-            self.ctx.workflow.persisted(msg.task_id, msg.ok, msg.committed)
+            self.ctx.workflow.persisted(msg.task_id, msg.key, msg.ok, msg.committed)
 
     def on_task_done(self, source: int, msg: P.TaskDone) -> None:
         ctx = self.ctx
