@@ -11,11 +11,13 @@ A facade: each name is defined in the module of its responsibility and re-export
 - :mod:`hoplite_mpi.collective_api`: broadcast, reduce, allreduce, reduced_inputs;
 - :mod:`hoplite_mpi.introspection`: stats, locations, object_info, ObjectLocation, is_local,
   dead_ranks, current_config;
-- :mod:`hoplite_mpi.worker`: task_key (durable workflows, :mod:`hoplite_mpi.durable`).
+- :mod:`hoplite_mpi.worker`: task_key; :mod:`hoplite_mpi.durable_api`: lookup, checkpoints
+  (durable workflows, :mod:`hoplite_mpi.durable`).
 """
 from __future__ import annotations
 
 from .collective_api import allreduce, broadcast, reduce, reduced_inputs
+from .durable_api import checkpoints, lookup
 from .introspection import (ObjectLocation, current_config, dead_ranks, is_local, locations,
                             object_info, stats)
 from .objectref import ObjectRef
@@ -30,5 +32,5 @@ __all__ = [
     "remote", "RemoteFunction", "submit_task",
     "broadcast", "reduce", "allreduce", "reduced_inputs",
     "stats", "locations", "object_info", "ObjectLocation", "is_local", "dead_ranks",
-    "current_config", "task_key",
+    "current_config", "task_key", "lookup", "checkpoints",
 ]

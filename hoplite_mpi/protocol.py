@@ -94,7 +94,7 @@ class TaskSpec:
     inline_threshold: Optional[int] = None    # results <= this many bytes go in-band (None: config)
     replicas: Optional[int] = None            # copies of each result (None: Config.replication)
     strict_rank: bool = False                 # lineage re-runs only on ``rank`` (else anywhere)
-    durable: Optional[tuple[str, str]] = None  # (storage root, step key): commit the results there
+    durable: Optional[tuple[str, str, bool]] = None  # (storage root, step key, named by the user)
 
     @property
     def return_ids(self) -> tuple[int, ...]:

@@ -204,7 +204,8 @@ def submit_task(rt: Any, identity: tuple[bytes, bytes], name: str, args: tuple, 
         strict_rank=bool(options.get("strict_rank", False)),
         init_id=init[0] if init else None,
         init_blob=init[1] if init and init[0] not in sent else None,
-        durable=(workflow.root, key) if key is not None and _checkpointed(rt, options) else None)
+        durable=((workflow.root, key, "name" in options) if key is not None and _checkpointed(rt, options)
+                 else None))
     if key is not None:
         workflow.made(task_id, key, num_returns)
         if spec.durable is not None:
@@ -245,22 +246,29 @@ def _durable(rt: Any, workflow: Any, fn_key: Optional[bytes], name: str, args: t
         return None, None
     if not checkpoint:
         return key, None
+    refs = restore(rt, workflow, key, options.get("num_returns", 1))
+    return key, (None if refs is None else refs[0] if len(refs) == 1 else refs)
+
+
+def restore(rt: Any, workflow: Any, key: str, num_returns: Optional[int] = None) -> Optional[list]:
+    """(driver) Ready refs for the results of committed step ``key`` (their values memory-
+    mapped from storage, read when used), or None if it is not committed (or has another
+    number of return values than ``num_returns``: then it runs again)."""
     stored = workflow.restore(key)
     if stored is None:
-        return key, None
-    num_returns = options.get("num_returns", 1)
-    if len(stored) != num_returns:
+        return None
+    if num_returns is not None and len(stored) != num_returns:
         log.warning("checkpoint %s has %d return values, the task %d; it runs again", key,
                     len(stored), num_returns)
-        return key, None
-    task_id = rt.ids.next(num_returns)
+        return None
+    task_id = rt.ids.next(len(stored))
     for i, frames in enumerate(stored):
         rt.put(list(frames), task_id + i)
-    workflow.made(task_id, key, num_returns)
-    refs = new_refs(rt, task_id, num_returns, task_id, False)
+    workflow.made(task_id, key, len(stored))
+    refs = new_refs(rt, task_id, len(stored), task_id, False)
     for ref in refs:
         ref.set_ready()
-    return key, (refs[0] if num_returns == 1 else refs)
+    return refs
 
 
 @overload

@@ -145,3 +145,25 @@ def test_job_exits_nonzero_below_target(tmp_path):
     assert proc.returncode == 1, f"rc={proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     assert json.loads(out.read_text())["ok"] is False
     assert "FAILED" in proc.stderr
+
+
+def test_resume_after_the_driver_is_killed(tmp_path):
+    """--storage: the weights are checkpointed every 5 steps by the workers; the driver is
+    SIGKILLed mid-training; the same command again resumes from the latest checkpoint (its
+    first snapshot is already far above a fresh model's accuracy) and trains on."""
+    _sklearn()
+    from test_faults import _no_ulfm
+    store = tmp_path / "store"
+    args = ["-m", "hoplite_mpi", "-m", "hoplite_mpi.examples.async_sgd", "--quick", "--runs",
+            "hoplite", "--storage", str(store), "--checkpoint-every", "5"]
+    proc = run_job(4, *args, "--seconds", "60", timeout=240, env={"HOPLITE_MPI_KILL": "0:done:120"},
+                   ft=not _no_ulfm())
+    assert proc.returncode != 0 and "SIGKILL at done" in proc.stderr, proc.stderr[-3000:]
+    out = tmp_path / "resumed.json"
+    proc = run_job(4, *args, "--seconds", "1", "--json", str(out), timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run = json.loads(out.read_text())["runs"]["hoplite_async"]
+    step = run["resumed_from"]
+    assert step >= 5 and step % 5 == 0 and f"resumed from step {step}" in proc.stdout
+    assert run["steps"] > step and run["curve"][0]["step"] == step
+    assert run["curve"][0]["accuracy"] > 0.5          # a fresh model guesses (~0.1)

@@ -127,6 +127,21 @@ class Workflow:
             log.warning("task %s runs without a checkpoint: %s has no stable durable key (%s)",
                         what, "an argument" if "ObjectRef" not in str(why) else "a ref argument", why)
 
+    def named_steps(self, prefix: str = "") -> dict[str, str]:
+        """Named steps (``.options(name=..., checkpoint=True)``) committed before this run
+        started, whose name starts with ``prefix``: name -> key of its first occurrence.
+        Reads the headers of the committed manifests (once per call)."""
+        out: dict[str, str] = {}
+        for key in sorted(self.committed):
+            try:
+                header, _, _ = storage.read_header(self.root, key)
+            except (OSError, storage.StorageError):
+                continue
+            name = header.get("name", "")
+            if header.get("named") and name.startswith(prefix) and key == K.named_key(name, 0):
+                out[name] = key
+        return out
+
     # --- results -----------------------------------------------------------------------------
 
     def restore(self, key: str) -> Optional[list]:

@@ -186,6 +186,8 @@ class Config:
     mpi_wait: str = "poll"       # baseline: "poll" (non-spinning barrier first) or "spin"
     weights: str = "pull"        # hoplite: "pull" (each task fetches its weights) or "broadcast"
     grad_inline: int = 1 << 20   # hoplite: gradients of at most this many bytes come in-band
+    storage: str = ""            # hoplite: durable storage; resume from the latest weights there
+    checkpoint_every: int = 10   # hoplite, with storage: steps between checkpoints of the weights
 
     def num(self, workers: int) -> int:
         return self.k or max(1, workers // 2)
@@ -444,6 +446,33 @@ def _warm(cfg: Config, wid: int, workers: int) -> int:
 
 
 warm_task = hm.remote(_warm)
+
+
+def _keep(w: np.ndarray) -> np.ndarray:
+    """A checkpoint of the weights: the identity, run on a worker, whose result its persister
+    commits to storage (a named step: ``sgd/<model>/w/<step>``)."""
+    return w
+
+
+keep_task = hm.remote(_keep)
+
+
+def _prefix(cfg: Config) -> str:
+    """Checkpoint names of this model (size and seed: another model never resumes from them)."""
+    return f"sgd/h{cfg.hidden}-s{cfg.seed}/w/"
+
+
+def resume(cfg: Config) -> tuple[int, Optional[np.ndarray]]:
+    """(``--storage``) The latest checkpointed weights of this model and their step, else (0,
+    None)."""
+    hm.init(storage=cfg.storage)          # (attaches the storage to the running runtime)
+    steps = [int(name.rsplit("/", 1)[1]) for name in hm.checkpoints(_prefix(cfg))]
+    if not steps:
+        return 0, None
+    step = max(steps)
+    w = np.array(hm.get(hm.lookup(f"{_prefix(cfg)}{step}"), timeout=cfg.timeout))  # (writable)
+    print(f"resumed from step {step} (checkpoint {_prefix(cfg)}{step} in {cfg.storage})", flush=True)
+    return step, w
 pid_task = hm.remote(os.getpid)
 
 
@@ -466,13 +495,18 @@ def hoplite_async(cfg: Config, pids: list[int]) -> dict:
         raise ValueError(f"--k must be in 1..{workers}")
     model = model_of(cfg.hidden)
     w = model.init(cfg.seed)
+    step0 = 0
+    if cfg.storage:
+        step0, stored = resume(cfg)
+        if stored is not None:
+            w = stored
     hm.get([warm_task.options(rank=r).remote(cfg, i, workers) for i, r in enumerate(ranks)],
            timeout=cfg.timeout)
 
     wrefs: dict[int, hm.ObjectRef] = {}     # weights version -> ref
     users: dict[int, int] = {}              # weights version -> outstanding tasks using it
     version = 0
-    count = [0] * workers                   # gradients submitted per worker
+    count = [step0] * workers               # gradients submitted per worker (minibatch seeds)
     outstanding: list[tuple] = []           # (grad ref, info ref, worker index, version), oldest first
     infos: list[tuple] = []                 # (worker index, staleness, info ref) of applied gradients
 
@@ -505,8 +539,8 @@ def hoplite_async(cfg: Config, pids: list[int]) -> dict:
         hm.broadcast(wrefs[version], ranks=ranks, timeout=cfg.timeout)
     for i in range(workers):
         submit(i)
-    snaps.maybe(0.0, 0, 0, w)
-    step = samples = 0
+    snaps.maybe(0.0, step0, 0, w)
+    step, samples = step0, 0
     scale = np.float32(cfg.lr / k)
     phases = dict.fromkeys(("reduce_get", "update", "put", "broadcast", "submit", "bookkeeping"), 0.0)
     tick = time.perf_counter()
@@ -536,6 +570,9 @@ def hoplite_async(cfg: Config, pids: list[int]) -> dict:
         users[version] = 0
         t = time.perf_counter() - t0
         stop = t >= cfg.seconds or bool(cfg.steps and step >= cfg.steps)
+        if cfg.storage and step % cfg.checkpoint_every == 0:
+            # committed by the worker that runs it, off the driver's path; the ref is dropped
+            keep_task.options(name=f"{_prefix(cfg)}{step}", checkpoint=True).remote(wrefs[version])
         lap("put")
         if not stop:
             # the critical path first: new tasks for the workers whose gradients went in, then
@@ -577,7 +614,8 @@ def hoplite_async(cfg: Config, pids: list[int]) -> dict:
         per_worker[i] += 1
         compute[i] += dt
         slept[i] += sl
-    out = {"steps": step, "samples": samples, "wall_s": wall, "samples_per_s": samples / wall, "k": k,
+    out = {"steps": step, "resumed_from": step0, "samples": samples, "wall_s": wall,
+           "samples_per_s": samples / wall, "k": k,
            "gradients_per_worker": per_worker, "compute_s_per_worker": compute,
            "sleep_s_per_worker": slept,
            "driver_s": phases,
@@ -622,6 +660,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "not the default model's 16.8 MB) is returned in-band with its task's "
                         "completion (task option inline_threshold) and reduced on rank 0; a larger "
                         "one stays on its worker and goes through the reduce tree; 0: never in-band")
+    p.add_argument("--storage", default="", metavar="DIR",
+                   help="hoplite run: durable storage (issue 14); the weights are checkpointed "
+                        "every --checkpoint-every steps and a later run with the same DIR resumes "
+                        "from the latest checkpoint (after the driver was killed, or a drain)")
+    p.add_argument("--checkpoint-every", type=int, default=Config.checkpoint_every, metavar="STEPS")
     p.add_argument("--runs", default="mpi,hoplite", help="which runs (mpi, hoplite)")
     p.add_argument("--quick", action="store_true", help="small model, 4 s per run (tests, smoke runs)")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
@@ -645,7 +688,8 @@ def config_of(args: argparse.Namespace) -> Config:
     return Config(hidden=args.hidden, batch=args.batch, lr=args.lr, seconds=args.seconds,
                   steps=args.steps, k=args.k, straggler=args.straggler, target=args.target,
                   eval_every=args.eval_every, seed=args.seed, timeout=args.timeout,
-                  mpi_wait=args.mpi_wait, weights=args.weights, grad_inline=args.grad_inline)
+                  mpi_wait=args.mpi_wait, weights=args.weights, grad_inline=args.grad_inline,
+                  storage=args.storage, checkpoint_every=max(1, args.checkpoint_every))
 
 
 def report(cfg: Config, runs: dict, n: int, mode: str, json_path: Optional[str]) -> int:

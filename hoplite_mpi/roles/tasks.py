@@ -121,9 +121,10 @@ class TaskRole:
             with _persister_lock:
                 if ctx.persister is None:
                     ctx.persister = Persister(self._persisted, sync=ctx.config.storage_sync)
-        root, key = spec.durable
+        root, key, named = spec.durable
         ctx.persister.submit(spec.task_id, root, key, returns,
-                             {"name": spec.name, "rank": ctx.rank}, _ArrayValues(returns))
+                             {"name": spec.name, "named": named, "rank": ctx.rank},
+                             _ArrayValues(returns))
 
     def _persisted(self, task_id: int, key: str, ok: bool, committed: bool, nbytes: int,
                    seconds: float) -> None:
