@@ -183,7 +183,8 @@ def submit_task(rt: Any, identity: tuple[bytes, bytes], name: str, args: tuple, 
     copies = options.get("replicas")
     if copies is not None and copies > rt.size:
         raise ValueError(f"replicas={copies} exceeds the number of ranks ({rt.size})")
-    workflow = rt.workflow if rt.rank == 0 else None
+    # (fn_key None: a caller without durable keys, the Executor: its tasks are not checkpointed)
+    workflow = rt.workflow if rt.rank == 0 and fn_key is not None else None
     key = None
     if workflow is not None:
         key, restored = _durable(rt, workflow, fn_key, name, args, kwargs, options)

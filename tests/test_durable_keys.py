@@ -39,6 +39,15 @@ PROGRAM = textwrap.dedent('''
         def __init__(self, id): self.id = id
     Ref.__name__ = Ref.__qualname__ = "ObjectRef"
 
+    import hoplite_mpi as hm
+
+    @hm.remote
+    def nested(x):
+        return x
+
+    def submits(x):
+        return nested.remote(x)
+
     values = {
         "scalars": (1, 2.5, "s", b"b", None, True),
         "dict": {"b": 1, "a": [1, 2]},
@@ -61,6 +70,9 @@ PROGRAM = textwrap.dedent('''
     out["fn:lambda"] = K.function_key(values["lambda"]).hex()
     out["fn:np.sum"] = K.function_key(np.sum).hex()
     out["fn:version"] = K.function_key(f, version="2").hex()
+    # a RemoteFunction's state holds a cloudpickle blob that names the script's path
+    nested._identity = (b"id", b"<a blob naming " + sys.argv[0].encode() + b">")
+    out["fn:submits"] = K.function_key(submits).hex()     # refers to a RemoteFunction
     json.dump(out, sys.stdout)
 ''')
 

@@ -82,6 +82,11 @@ class _KeyPickler(pickle.Pickler):
             if self.ref_key is None:
                 raise UnstableKey("an ObjectRef (no lineage known here)")
             return ("ref", self.ref_key(obj))
+        if t.__name__ == "RemoteFunction" and hasattr(obj, "__wrapped__"):
+            # (its own state holds a cloudpickle blob, which names the script's path)
+            options = getattr(obj, "_options", {})
+            return ("remote", function_key(obj.__wrapped__, options.get("version"), self.seen),
+                    sorted((k, repr(v)) for k, v in options.items()))
         if t in (set, frozenset):
             return ("set", t.__name__, sorted(value_digest(e, self.ref_key, self.seen) for e in obj))
         if isinstance(obj, (types.FunctionType, functools.partial, types.MethodType,
