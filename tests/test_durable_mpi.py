@@ -6,7 +6,7 @@ task): no task whose result was committed before the kill runs again; no task ru
 run; the second run restores exactly the committed steps (``hm.stats()["durable"]``); every
 result equals the sequential reference; every task has one durable key across both runs.
 
-    python -m pytest -q tests/test_durable_mpi.py --durable-seeds 20     # the 20-seed soak
+    python -m pytest -q tests/test_durable_mpi.py --durable-seeds 100    # a longer soak
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from conftest import HERE, ROOT, run_job
 from hoplite_mpi.durable import storage as S
 
 WORKLOAD = os.path.join(HERE, "mpi", "durable_workload.py")
-CI_SEEDS = (1, 2, 3)
+CI_SEEDS = tuple(range(1, 21))     # the issue: 20 seeds in CI time (~8 s each here)
 TASKS = 200
 
 
@@ -198,3 +198,18 @@ def test_the_end_time_coming_near_drains(space):
     committed = S.committed_keys(os.path.join(space, "st"))
     ran = {key for (_, key), where in _executions(space).items() if 1 in where}
     assert ran == committed
+
+
+def test_a_lost_committed_object_is_read_back_not_recomputed(space):
+    if not _ulfm():
+        pytest.skip("needs ULFM (rank-loss tolerance)")
+    out = os.path.join(space, "reread.json")
+    proc = run_job(3, "-m", "hoplite_mpi", os.path.join(HERE, "mpi", "durable_reread.py"),
+                   os.path.join(space, "st"), os.path.join(space, "sidefx"), out, timeout=240,
+                   ft=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.load(open(out))
+    assert got["ok"] and got["dead"] == [1], got
+    assert got["durable"]["reread"] == 1, got
+    assert len(os.listdir(os.path.join(space, "sidefx"))) == 1      # not run again
+    assert "read back from its checkpoint" in proc.stderr

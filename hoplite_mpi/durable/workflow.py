@@ -29,7 +29,8 @@ class Workflow:
     were read from storage), ``checkpointed`` (checkpointed tasks submitted for execution),
     ``persisted`` (steps committed by this run), ``persist_dups`` (a step some other attempt
     had committed first), ``persist_failed``, ``unkeyed`` (checkpointed tasks run without a
-    checkpoint: an argument without a stable key), ``committed_at_start`` (steps found).
+    checkpoint: an argument without a stable key), ``committed_at_start`` (steps found),
+    ``reread`` (lost objects read back from storage instead of re-running their task).
     """
 
     def __init__(self, root: str, sync: bool = True) -> None:
@@ -185,7 +186,7 @@ class Workflow:
     def snapshot(self) -> dict:
         return {"root": self.root, "run": self.run, **{k: self.stats.get(k, 0) for k in (
             "restored", "checkpointed", "persisted", "persist_dups", "persist_failed", "unkeyed",
-            "committed_at_start")}}
+            "committed_at_start", "reread")}}
 
 
 def attach(current: Optional[Workflow], root: str, sync: bool, on_new: Callable[[Workflow], None]

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 from .. import faults
 from .. import protocol as P
 from ..context import Loss
+from ..durable import storage
 from ..errors import ObjectDeletedError
 from ..events import RankLost
 from ..ids import format_id, shard_of
@@ -174,9 +175,36 @@ class Driver:
         self.scheduled(self.scheduler.handle(ObjectDeleted(oid, uncache=True)))
 
     def on_object_lost(self, source: int, msg: P.ObjectLost) -> None:
+        if self._reread(msg.object_id):
+            return
         self.scheduled(self.scheduler.handle(msg))
         for callback in self.stale_lookups.pop(msg.object_id, ()):
             self.when_ready(msg.object_id, callback)     # now being rebuilt, or an error
+
+    def _reread(self, oid: int) -> bool:
+        """Durable workflows: a lost result of a checkpointed task whose step is committed is
+        read back from storage (memory-mapped) and stored here, under its id, instead of
+        running the task again (lineage); the directory entry then names this rank and the
+        pulls waiting for it go on.  Returns whether it did."""
+        workflow, sched = self.ctx.workflow, self.scheduler
+        spec = sched.lineage.get(oid)
+        if (workflow is None or spec is None or spec.durable is None or oid in sched.producer
+                or oid in sched.deleted):
+            return False
+        try:
+            stored = storage.load(spec.durable[0], spec.durable[1])
+        except (OSError, storage.StorageError) as exc:
+            log.warning("lost object %s: its checkpoint cannot be read (%s); lineage re-runs "
+                        "its task", format_id(oid), exc)
+            return False
+        i = oid - spec.task_id
+        if stored is None or i >= len(stored):
+            return False
+        workflow.stats["reread"] += 1
+        log.warning("rank 0: object %s was lost; read back from its checkpoint %s (not re-run)",
+                    format_id(oid), spec.durable[1])
+        self.ctx.catalog.put(list(stored[i]), oid)
+        return True
 
     def on_task_exit(self, source: int, msg: P.TaskExit) -> None:
         """A task called ``os._exit`` on ``source`` (which waits for this echo, then exits); the
