@@ -136,6 +136,9 @@ def pytest_addoption(parser):
                      help="tests/test_simulation.py: first seed of --sim-seeds")
     parser.addoption("--sim-seed", type=int, default=None, metavar="S",
                      help="tests/test_simulation.py: replay simulation seed S (its log shown)")
+    parser.addoption("--slurm-slow", action="store_true", default=False,
+                     help="tests/test_slurm.py: also the durable job drained by SLURM's own "
+                          "--signal before a 2-minute time limit (~4 min)")
     parser.addoption("--durable-seeds", type=int, default=0, metavar="N",
                      help="tests/test_durable_mpi.py: the driver-kill test over N seeds "
                           "(default: the CI seeds)")

@@ -3,7 +3,8 @@
 ``python -m hoplite_mpi durable_workload.py --storage DIR --sidefx DIR --seed S --tasks N``.
 
 Every execution of a task writes a side-effect file ``SIDEFX/<index>.<durable key>.<run>.<pid>``
-(``<run>``: the environment variable ``DURABLE_RUN``; ``DURABLE_TASK_SECONDS``: each task
+(``<run>``: the environment variable ``DURABLE_RUN``, else ``SLURM_RESTART_COUNT``, else 0;
+``DURABLE_TASK_SECONDS``: each task
 sleeps that long after it, for the drain tests)
 before it computes, so the test can count executions per task and per run.  The driver prints
 nothing but writes ``--json``: the value and size of every task's result, checked against
@@ -52,7 +53,8 @@ def reference(seed: int, n: int) -> list[tuple[int, int]]:
 
 @hm.remote(checkpoint=True)
 def step(i: int, size: int, sidefx: str, *inputs: np.ndarray) -> np.ndarray:
-    run = os.environ.get("DURABLE_RUN", "0")     # (not an argument: it would change the keys)
+    # (not an argument: it would change the keys; under SLURM, by default, the allocation)
+    run = os.environ.get("DURABLE_RUN") or os.environ.get("SLURM_RESTART_COUNT", "0")
     with open(os.path.join(sidefx, f"{i}.{hm.task_key()}.{run}.{os.getpid()}"), "x"):
         pass
     time.sleep(float(os.environ.get("DURABLE_TASK_SECONDS", "0")))   # (a slow task)
