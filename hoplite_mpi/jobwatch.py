@@ -89,7 +89,7 @@ class _DrainRequest:
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
-    def __init__(self, path: str, proc: Any, bound: float) -> None:
+    def __init__(self, path: str, proc: Optional[Any], bound: float) -> None:
         self.path, self.proc, self.bound = path, proc, bound
         self.asked = False
         self.old: dict = {}
@@ -111,7 +111,7 @@ class _DrainRequest:
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.asked:
-            if signum == signal.SIGTERM:
+            if signum == signal.SIGTERM and self.proc is not None:
                 print(f"hoplite-mpi: second {name}: ending the job", file=sys.stderr, flush=True)
                 self.proc.terminate()
             return
@@ -126,8 +126,13 @@ class _DrainRequest:
         threading.Thread(target=self._bound, daemon=True).start()
 
     def _bound(self) -> None:
+        deadline = time.monotonic() + self.bound
+        while self.proc is None and time.monotonic() < deadline:   # (mpirun not started yet)
+            time.sleep(0.05)
+        if self.proc is None:
+            return
         try:
-            self.proc.wait(timeout=self.bound)
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             print(f"hoplite-mpi: the job did not drain within {self.bound:.0f} s; ending it",
                   file=sys.stderr, flush=True)
@@ -156,10 +161,11 @@ def run_watched(cmd: list[str], env: dict, driver: bool = True) -> int:
     if driver:
         env["HOPLITE_MPI_DRAIN_FILE"] = drain_path
     hosts: list[str] = []
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    drain = _DrainRequest(drain_path, proc, _drain_bound(env))
+    # (the handlers before mpirun starts: a USR1 during its start-up killed the launcher, 138)
+    drain = _DrainRequest(drain_path, None, _drain_bound(env))
     if driver:
         drain.install()
+    proc = drain.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     threads = [_Forward(proc.stdout, sys.stdout.buffer, hosts),
                _Forward(proc.stderr, sys.stderr.buffer, hosts)]
     for t in threads:
