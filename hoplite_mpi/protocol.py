@@ -94,7 +94,8 @@ class TaskSpec:
     inline_threshold: Optional[int] = None    # results <= this many bytes go in-band (None: config)
     replicas: Optional[int] = None            # copies of each result (None: Config.replication)
     strict_rank: bool = False                 # lineage re-runs only on ``rank`` (else anywhere)
-    durable: Optional[tuple[str, str, bool]] = None  # (storage root, step key, named by the user)
+    durable: Optional[tuple[str, str, bool, bool]] = None  # (storage root, step key, named by the
+    #   user, fsync): commit the results there; fsync is the driver's Config.storage_sync
 
     @property
     def return_ids(self) -> tuple[int, ...]:

@@ -205,8 +205,8 @@ def submit_task(rt: Any, identity: tuple[bytes, bytes], name: str, args: tuple, 
         strict_rank=bool(options.get("strict_rank", False)),
         init_id=init[0] if init else None,
         init_blob=init[1] if init and init[0] not in sent else None,
-        durable=((workflow.root, key, "name" in options) if key is not None and _checkpointed(rt, options)
-                 else None))
+        durable=((workflow.root, key, "name" in options, workflow.sync)
+                 if key is not None and _checkpointed(rt, options) else None))
     if key is not None:
         workflow.made(task_id, key, num_returns)
         if spec.durable is not None:

@@ -154,3 +154,19 @@ def test_gc_refuses_while_a_run_is_running(tmp_path):
     with pytest.raises(RuntimeError, match="running"):
         admin.gc(str(tmp_path), grace=60)
     assert admin.gc(str(tmp_path), grace=60, force=True) == []
+
+
+def test_the_persister_uses_the_sync_each_step_was_submitted_with(tmp_path, monkeypatch):
+    """The driver's storage_sync travels with each checkpointed task (TaskSpec.durable): a
+    worker's persister must fsync per step as told, not per its own Config (a script run by
+    ``python -m hoplite_mpi`` calling ``hm.init(storage=D, storage_sync=False)`` fsynced anyway)."""
+    from hoplite_mpi.durable.persister import Persister
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(S.os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    root = S.open_root(str(tmp_path))
+    p = Persister(lambda *a: None, sync=True)
+    p.submit(1, root, "aa" + "0" * 30, _returns([7]), {}, None, sync=False)
+    assert p.flush(10) and calls == []
+    p.submit(2, root, "bb" + "0" * 30, _returns([8]), {}, None)      # None: the default (True)
+    assert p.close(10) and len(calls) >= 2

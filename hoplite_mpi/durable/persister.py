@@ -39,14 +39,17 @@ class Persister:
         self._thread.start()
 
     def submit(self, task_id: int, root: str, key: str, returns: Sequence[Sequence[Any]],
-               meta: dict, values: Optional[Sequence[Any]] = None) -> None:
-        """(any thread) Queue a step's results for commit; blocks while more than ``limit``
-        bytes wait (unless nothing waits)."""
+               meta: dict, values: Optional[Sequence[Any]] = None,
+               sync: Optional[bool] = None) -> None:
+        """(any thread) Queue a step's results for commit (``sync``: fsync it; None: this
+        persister's default); blocks while more than ``limit`` bytes wait (unless nothing
+        waits)."""
         nbytes = sum(memoryview(f).nbytes for frames in returns for f in frames)
         with self._cond:
             while self._queue and self._queued_bytes + nbytes > self.limit and not self._closed:
                 self._cond.wait(1.0)
-            self._queue.append((task_id, root, key, returns, meta, values, nbytes))
+            self._queue.append((task_id, root, key, returns, meta, values, nbytes,
+                                self.sync if sync is None else sync))
             self._queued_bytes += nbytes
             self._cond.notify_all()
 
@@ -85,11 +88,11 @@ class Persister:
                     return
                 item = self._queue.popleft()
                 self._busy = True
-            task_id, root, key, returns, meta, values, nbytes = item
+            task_id, root, key, returns, meta, values, nbytes, sync = item
             t0 = time.perf_counter()
             ok, committed, written = True, False, 0
             try:
-                committed, written = storage.commit(root, key, returns, meta, values, self.sync)
+                committed, written = storage.commit(root, key, returns, meta, values, sync)
             except Exception:
                 ok = False
                 log.exception("checkpoint of task %s (key %s) to %s failed; the task's result is "

@@ -121,10 +121,10 @@ class TaskRole:
             with _persister_lock:
                 if ctx.persister is None:
                     ctx.persister = Persister(self._persisted, sync=ctx.config.storage_sync)
-        root, key, named = spec.durable
+        root, key, named, sync = spec.durable    # (sync: the driver's choice, not this rank's)
         ctx.persister.submit(spec.task_id, root, key, returns,
                              {"name": spec.name, "named": named, "rank": ctx.rank},
-                             _ArrayValues(returns))
+                             _ArrayValues(returns), sync)
 
     def _persisted(self, task_id: int, key: str, ok: bool, committed: bool, nbytes: int,
                    seconds: float) -> None:
