@@ -123,6 +123,10 @@ class Config:
             their checkpoints before the program gets ``Drained``.
         drain_margin: seconds before the job's end time (``HOPLITE_MPI_JOB_END_TIME`` or
             ``SLURM_JOB_END_TIME``, epoch seconds) at which rank 0 starts draining.
+        forward_output: a worker's ``print``/``sys.stdout``/``sys.stderr``/``logging`` output
+            reaches the driver's stdout/stderr, each line prefixed ``(f pid=P, rank=R)`` (the
+            task) or ``(rank=R)`` (outside tasks), in order per task (``hoplite_mpi/output.py``).
+            False: workers write to their own streams (mpirun forwards them, unlabelled).
         submit_batch: tasks submitted in a burst (``remote()`` calls in a row, with no other
             call to the engine in between) reach the engine as one call and the scheduler as
             one event, placed in one pass; False: one engine call and one event per task.
@@ -159,6 +163,7 @@ class Config:
     storage_sync: bool = True
     drain_grace: float = 60.0
     drain_margin: float = 120.0
+    forward_output: bool = True
 
     def __post_init__(self) -> None:
         positive = ("chunk_size", "window", "tasks_per_worker", "worker_threads", "replication")
@@ -174,7 +179,7 @@ class Config:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         for name in ("small_collectives", "reduce_now", "host_aware", "worker_deps", "submit_batch", "adaptive_chunks",
                      "chunk_aware_plan", "broadcast_direct", "direct_args", "ready_on_engine",
-                     "hot_yield", "checkpoint", "storage_sync"):
+                     "hot_yield", "checkpoint", "storage_sync", "forward_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.storage, str):

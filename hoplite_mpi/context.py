@@ -66,6 +66,7 @@ class Context:
         self.tasks: Any = None
         self.workflow: Any = None     # rank 0 with durable storage: durable.workflow.Workflow
         self.persister: Any = None    # made at the first checkpointed task run here
+        self.output: Any = None       # a worker's output forwarding (output.py), when on
         self.rank_lost: Callable[[int], None] = lambda rank: None
         self.engine_state: Callable[[], str] = lambda: ""
 

@@ -29,7 +29,7 @@ def install(runtime: Any) -> None:
         return
     try:
         if signal.getsignal(usr1) in (signal.SIG_DFL, None):
-            faulthandler.register(usr1, all_threads=True)
+            faulthandler.register(usr1, file=sys.__stderr__, all_threads=True)
         if signal.getsignal(usr2) in (signal.SIG_DFL, None):
             signal.signal(usr2, lambda signum, frame: _write(engine_state(runtime)))
     except (ValueError, RuntimeError, OSError):   # not the main thread, or no such signal here
@@ -37,8 +37,9 @@ def install(runtime: Any) -> None:
 
 
 def _write(text: str) -> None:
-    sys.stderr.write(text)
-    sys.stderr.flush()
+    # (the process's own stderr, not a worker's forwarded one: a stuck engine forwards nothing)
+    sys.__stderr__.write(text)
+    sys.__stderr__.flush()
 
 
 def _ids(ids) -> str:

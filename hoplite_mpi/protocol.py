@@ -418,6 +418,16 @@ class Persisted:
 
 
 @message
+class Output:
+    """Worker -> rank 0: lines a worker's tasks (``label`` "f pid=P, rank=R") or the worker
+    itself (``label`` "rank=R") wrote to stdout (``stream`` 1) or stderr (2), in the order
+    written: ``items`` = ((stream, label, text), ...), each text one or more whole lines
+    (hoplite_mpi/output.py)."""
+
+    items: tuple
+
+
+@message
 class Heartbeat:
     """Worker -> rank 0: still alive (sent every ``Config.heartbeat`` seconds)."""
 

@@ -37,13 +37,14 @@ from .objects.serve import Server
 from .refs import Refs
 from .roles.coordinator import Coordination
 from .roles.driver import Driver
+from .output import Output
 from .roles.drain import DrainRole
 from .roles.membership import Membership
 from .roles.shard import ShardRole
 from .roles.shutdown import Shutdown
 from .roles.tasks import TaskRole
 from .store import ObjectStore
-from .worker import Worker, guard_exit
+from .worker import Worker, current_task_name, guard_exit
 
 log = logging.getLogger("hoplite_mpi")
 
@@ -97,6 +98,9 @@ class Runtime:
             self.drain = DrainRole(ctx, exit_process)
         if rank in self.worker_ranks:
             ctx.tasks = TaskRole(ctx, worker or Worker)
+            if rank != 0 and threads and config.forward_output:
+                ctx.output = Output(ctx)
+                ctx.output.install(current_task_name)
             if rank != 0 and threads:
                 guard_exit(ctx.tasks.task_exits)
         self.shutdown_role = Shutdown(ctx, ctx.tasks.close if ctx.tasks else lambda: None)
@@ -148,7 +152,7 @@ class Runtime:
             on(P.ObjectLost, driver.on_object_lost)
             on(P.TaskExit, driver.on_task_exit)
             on(P.Persisted, driver.on_persisted)
-            on(P.ReduceRequest, coordinator.on_request)
+            on(P.Output, Output.on_output)                 # output.py            on(P.ReduceRequest, coordinator.on_request)
             on(P.ReduceStepDone, coordinator.on_step_done)
             on(P.ReduceResume, coordinator.on_resume)
         if tasks is not None:                              # roles/tasks.py
@@ -235,6 +239,8 @@ class Runtime:
                 self.shutdown_role.unclean = True
         self.ctx.refs.stop()
         self.ctx.refs.fail_waiters()
+        if self.ctx.output is not None:      # (the rank's own streams back: Executor mode)
+            self.ctx.output.uninstall()
         if self.ctx.workflow is not None:    # (its run record: ended, or drained)
             self.ctx.workflow.close("drained" if self.drain.reason is not None else "ended")
         if self.unclean:

@@ -33,6 +33,12 @@ def current_task_id() -> int | None:
     return getattr(_context, "task_id", None)
 
 
+def current_task_name() -> str | None:
+    """Name of the task the calling thread runs (its ``name`` option, else its function's
+    name), or None outside tasks; still set while its result is reported."""
+    return getattr(_context, "name", None)
+
+
 def task_key() -> str | None:
     """The durable key (32 hex digits) of the checkpointed task the calling thread runs, or
     None (not in a task, or a task without a checkpoint).  The same in every run of the
@@ -166,6 +172,7 @@ class TaskRunner:
         faults.reached("task")
         spec = msg.spec
         _context.task_id = spec.task_id
+        _context.name = spec.name or "task"
         _context.key = spec.durable[1] if spec.durable is not None else None
         _context.blocked = False
         try:
@@ -176,7 +183,10 @@ class TaskRunner:
         finally:
             _context.task_id = _context.key = None
         self.executed += 1
-        self._finished(spec, results)
+        try:
+            self._finished(spec, results)
+        finally:
+            _context.name = None
 
     def _run(self, spec: TaskSpec, deps: tuple[ObjectInfo, ...]) -> list:
         if spec.init_id is not None:

@@ -91,6 +91,8 @@ class TaskRole:
         """(executor thread) A task ended; ``results`` = [(frames, is_error)] per return value.
         Tasks waiting here for its small results start at once, from this thread."""
         ctx = self.ctx
+        if ctx.output is not None:
+            ctx.output.task_ended()      # (its last partial lines leave before its TaskDone)
         infos = []
         stored = []
         for oid, (frames, is_error) in zip(spec.return_ids, results):
