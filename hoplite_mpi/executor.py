@@ -21,6 +21,7 @@ import logging
 from . import session
 from .errors import SerializationError
 from .objectref import ObjectRef, cancel_refs
+from .progressbars import counting
 from .remote_functions import fn_identity, submit_task
 
 log = logging.getLogger("hoplite_mpi")
@@ -269,12 +270,14 @@ class Executor(cf.Executor):
                 self._broken = str(exc)
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None,
-            chunksize: int = 1, buffersize: Optional[int] = None, unordered: bool = False) -> Iterator:
+            chunksize: int = 1, buffersize: Optional[int] = None, unordered: bool = False,
+            progress: Optional[bool] = None) -> Iterator:
         """Like ``concurrent.futures.Executor.map``: results in input order (or completion order
         with ``unordered=True``, as in mpi4py.futures).  ``timeout`` (seconds, from this call)
         raises ``TimeoutError`` from the iterator; ``chunksize`` items go to one task;
         ``buffersize`` (Python 3.14 / mpi4py 4.1) submits at most that many tasks (chunks) ahead
-        of the results taken from the iterator, reading ``iterables`` lazily.
+        of the results taken from the iterator, reading ``iterables`` lazily.  ``progress``: a
+        tqdm bar of the results taken (None: only when stderr is a terminal; hoplite_mpi.progress).
 
         Raises (at call time) ValueError for ``chunksize < 1``, ``buffersize < 1`` or
         ``buffersize`` with ``unordered``; TypeError for a non-int ``buffersize``; the errors of
@@ -316,14 +319,17 @@ class Executor(cf.Executor):
                         yield values.pop()
             finally:
                 cancel_refs(list(futures))
-        return results()
+        total = None
+        if all(hasattr(it, "__len__") for it in iterables) and iterables:
+            total = min(len(it) for it in iterables)     # type: ignore[arg-type]
+        return counting(results(), progress, getattr(fn, "__name__", "map"), total)
 
     def starmap(self, fn: Callable, iterable: Iterable, timeout: Optional[float] = None,
                 chunksize: int = 1, buffersize: Optional[int] = None,
-                unordered: bool = False) -> Iterator:
+                unordered: bool = False, progress: Optional[bool] = None) -> Iterator:
         """``map`` with argument tuples (as ``mpi4py.futures``)."""
         return self.map(fn, *zip(*iterable), timeout=timeout, chunksize=chunksize,
-                        buffersize=buffersize, unordered=unordered)
+                        buffersize=buffersize, unordered=unordered, progress=progress)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks (later ``submit`` raises RuntimeError); with ``cancel_futures``
