@@ -127,6 +127,9 @@ class Config:
             reaches the driver's stdout/stderr, each line prefixed ``(f pid=P, rank=R)`` (the
             task) or ``(rank=R)`` (outside tasks), in order per task (``hoplite_mpi/output.py``).
             False: workers write to their own streams (mpirun forwards them, unlabelled).
+        stall_timeout: seconds without progress (no task finished, no object became ready)
+            while work is outstanding after which rank 0 prints a stall report for the whole job
+            (what waits for what, silent ranks, the likely culprit; ``roles/stall.py``); 0: never.
         submit_batch: tasks submitted in a burst (``remote()`` calls in a row, with no other
             call to the engine in between) reach the engine as one call and the scheduler as
             one event, placed in one pass; False: one engine call and one event per task.
@@ -164,6 +167,7 @@ class Config:
     drain_grace: float = 60.0
     drain_margin: float = 120.0
     forward_output: bool = True
+    stall_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         positive = ("chunk_size", "window", "tasks_per_worker", "worker_threads", "replication")
@@ -186,6 +190,8 @@ class Config:
             raise ValueError(f"storage must be a directory path (str), got {self.storage!r}")
         if self.chunk_size % 64:
             raise ValueError(f"chunk_size must be a multiple of 64 bytes (whole array elements), got {self.chunk_size}")
+        if not float(self.stall_timeout) >= 0:
+            raise ValueError(f"stall_timeout must be >= 0 seconds, got {self.stall_timeout!r}")
         if not float(self.hot_window) >= 0:
             raise ValueError(f"hot_window must be >= 0 seconds, got {self.hot_window!r}")
         for name in ("backoff_max", "shutdown_timeout", "link_bandwidth", "link_latency",

@@ -31,9 +31,20 @@ def install(runtime: Any) -> None:
         if signal.getsignal(usr1) in (signal.SIG_DFL, None):
             faulthandler.register(usr1, file=sys.__stderr__, all_threads=True)
         if signal.getsignal(usr2) in (signal.SIG_DFL, None):
-            signal.signal(usr2, lambda signum, frame: _write(engine_state(runtime)))
+            signal.signal(usr2, lambda signum, frame: _usr2(runtime))
     except (ValueError, RuntimeError, OSError):   # not the main thread, or no such signal here
         return
+
+
+def _usr2(runtime: Any) -> None:
+    """This rank's state now; on rank 0 also the job-wide stall report (roles/stall.py)."""
+    _write(engine_state(runtime))
+    stall = getattr(runtime, "stall", None)
+    if runtime.rank == 0 and stall is not None:
+        try:
+            runtime.call_soon(stall.report, "SIGUSR2 to rank 0")
+        except Exception:      # (shutting down)
+            pass
 
 
 def _write(text: str) -> None:

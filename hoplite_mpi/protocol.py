@@ -428,6 +428,22 @@ class Output:
 
 
 @message
+class StateRequest:
+    """Rank 0 -> every rank: describe your state (a stall report, roles/stall.py)."""
+
+    token: int
+
+
+@message
+class StateReply:
+    """Answer to :class:`StateRequest`: ``text`` is the rank's state (debug.engine_state)."""
+
+    token: int
+    rank: int
+    text: str
+
+
+@message
 class Heartbeat:
     """Worker -> rank 0: still alive (sent every ``Config.heartbeat`` seconds)."""
 

@@ -10,12 +10,13 @@ A ref whose object is ready and that has no done-callback completes at once on t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import weakref
 from concurrent.futures import Future
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .errors import ObjectDeletedError, RuntimeShutdownError
 from .ids import format_id
@@ -36,6 +37,25 @@ class Refs:
         self.waiters: "weakref.WeakSet[Future]" = weakref.WeakSet()
         self.direct = False      # set when the notifier thread runs (see the module docstring)
         self.drained: Optional[BaseException] = None   # draining: what failed refs raise
+        self.notified = 0        # objects delivered so far (the stall report's progress count)
+        self.awaited: dict[int, int] = {}   # object id -> threads in get/wait for it (stall report)
+
+    @contextlib.contextmanager
+    def awaiting(self, ids: list) -> Iterator[None]:
+        """Note that the calling thread waits for ``ids`` (get/wait), for the stall report."""
+        with self.lock:
+            for oid in ids:
+                self.awaited[oid] = self.awaited.get(oid, 0) + 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                for oid in ids:
+                    left = self.awaited.get(oid, 0) - 1
+                    if left > 0:
+                        self.awaited[oid] = left
+                    else:
+                        self.awaited.pop(oid, None)
 
     def register(self, ref: Any) -> Any:
         """Intern ``ref`` (one ObjectRef per id per process); returns the interned one."""
@@ -56,6 +76,7 @@ class Refs:
     def notify(self, items: list) -> None:
         """(engine) Objects ready (ObjectInfo; ``error`` set for an error object) or found
         deleted (object id): complete their refs."""
+        self.notified += len(items)
         if self.direct:
             items = [item for item in items if not self._ready_here(item)]
             if not items:

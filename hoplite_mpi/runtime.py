@@ -39,6 +39,7 @@ from .roles.coordinator import Coordination
 from .roles.driver import Driver
 from .output import Output
 from .roles.drain import DrainRole
+from .roles.stall import StallRole
 from .roles.membership import Membership
 from .roles.shard import ShardRole
 from .roles.shutdown import Shutdown
@@ -104,12 +105,14 @@ class Runtime:
             if rank != 0 and threads:
                 guard_exit(ctx.tasks.task_exits)
         self.shutdown_role = Shutdown(ctx, ctx.tasks.close if ctx.tasks else lambda: None)
+        self.stall = StallRole(ctx)
         self.sent_blobs: set = set()   # function ids already sent to the scheduler from here
         self.stopped = threading.Event()   # the engine thread has ended
         self.closed = False
         self._wire()
         if rank == 0 and threads:
             self.drain.install()      # (watches the drain file and the job's end time)
+            self.stall.install()      # (a stall report after Config.stall_timeout)
         # the engine thread and the notifier thread (none with threads=False)
         ctx.refs.direct = bool(threads) and config.ready_on_engine
         self._threads: tuple[threading.Thread, ...] = () if not threads else (
@@ -138,6 +141,7 @@ class Runtime:
         on(P.ReduceStep, steps.on_step)                    # objects/reduce_node.py
         on(P.ReduceLate, steps.on_late)
         on(P.ReduceAbort, steps.on_abort)
+        on(P.StateRequest, self.stall.on_request)          # roles/stall.py
         on(P.Heartbeat, lambda src, m: None)               # (any message is a sign of life)
         engine.quiet.add(P.Heartbeat)
         on(P.MemberDown, self.membership.on_member_down)   # roles/membership.py
@@ -152,7 +156,9 @@ class Runtime:
             on(P.ObjectLost, driver.on_object_lost)
             on(P.TaskExit, driver.on_task_exit)
             on(P.Persisted, driver.on_persisted)
-            on(P.Output, Output.on_output)                 # output.py            on(P.ReduceRequest, coordinator.on_request)
+            on(P.Output, Output.on_output)                 # output.py
+            on(P.StateReply, self.stall.on_reply)
+            on(P.ReduceRequest, coordinator.on_request)
             on(P.ReduceStepDone, coordinator.on_step_done)
             on(P.ReduceResume, coordinator.on_resume)
         if tasks is not None:                              # roles/tasks.py

@@ -81,7 +81,7 @@ def get(refs: Union[ObjectRef, Sequence[ObjectRef]], timeout: Optional[float] = 
     check_refs(items, "get")
     rt = session.current()
     deadline = None if timeout is None else time.monotonic() + timeout
-    with Blocking(rt, items):
+    with Blocking(rt, items), rt.ctx.refs.awaiting([r.id for r in items]):
         for ref in items:
             if rt.is_deleted(ref.id):
                 raise ObjectDeletedError(format_id(ref.id))
@@ -145,7 +145,7 @@ def wait(refs: Sequence[ObjectRef], num_returns: int = 1, timeout: Optional[floa
         raise ValueError(f"num_returns must be within 0..{len(refs)}, got {num_returns}")
     rt = session.current()
     deadline = None if timeout is None else time.monotonic() + timeout
-    with Blocking(rt, refs):
+    with Blocking(rt, refs), rt.ctx.refs.awaiting([r.id for r in refs]):
         done: set = {r for r in refs if r.done()}
         while len(done) < num_returns:
             left = remaining(deadline)
