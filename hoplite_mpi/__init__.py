@@ -10,7 +10,7 @@ mpi_defaults.apply()     # (before anything imports mpi4py.MPI: it initialises M
 from .api import (ObjectLocation, ObjectRef, RemoteFunction, allreduce, as_completed, broadcast, checkpoints,
                   current_config, lookup,
                   dead_ranks, delete, get, init, is_initialized, is_local, locations, object_info,
-                  progress, put, rank, reduce, reduced_inputs, remote, shutdown, stats, task_key, wait,
+                  progress, put, rank, reduce, reduced_inputs, remote, shutdown, stats, task_key, timeline, wait,
                   world_size)
 from .config import Config
 from .errors import (BrokenExecutor, Drained, HopliteError, NotInitializedError, ObjectDeletedError,
@@ -24,7 +24,7 @@ __all__ = [
     "init", "shutdown", "is_initialized", "rank", "world_size",
     "remote", "RemoteFunction", "get", "wait", "put", "delete", "ObjectRef", "Executor", "Config",
     "broadcast", "reduce", "allreduce", "reduced_inputs",
-    "task_key", "lookup", "checkpoints", "as_completed", "progress", "stats", "locations", "object_info", "ObjectLocation", "is_local", "dead_ranks", "current_config",
+    "task_key", "lookup", "checkpoints", "as_completed", "progress", "timeline", "stats", "locations", "object_info", "ObjectLocation", "is_local", "dead_ranks", "current_config",
     "Drained", "HopliteError", "NotInitializedError", "ObjectDeletedError", "ObjectLostError", "RankLostError", "RemoteTraceback",
     "RuntimeShutdownError", "SerializationError", "TaskError", "TransferError", "BrokenExecutor",
     "WorkerCrashedError",

@@ -19,6 +19,7 @@ from __future__ import annotations
 from .collective_api import allreduce, broadcast, reduce, reduced_inputs
 from .durable_api import checkpoints, lookup
 from .progressbars import as_completed, progress
+from .timeline_api import timeline
 from .introspection import (ObjectLocation, current_config, dead_ranks, is_local, locations,
                             object_info, stats)
 from .objectref import ObjectRef
@@ -34,4 +35,5 @@ __all__ = [
     "broadcast", "reduce", "allreduce", "reduced_inputs",
     "stats", "locations", "object_info", "ObjectLocation", "is_local", "dead_ranks",
     "current_config", "task_key", "lookup", "checkpoints", "as_completed", "progress",
+    "timeline",
 ]

@@ -130,6 +130,9 @@ class Config:
         stall_timeout: seconds without progress (no task finished, no object became ready)
             while work is outstanding after which rank 0 prints a stall report for the whole job
             (what waits for what, silent ranks, the likely culprit; ``roles/stall.py``); 0: never.
+        timeline: a file to write the whole run's timeline to (Chrome trace events, written when
+            the driver shuts down; ``hoplite_mpi/tracing.py``).  "": not recorded (unless
+            ``hm.timeline()`` starts it).
         submit_batch: tasks submitted in a burst (``remote()`` calls in a row, with no other
             call to the engine in between) reach the engine as one call and the scheduler as
             one event, placed in one pass; False: one engine call and one event per task.
@@ -168,6 +171,7 @@ class Config:
     drain_margin: float = 120.0
     forward_output: bool = True
     stall_timeout: float = 60.0
+    timeline: str = ""
 
     def __post_init__(self) -> None:
         positive = ("chunk_size", "window", "tasks_per_worker", "worker_threads", "replication")

@@ -444,6 +444,26 @@ class StateReply:
 
 
 @message
+class TimelineRequest:
+    """Rank 0 -> every rank: start recording the timeline (``start``), or send what was
+    recorded (tracing.py)."""
+
+    token: int
+    start: bool
+
+
+@message
+class TimelineReply:
+    """Answer to :class:`TimelineRequest`: the rank's events (on its own clock) and its clock
+    (``time.perf_counter``) when it answered."""
+
+    token: int
+    rank: int
+    now: float
+    events: list
+
+
+@message
 class Heartbeat:
     """Worker -> rank 0: still alive (sent every ``Config.heartbeat`` seconds)."""
 

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable, Optional
 
 from . import faults, malloc
+from . import tracing as timeline
 from . import protocol as P
 from .config import Config
 from .context import Context, Loss
@@ -40,6 +41,7 @@ from .roles.driver import Driver
 from .output import Output
 from .roles.drain import DrainRole
 from .roles.stall import StallRole
+from .roles.timeline_role import TimelineRole
 from .roles.membership import Membership
 from .roles.shard import ShardRole
 from .roles.shutdown import Shutdown
@@ -106,6 +108,9 @@ class Runtime:
                 guard_exit(ctx.tasks.task_exits)
         self.shutdown_role = Shutdown(ctx, ctx.tasks.close if ctx.tasks else lambda: None)
         self.stall = StallRole(ctx)
+        self.trace = TimelineRole(ctx)
+        if config.timeline and threads:
+            timeline.start(rank)      # (the whole run: written when the driver shuts down)
         self.sent_blobs: set = set()   # function ids already sent to the scheduler from here
         self.stopped = threading.Event()   # the engine thread has ended
         self.closed = False
@@ -142,6 +147,7 @@ class Runtime:
         on(P.ReduceLate, steps.on_late)
         on(P.ReduceAbort, steps.on_abort)
         on(P.StateRequest, self.stall.on_request)          # roles/stall.py
+        on(P.TimelineRequest, self.trace.on_request)       # roles/timeline_role.py
         on(P.Heartbeat, lambda src, m: None)               # (any message is a sign of life)
         engine.quiet.add(P.Heartbeat)
         on(P.MemberDown, self.membership.on_member_down)   # roles/membership.py
@@ -158,6 +164,7 @@ class Runtime:
             on(P.Persisted, driver.on_persisted)
             on(P.Output, Output.on_output)                 # output.py
             on(P.StateReply, self.stall.on_reply)
+            on(P.TimelineReply, self.trace.on_reply)
             on(P.ReduceRequest, coordinator.on_request)
             on(P.ReduceStepDone, coordinator.on_step_done)
             on(P.ReduceResume, coordinator.on_resume)
@@ -225,6 +232,11 @@ class Runtime:
         RuntimeShutdownError."""
         if self.closed:
             return
+        if self.rank == 0 and self.config.timeline and timeline.recorder is not None:
+            try:
+                self.write_timeline(self.config.timeline)
+            except Exception as exc:       # (the job's end must not depend on it)
+                log.warning("the timeline could not be written to %s: %s", self.config.timeline, exc)
         try:
             self.call_soon(self.shutdown_role.begin)
         except RuntimeShutdownError:
@@ -270,6 +282,8 @@ class Runtime:
         if rank == 0:
             self.membership.driver_lost()
             return
+        if timeline.recorder is not None:
+            timeline.recorder.instant(f"rank {rank} lost", "rank-loss", {"rank": rank})
         log.warning("rank %d: rank %d died; going on without it", ctx.rank, rank)
         ctx.stats["ranks_lost"] += 1
         n = len(ctx.shards)
@@ -388,6 +402,23 @@ class Runtime:
     def fetch(self, object_id: int, callback: Callable[[Any], None]) -> None:
         """(engine) See :meth:`Fetcher.fetch`."""
         self.ctx.fetcher.fetch(object_id, callback)
+
+    def write_timeline(self, path: str, timeout: float = 60.0) -> int:
+        """(driver) Gather every rank's timeline events and write them to ``path``; returns the
+        number of events.  Raises RuntimeError if recording is off (tracing.py)."""
+        if timeline.recorder is None:
+            raise RuntimeError("the timeline is not being recorded: set HOPLITE_MPI_TIMELINE=path "
+                               "or call hm.timeline() first")
+        fut = self.waiter()
+        self.call_soon(self.trace.gather, False, lambda per_rank, offsets: fut.set_result((per_rank, offsets)))
+        per_rank, offsets = fut.result(timeout)
+        return timeline.write(path, per_rank, offsets)
+
+    def start_timeline(self, timeout: float = 60.0) -> None:
+        """(driver) Start recording the timeline on every rank."""
+        fut = self.waiter()
+        self.call_soon(self.trace.gather, True, lambda *a: fut.set_result(None))
+        fut.result(timeout)
 
     @property
     def workflow(self) -> Any:

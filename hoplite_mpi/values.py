@@ -5,7 +5,7 @@ import concurrent.futures as cf
 import time
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from . import session
+from . import session, tracing
 from .errors import ObjectDeletedError, RuntimeShutdownError
 from .ids import format_id
 from .objectref import ObjectRef, check_refs, new_ref
@@ -81,6 +81,7 @@ def get(refs: Union[ObjectRef, Sequence[ObjectRef]], timeout: Optional[float] = 
     check_refs(items, "get")
     rt = session.current()
     deadline = None if timeout is None else time.monotonic() + timeout
+    began = time.perf_counter()
     with Blocking(rt, items), rt.ctx.refs.awaiting([r.id for r in items]):
         for ref in items:
             if rt.is_deleted(ref.id):
@@ -111,6 +112,9 @@ def get(refs: Union[ObjectRef, Sequence[ObjectRef]], timeout: Optional[float] = 
                     raise cf.TimeoutError(f"get() timed out after {timeout} s fetching "
                                           f"{format_id(ref.id)}") from None
             values.append(value_of(ref.id, got))
+    rec = tracing.recorder
+    if rec is not None:
+        rec.complete("get", "wait", began, time.perf_counter(), {"objects": len(items)})
     return values[0] if single else values
 
 

@@ -16,9 +16,12 @@ import logging
 import os
 import queue
 import threading
+import time
 from typing import Any, Callable, Optional
 
 from . import faults
+from . import tracing as timeline
+from .ids import format_id
 from .protocol import ObjectInfo, RunTask, TaskSpec
 from .serialization import (deserialize, held_only_by_caller, loads, rebuild_error, serialize,
                             serialize_error, sole_owner)
@@ -175,6 +178,7 @@ class TaskRunner:
         _context.name = spec.name or "task"
         _context.key = spec.durable[1] if spec.durable is not None else None
         _context.blocked = False
+        started = time.perf_counter()
         try:
             results = self._run(spec, msg.deps)
         except BaseException as exc:  # the task's own error, or a failure to load/resolve it
@@ -183,6 +187,10 @@ class TaskRunner:
         finally:
             _context.task_id = _context.key = None
         self.executed += 1
+        rec = timeline.recorder
+        if rec is not None:
+            rec.complete(spec.name or "task", "task", started, time.perf_counter(),
+                         {"task": format_id(spec.task_id), "error": any(e for _, e in results)})
         try:
             self._finished(spec, results)
         finally:
@@ -193,11 +201,16 @@ class TaskRunner:
             self.functions.initialize(spec.init_id)
         fn = self.functions.function(spec.fn_id)
         values = []
+        waited = time.perf_counter()
         for info in deps:
             frames = info.inline if info.inline is not None else self._fetch_unslotted(info)
             if info.error:
                 raise rebuild_error(frames)
             values.append(deserialize(frames))
+        rec = timeline.recorder
+        if rec is not None and any(info.inline is None for info in deps):
+            rec.complete("inputs", "wait", waited, time.perf_counter(),
+                         {"task": format_id(spec.task_id)})
         args, kwargs = loads(spec.args_blob)
         if values:
             args = [values[a.index] if type(a) is DepPlaceholder else a for a in args]

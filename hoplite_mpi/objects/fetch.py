@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 from concurrent.futures import Future
 from typing import Any, Callable, Optional
 
 from .. import faults
+from .. import tracing as timeline
 from .. import protocol as P
 from ..context import Loss
 from ..errors import ObjectDeletedError, TransferError
@@ -42,6 +44,7 @@ class Fetcher:
         self.fetching: dict[int, list[Callable]] = {}
         self.producing: dict[int, list[Callable]] = {}
         self.receiving: dict[int, tuple[int, int]] = {}
+        self._began: dict[int, tuple] = {}       # (timeline) into -> (start, sender, bytes)
 
     # --- entry points ------------------------------------------------------------------------
 
@@ -220,6 +223,8 @@ class Fetcher:
         tag = ctx.next_tag()
         ctx.stats["pulls"] += 1
         self.receiving[into] = (sender, tag)
+        if timeline.recorder is not None:
+            self._began[into] = (time.perf_counter(), sender, sum(len(c) for c in chunks), source_id)
 
         def failed(failure: PeerFailure) -> None:
             self.receiving.pop(into, None)
@@ -235,6 +240,13 @@ class Fetcher:
             return
         if store.advance(into, nbytes):
             self.receiving.pop(into, None)
+            began = self._began.pop(into, None)
+            rec = timeline.recorder
+            if began is not None and rec is not None:
+                start, sender, total, source = began
+                rec.complete(f"pull {format_id(source)}", "transfer", start, time.perf_counter(),
+                             {"object": format_id(source), "bytes": total, "peer": sender},
+                             tid="transfers")
 
     def _fetched(self, oid: int, head: Optional[bytes]) -> None:
         ctx = self.ctx

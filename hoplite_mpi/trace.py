@@ -1,0 +1,100 @@
+"""``python -m hoplite_mpi.trace summary TRACE.json [--png OUT.png]``: where each rank's time
+went in a timeline (hoplite_mpi/tracing.py): the shares of the traced span spent running tasks,
+receiving objects, waiting for task inputs, and the rest (idle, or runtime work not traced).
+Overlapping events of one kind are counted once (interval union)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+KINDS = ("task", "transfer", "wait")
+
+
+def _union(spans: list) -> float:
+    total, end = 0.0, None
+    for a, b in sorted(spans):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def summarize(doc: dict) -> dict:
+    """rank -> {"span_s", and per kind of :data:`KINDS` its seconds, "tasks", "bytes_in"}."""
+    every = doc.get("traceEvents", [])
+    events = [e for e in every if e.get("ph") == "X"]
+    if not events:
+        return {}
+    t0 = min(e["ts"] for e in events)
+    t1 = max(e["ts"] + e["dur"] for e in events)
+    out: dict = {}
+    for rank in sorted({e["pid"] for e in every}):
+        mine = [e for e in events if e["pid"] == rank]
+        row = {"span_s": (t1 - t0) / 1e6, "tasks": sum(e["cat"] == "task" for e in mine),
+               "bytes_in": sum(e.get("args", {}).get("bytes", 0) for e in mine if e["cat"] == "transfer")}
+        for kind in KINDS:
+            row[kind] = _union([(e["ts"], e["ts"] + e["dur"]) for e in mine if e["cat"] == kind]) / 1e6
+        out[rank] = row
+    return out
+
+
+def text(summary: dict) -> str:
+    lines = [f"{'rank':>4} {'tasks':>6} {'task %':>7} {'transfer %':>10} {'wait %':>7} "
+             f"{'other %':>8} {'MiB in':>8}"]
+    for rank, row in summary.items():
+        span = row["span_s"] or 1.0
+        shares = [100 * row[k] / span for k in KINDS]
+        lines.append(f"{rank:>4} {row['tasks']:>6} {shares[0]:>7.1f} {shares[1]:>10.1f} "
+                     f"{shares[2]:>7.1f} {max(0.0, 100 - sum(shares)):>8.1f} "
+                     f"{row['bytes_in'] / 2**20:>8.1f}")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ranks = list(summary)
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.4 * len(ranks)))
+    left = [0.0] * len(ranks)
+    for kind, color in zip(KINDS + ("other",), ("tab:blue", "tab:orange", "tab:red", "lightgray")):
+        if kind == "other":
+            vals = [max(0.0, 100 - sum(100 * summary[r][k] / (summary[r]["span_s"] or 1) for k in KINDS))
+                    for r in ranks]
+        else:
+            vals = [100 * summary[r][kind] / (summary[r]["span_s"] or 1) for r in ranks]
+        ax.barh([f"rank {r}" for r in ranks], vals, left=left, color=color, label=kind)
+        left = [a + b for a, b in zip(left, vals)]
+    ax.set_xlabel("% of the traced span")
+    ax.invert_yaxis()
+    ax.legend(ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: Optional[list] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hoplite_mpi.trace")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("summary", help="per-rank shares of task, transfer, wait and other time")
+    s.add_argument("trace")
+    s.add_argument("--png", help="also draw the shares as a bar chart (matplotlib)")
+    args = p.parse_args(argv)
+    with open(args.trace) as f:
+        summary = summarize(json.load(f))
+    if not summary:
+        print("no complete events in", args.trace)
+        return 1
+    print(text(summary))
+    if args.png:
+        plot(summary, args.png)
+        print("wrote", args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
