@@ -46,6 +46,9 @@ def stats() -> dict:
     - ``rank``: this rank; ``rank_loss_tolerance``: whether ULFM rank-loss tolerance is active;
     - ``scheduler``: on the driver, dict ``submitted``/``done``/``failed``/``retried``/``rebuilt``
       (tasks), else None;
+    - ``stragglers``: on the driver, the ranks named so far as much slower than the median rank
+      for a function's tasks (dicts ``rank``, ``function``, ``mean_s``, ``median_s``,
+      ``ratio``, ``tasks``; roles/stragglers.py), else None;
     - ``durable``: on the driver with durable storage, dict ``root``, ``restored`` (checkpointed
       tasks not executed: restored from storage), ``checkpointed`` (checkpointed tasks
       submitted for execution), ``persisted`` (steps this run committed), ``persist_dups``,
@@ -72,6 +75,8 @@ def _snapshot(rt: Any) -> dict:
     out["rank_loss_tolerance"] = bool(rt.transport.ft)
     scheduler = rt.scheduler
     out["scheduler"] = dict(scheduler.stats) if scheduler is not None else None
+    driver = rt.ctx.driver
+    out["stragglers"] = driver.stragglers.reports() if driver is not None else None
     workflow = getattr(rt, "workflow", None)
     out["durable"] = workflow.snapshot() if workflow is not None else None
     return out

@@ -132,6 +132,7 @@ class TaskDone:
     task_id: int
     rank: int
     results: tuple[ObjectInfo, ...]
+    seconds: float = 0.0        # the task function's run time on the worker (straggler report)
 
 
 @message

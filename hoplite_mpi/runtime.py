@@ -41,6 +41,7 @@ from .roles.driver import Driver
 from .output import Output
 from .roles.drain import DrainRole
 from .roles.stall import StallRole
+from .roles.stragglers import EVERY as STRAGGLER_CHECK
 from .roles.timeline_role import TimelineRole
 from .roles.membership import Membership
 from .roles.shard import ShardRole
@@ -118,6 +119,7 @@ class Runtime:
         if rank == 0 and threads:
             self.drain.install()      # (watches the drain file and the job's end time)
             self.stall.install()      # (a stall report after Config.stall_timeout)
+            engine.timers.every(STRAGGLER_CHECK, ctx.driver.stragglers.check)
         # the engine thread and the notifier thread (none with threads=False)
         ctx.refs.direct = bool(threads) and config.ready_on_engine
         self._threads: tuple[threading.Thread, ...] = () if not threads else (
@@ -232,6 +234,11 @@ class Runtime:
         RuntimeShutdownError."""
         if self.closed:
             return
+        if self.rank == 0:
+            try:
+                self.call(self.ctx.driver.stragglers.check, 0.0, timeout=5.0)   # (the last look)
+            except Exception:
+                pass
         if self.rank == 0 and self.config.timeline and timeline.recorder is not None:
             try:
                 self.write_timeline(self.config.timeline)

@@ -42,6 +42,12 @@ def current_task_name() -> str | None:
     return getattr(_context, "name", None)
 
 
+def last_task_seconds() -> float:
+    """(executor thread, while a finished task is reported) The seconds its function ran (not
+    the fetch of its inputs, nor pickling its result); 0 if it failed before running."""
+    return getattr(_context, "seconds", 0.0)
+
+
 def task_key() -> str | None:
     """The durable key (32 hex digits) of the checkpointed task the calling thread runs, or
     None (not in a task, or a task without a checkpoint).  The same in every run of the
@@ -178,6 +184,7 @@ class TaskRunner:
         _context.name = spec.name or "task"
         _context.key = spec.durable[1] if spec.durable is not None else None
         _context.blocked = False
+        _context.seconds = 0.0
         started = time.perf_counter()
         try:
             results = self._run(spec, msg.deps)
@@ -215,7 +222,9 @@ class TaskRunner:
         if values:
             args = [values[a.index] if type(a) is DepPlaceholder else a for a in args]
             kwargs = {k: values[v.index] if type(v) is DepPlaceholder else v for k, v in kwargs.items()}
+        computing = time.perf_counter()
         result = fn(*args, **kwargs)
+        _context.seconds = time.perf_counter() - computing
         name = spec.name or getattr(fn, "__name__", "task")
         del args, kwargs, values     # the task's own references to its arguments
         # (sole_owner is asked in a statement of its own: while serialize's arguments are being

@@ -167,3 +167,14 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     assert step >= 5 and step % 5 == 0 and f"resumed from step {step}" in proc.stdout
     assert run["steps"] > step and run["curve"][0]["step"] == step
     assert run["curve"][0]["accuracy"] > 0.5          # a fresh model guesses (~0.1)
+
+
+def test_the_straggler_is_named():
+    """The straggler report (roles/stragglers.py): the last worker computes 4x slower and is
+    named, alone, on the driver's stderr."""
+    _sklearn()
+    proc = run_job(4, "-m", "hoplite_mpi", "-m", "hoplite_mpi.examples.async_sgd", "--quick",
+                   "--runs", "hoplite", "--seconds", "2", "--straggler", "4", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    named = [line for line in proc.stderr.splitlines() if "straggler: rank" in line]
+    assert len(named) == 1 and "straggler: rank 3 " in named[0], proc.stderr[-3000:]

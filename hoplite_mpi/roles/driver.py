@@ -16,6 +16,7 @@ from .. import faults
 from .. import protocol as P
 from ..context import Loss
 from ..durable import storage
+from .stragglers import Stragglers
 from ..errors import ObjectDeletedError
 from ..events import RankLost
 from ..ids import format_id, shard_of
@@ -42,6 +43,7 @@ class Driver:
         self.stale_lookups: dict[int, list[Callable]] = {}
         self.cancels: dict[int, list[Callable[[bool], None]]] = {}   # task -> cancel() answers
         self.succeeded = 0      # TaskDones without an error result (a drain's summary)
+        self.stragglers = Stragglers()
         ctx.catalog.authority = self.scheduler.object_info
         self._local = {Completed: self._completed, FreeObjects: self._free,
                        TaskCancelled: self._cancel_answered}
@@ -97,6 +99,9 @@ class Driver:
     def on_task_done(self, source: int, msg: P.TaskDone) -> None:
         ctx = self.ctx
         faults.reached("done")
+        task = self.scheduler.tasks.get(msg.task_id)
+        if task is not None and msg.seconds:
+            self.stragglers.note(task.spec.fn_id, task.spec.name, msg.rank, msg.seconds)
         ok = not any(info.error for info in msg.results)
         self.succeeded += ok
         if ctx.workflow is not None:

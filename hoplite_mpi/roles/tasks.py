@@ -25,7 +25,7 @@ from ..ids import format_id
 from ..local_deps import LocalDeps, Waiting
 from ..protocol import ObjectInfo
 from ..serialization import error_info, frame_sizes, local_error, serialize_error, to_bytes
-from ..worker import _context, current_task_id
+from ..worker import _context, current_task_id, last_task_seconds
 
 log = logging.getLogger("hoplite_mpi")
 
@@ -106,7 +106,7 @@ class TaskRole:
         infos = tuple(infos)
         handed = not stored    # (a chunked result waits for the engine: its users read the store)
         try:
-            ctx.call_soon(self._report, spec, infos, stored, handed)
+            ctx.call_soon(self._report, spec, infos, stored, handed, last_task_seconds())
         except RuntimeShutdownError:    # the job ended while the task ran: nobody wants it
             return
         if spec.durable is not None and not any(is_error for _, is_error in results):
@@ -142,7 +142,8 @@ class TaskRole:
         except RuntimeShutdownError:
             pass
 
-    def _report(self, spec: P.TaskSpec, infos: tuple, stored: list, handed: bool = False) -> None:
+    def _report(self, spec: P.TaskSpec, infos: tuple, stored: list, handed: bool = False,
+                seconds: float = 0.0) -> None:
         """(engine) Store, register and report a task's results; unless ``handed`` (by the
         executor thread that made them), start the tasks waiting here for them."""
         ctx = self.ctx
@@ -151,7 +152,7 @@ class TaskRole:
             ctx.server.serve_deferred(oid)
         for info in infos:
             ctx.publish(info, spec.replicas or 0)
-        ctx.send(0, P.TaskDone(spec.task_id, ctx.rank, infos))
+        ctx.send(0, P.TaskDone(spec.task_id, ctx.rank, infos, seconds))
         if not handed:
             self._start(self.deps.made(infos))
 
