@@ -57,6 +57,7 @@ def reached(point: str) -> None:
     if left > 1:
         _plan[point] = left - 1
         return
-    sys.stderr.write(f"[hoplite_mpi rank {_rank}] fault injection: SIGKILL at {point}\n")
-    sys.stderr.flush()
+    # (the process's own stderr: a worker's sys.stderr forwards to rank 0, too late for a SIGKILL)
+    sys.__stderr__.write(f"[hoplite_mpi rank {_rank}] fault injection: SIGKILL at {point}\n")
+    sys.__stderr__.flush()
     os.kill(os.getpid(), signal.SIGKILL)
