@@ -91,7 +91,11 @@ def main(argv: Optional[list] = None) -> int:
         return 1
     print(text(summary))
     if args.png:
-        plot(summary, args.png)
+        try:
+            plot(summary, args.png)
+        except ImportError:
+            print("--png needs matplotlib (pip install 'hoplite_mpi[bench]')", file=sys.stderr)
+            return 2
         print("wrote", args.png)
     return 0
 
