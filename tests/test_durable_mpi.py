@@ -60,13 +60,18 @@ def _run(space: str, run: int, seed: int, tasks: int, kill: str = "", ranks: int
     return proc, out
 
 
-def _executions(space: str) -> dict:
-    """(task index, key) -> runs in which it was executed (one entry per execution)."""
+def executions(sidefx: str) -> dict:
+    """(task index, key) -> runs in which it was executed (one entry per execution), from the
+    side-effect files tests/mpi/durable_workload.py writes in ``sidefx``."""
     got = collections.defaultdict(list)
-    for name in os.listdir(os.path.join(space, "sidefx")):
+    for name in os.listdir(sidefx):
         i, key, run, _pid = name.split(".")
         got[int(i), key].append(int(run))
     return got
+
+
+def _executions(space: str) -> dict:
+    return executions(os.path.join(space, "sidefx"))
 
 
 def test_driver_killed_then_rerun(space, seed):

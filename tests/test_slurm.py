@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from conftest import ROOT
+from test_durable_mpi import executions
 from hoplite_mpi.durable import storage as S
 
 JOBSCRIPTS = os.path.join(ROOT, "jobscripts")
@@ -364,15 +365,6 @@ def _durable_space() -> str:
     return base
 
 
-def _executions(sidefx: str) -> dict:
-    """(task index, durable key) -> the allocations (SLURM_RESTART_COUNT) it was executed in."""
-    got = collections.defaultdict(list)
-    for name in os.listdir(sidefx):
-        i, key, run, _pid = name.split(".")
-        got[int(i), key].append(int(run))
-    return got
-
-
 def _check_durable_job(fields: dict, output: str, sidefx: str, root: str, result: str,
                        tasks: int, restarts: int, states: list) -> dict:
     """The checks common to the durable jobs (``states``: as seen while waiting); returns the
@@ -394,7 +386,7 @@ def _check_durable_job(fields: dict, output: str, sidefx: str, root: str, result
 
     got = json.load(open(result))
     assert [r[:2] for r in got["results"]] == got["reference"] and all(r[2] for r in got["results"])
-    runs = _executions(sidefx)
+    runs = executions(sidefx)      # (run = the allocation: SLURM_RESTART_COUNT)
     keys_of = collections.defaultdict(set)
     for i, key in runs:
         keys_of[i].add(key)
