@@ -86,3 +86,38 @@ def test_attach_keeps_one_directory(tmp_path):
     with pytest.raises(ValueError, match="cannot change"):
         attach(wf, str(tmp_path / "b"), True, made.append)
     assert os.path.isfile(tmp_path / "a" / "hoplite-storage.json")
+
+
+def test_a_second_loss_report_after_the_read_back_is_not_a_second_read_back(tmp_path):
+    """Rank 0 reads a lost committed result back from storage once (Driver._reread): the
+    ObjectLost that a second shard rank or a DirCheck sends after it is answered by the copy
+    already here (a CI run counted two read-backs of one object)."""
+    import types
+
+    from hoplite_mpi import protocol as P
+    from hoplite_mpi.roles.driver import Driver
+    from hoplite_mpi.scheduler import TaskSpec
+
+    root = S.open_root(str(tmp_path / "st"))
+    key = "ab" + "0" * 62
+    assert S.commit(root, key, [serialize(np.arange(7))], {})[0]
+    kept, puts = {}, []
+
+    def put(frames, oid):
+        puts.append(oid)
+        kept[oid] = frames
+        return oid
+
+    config = types.SimpleNamespace(tasks_per_worker=2, worker_deps=True, worker_threads=1)
+    ctx = types.SimpleNamespace(config=config, shard_ranks=[1, 2], shards=[1, 2],
+                                catalog=types.SimpleNamespace(put=put), store={},
+                                workflow=Workflow(root))
+    driver = Driver(ctx, [1, 2])
+    task = TaskSpec(task_id=1000, num_returns=1, fn_id=b"f", fn_blob=None, args_blob=b"",
+                    deps=(), owner=0, name="make", durable=(root, key, False, False))
+    oid = task.return_ids[0]
+    driver.scheduler.lineage[oid] = task
+    for _ in range(3):
+        driver.on_object_lost(1, P.ObjectLost(oid, 1))
+    assert puts == [oid] and ctx.workflow.stats["reread"] == 1
+    assert deserialize(kept[oid]).tolist() == list(range(7))
