@@ -129,6 +129,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     run = sub.add_parser("run", help="run a script on N ranks under mpirun")
     run.add_argument("-n", "--np", type=int, default=os.cpu_count() or 1, help="number of ranks")
     run.add_argument("--no-ft", action="store_true", help="do not pass --with-ft ulfm (Open MPI)")
+    run.add_argument("--stats", action="store_true",
+                     help="print every rank's stats as a table when the job ends "
+                          "(HOPLITE_MPI_PRINT_STATS=1)")
     run.add_argument("--mpirun-arg", action="append", default=[], help="extra argument for mpirun")
     run.add_argument("program", nargs="?", help="script.py [args] | -m module [args] | info")
     sub.add_parser("info", help="print the MPI library, thread level, ranks and ULFM availability")
@@ -166,6 +169,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .jobwatch import run_watched
 
     with own_session_dir() as env:
+        if args.stats:
+            env["HOPLITE_MPI_PRINT_STATS"] = "1"
         return run_watched(cmd, env, driver=program[:3] != ["-m", "hoplite_mpi.cli", "info"])
 
 

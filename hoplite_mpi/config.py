@@ -133,6 +133,8 @@ class Config:
         timeline: a file to write the whole run's timeline to (Chrome trace events, written when
             the driver shuts down; ``hoplite_mpi/tracing.py``).  "": not recorded (unless
             ``hm.timeline()`` starts it).
+        print_stats: when the driver shuts down, gather every rank's ``hm.stats()`` and print a
+            summary table on its stderr (``hoplite-mpi run --stats``; ``hoplite_mpi/rankstats.py``).
         submit_batch: tasks submitted in a burst (``remote()`` calls in a row, with no other
             call to the engine in between) reach the engine as one call and the scheduler as
             one event, placed in one pass; False: one engine call and one event per task.
@@ -172,6 +174,7 @@ class Config:
     forward_output: bool = True
     stall_timeout: float = 60.0
     timeline: str = ""
+    print_stats: bool = False
 
     def __post_init__(self) -> None:
         positive = ("chunk_size", "window", "tasks_per_worker", "worker_threads", "replication")

@@ -10,42 +10,50 @@ import concurrent.futures as cf
 import time
 from typing import Any, Iterable, NamedTuple, Optional, Union
 
-from . import session
+from . import rankstats, session
 from .config import Config
 from .errors import ObjectDeletedError
 from .objectref import ObjectRef, check_refs
 from .store import DELETED
 from .values import Blocking, remaining
 
-# the named counters of a rank (always in stats(), 0 until counted)
-COUNTERS = ("pulls", "serves", "replicas", "transfer_errors", "reduces_replanned",
-            "reduce_bytes_kept", "auto_freed", "ranks_lost", "worker_crashes", "engine_errors",
-            "tasks_ahead")
-
-
-def stats() -> dict:
-    """A snapshot of this rank's counters (taken on its engine thread, so one instant).
+def stats(all_ranks: bool = False, timeout: float = 30.0) -> dict:
+    """A snapshot of this rank's counters (taken on its engine thread, so one instant); with
+    ``all_ranks`` (driver only) every live rank's, as a dict rank -> that dict (gathered by
+    messages; ranks that do not answer within ``min(timeout, 10)`` seconds are left out).
 
     Returns a new dict:
 
-    - the counters of :data:`COUNTERS`, each an int since the runtime started (0 if nothing was
-      counted): ``pulls`` (chunked copies this rank fetched), ``serves`` (pulls it served),
-      ``replicas`` (background copies it asked for as a shard primary), ``transfer_errors``
-      (fetches that failed with a TransferError), ``reduces_replanned`` (driver: reduces
-      re-planned after a rank loss), ``reduce_bytes_kept`` (driver: result bytes those re-plans
-      did not compute again), ``auto_freed`` (driver: objects freed when their last ref went),
-      ``ranks_lost`` (ranks this rank saw die), ``worker_crashes`` (driver: tasks whose process
-      exited under them), ``engine_errors`` (messages whose handling raised: a bug),
-      ``tasks_ahead`` (worker: tasks placed here before their inputs were made, see
-      ``Config.worker_deps``); any other
+    - the counters of :data:`~hoplite_mpi.rankstats.COUNTERS`, each an int since the runtime
+      started (0 if nothing was counted): ``pulls`` (chunked copies this rank fetched),
+      ``serves`` (pulls it served), ``replicas`` (background copies it asked for as a shard
+      primary), ``transfer_errors`` (fetches that failed with a TransferError),
+      ``reduces_replanned`` (driver: reduces re-planned after a rank loss),
+      ``reduce_bytes_kept`` (driver: result bytes those re-plans did not compute again),
+      ``auto_freed`` (driver: objects freed when their last ref went), ``ranks_lost`` (ranks
+      this rank saw die), ``worker_crashes`` (driver: tasks whose process exited under them),
+      ``engine_errors`` (messages whose handling raised: a bug), ``tasks_ahead`` (worker:
+      tasks placed here before their inputs were made, see ``Config.worker_deps``); any other
       counter of the runtime appears too;
+    - ``tasks_run``: tasks this rank executed (failed ones included; 0 on a rank without
+      tasks); ``busy_s``: wall seconds during which at least one task ran here;
+      ``idle_cpu_s``: this process's CPU seconds while no task ran (the runtime's own cost on
+      an idle rank: polling, serving, messages; None on a rank that runs no tasks);
+      ``cpu_s``: the process's CPU seconds (all threads, tasks included) and ``wall_s`` the
+      seconds since the runtime started;
+    - ``bytes_sent``, ``bytes_received``: object bytes this rank's data streams moved
+      (chunks of pulls, reduce steps and broadcasts; point-to-point, completed requests);
+      ``control_batches_sent``, ``control_batches_received``, ``control_bytes_received``:
+      control-message batches (pickled lists) and the received batches' bytes;
     - ``messages``: dict message type name -> messages of that type this rank received;
     - ``store_objects``, ``store_bytes``: copies (complete or being received) in this rank's
       object store and their bytes (small values cached outside the store are not counted);
     - ``dead_ranks``: sorted list of the ranks this rank knows are dead;
     - ``rank``: this rank; ``rank_loss_tolerance``: whether ULFM rank-loss tolerance is active;
-    - ``scheduler``: on the driver, dict ``submitted``/``done``/``failed``/``retried``/``rebuilt``
-      (tasks), else None;
+    - ``scheduler``: on the driver, dict of task counts: ``submitted``; ``done`` (finished on a
+      worker), ``errored`` (of those, with an exception as result); ``failed`` (failed without
+      running: an input's error, a dead pinned rank); ``retried``; ``rebuilt`` (re-run from
+      lineage to remake a lost result), else None;
     - ``stragglers``: on the driver, the ranks named so far as much slower than the median rank
       for a function's tasks (dicts ``rank``, ``function``, ``mean_s``, ``median_s``,
       ``ratio``, ``tasks``; roles/stragglers.py), else None;
@@ -56,30 +64,19 @@ def stats() -> dict:
       key), ``committed_at_start``; else None.  A worker counts ``persisted``,
       ``persist_dups``, ``persist_errors``, ``persist_bytes`` and ``persist_us`` (writer time).
 
-    Raises NotInitializedError / RuntimeShutdownError without a running runtime.
+    ``hoplite-mpi run --stats`` (``Config.print_stats``) prints every rank's as a table when
+    the job ends.
+
+    Raises NotInitializedError / RuntimeShutdownError without a running runtime; RuntimeError
+    for ``all_ranks`` off the driver; concurrent.futures.TimeoutError if gathering took longer
+    than ``timeout`` seconds.
     """
     rt = session.current()
-    return rt.call(_snapshot, rt)
-
-
-def _snapshot(rt: Any) -> dict:
-    """(engine thread) The dict of :func:`stats`."""
-    counters = dict(rt.stats)
-    out: dict = {name: counters.get(name, 0) for name in COUNTERS}
-    out.update((k, v) for k, v in counters.items() if not k[:1].isupper())
-    out["messages"] = {k: v for k, v in sorted(counters.items()) if k[:1].isupper()}
-    out["store_objects"] = len(rt.store)
-    out["store_bytes"] = rt.store.bytes_used
-    out["dead_ranks"] = sorted(rt.dead)
-    out["rank"] = rt.rank
-    out["rank_loss_tolerance"] = bool(rt.transport.ft)
-    scheduler = rt.scheduler
-    out["scheduler"] = dict(scheduler.stats) if scheduler is not None else None
-    driver = rt.ctx.driver
-    out["stragglers"] = driver.stragglers.reports() if driver is not None else None
-    workflow = getattr(rt, "workflow", None)
-    out["durable"] = workflow.snapshot() if workflow is not None else None
-    return out
+    if all_ranks:
+        if rt.rank != 0:
+            raise RuntimeError("hm.stats(all_ranks=True) is called on the driver (rank 0)")
+        return dict(sorted(rt.gather_stats(timeout)[0].items()))
+    return rt.call(rankstats.snapshot, rt)
 
 
 def dead_ranks() -> list[int]:

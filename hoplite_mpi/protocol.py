@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import operator
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Any, Optional
 
 
 def message(cls: type) -> type:
@@ -429,39 +429,25 @@ class Output:
 
 
 @message
-class StateRequest:
-    """Rank 0 -> every rank: describe your state (a stall report, roles/stall.py)."""
+class Ask:
+    """Rank 0 -> every rank: answer question ``what`` (with ``arg``): "state" (a stall report),
+    "timeline" (start recording if ``arg``, else the events so far), "stats" (the rank's
+    counters); roles/gather.py."""
 
     token: int
+    what: str
+    arg: Any
 
 
 @message
-class StateReply:
-    """Answer to :class:`StateRequest`: ``text`` is the rank's state (debug.engine_state)."""
-
-    token: int
-    rank: int
-    text: str
-
-
-@message
-class TimelineRequest:
-    """Rank 0 -> every rank: start recording the timeline (``start``), or send what was
-    recorded (tracing.py)."""
-
-    token: int
-    start: bool
-
-
-@message
-class TimelineReply:
-    """Answer to :class:`TimelineRequest`: the rank's events (on its own clock) and its clock
-    (``time.perf_counter``) when it answered."""
+class Answer:
+    """Answer to :class:`Ask`: the rank's ``payload`` and its clock (``time.perf_counter``)
+    when it answered (rank 0 estimates clock offsets from it)."""
 
     token: int
     rank: int
     now: float
-    events: list
+    payload: Any
 
 
 @message

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Optional
 
-from . import faults, malloc
+from . import faults, malloc, rankstats
 from . import tracing as timeline
 from . import protocol as P
 from .config import Config
@@ -40,6 +41,7 @@ from .roles.coordinator import Coordination
 from .roles.driver import Driver
 from .output import Output
 from .roles.drain import DrainRole
+from .roles.gather import Gather
 from .roles.stall import StallRole
 from .roles.stragglers import EVERY as STRAGGLER_CHECK
 from .roles.timeline_role import TimelineRole
@@ -67,6 +69,7 @@ class Runtime:
                  clock: Callable[[], float] = time.monotonic, threads: bool = True,
                  worker: Optional[Callable[..., Any]] = None,
                  exit_process: Callable[[int], None] = os._exit) -> None:
+        self.started = (time.perf_counter(), time.process_time())   # (stats: wall_s, cpu_s)
         if transport is None:
             from .transport.mpi import MPITransport
             transport = MPITransport(comm, config.window)
@@ -108,8 +111,10 @@ class Runtime:
             if rank != 0 and threads:
                 guard_exit(ctx.tasks.task_exits)
         self.shutdown_role = Shutdown(ctx, ctx.tasks.close if ctx.tasks else lambda: None)
-        self.stall = StallRole(ctx)
-        self.trace = TimelineRole(ctx)
+        self.gather = Gather(ctx)         # (rank 0 asks every rank: roles/gather.py)
+        self.gather.answerers["stats"] = lambda arg: rankstats.snapshot(self)
+        self.stall = StallRole(ctx, self.gather)
+        self.trace = TimelineRole(ctx, self.gather)
         if config.timeline and threads:
             timeline.start(rank)      # (the whole run: written when the driver shuts down)
         self.sent_blobs: set = set()   # function ids already sent to the scheduler from here
@@ -148,8 +153,7 @@ class Runtime:
         on(P.ReduceStep, steps.on_step)                    # objects/reduce_node.py
         on(P.ReduceLate, steps.on_late)
         on(P.ReduceAbort, steps.on_abort)
-        on(P.StateRequest, self.stall.on_request)          # roles/stall.py
-        on(P.TimelineRequest, self.trace.on_request)       # roles/timeline_role.py
+        on(P.Ask, self.gather.on_ask)                      # roles/gather.py
         on(P.Heartbeat, lambda src, m: None)               # (any message is a sign of life)
         engine.quiet.add(P.Heartbeat)
         on(P.MemberDown, self.membership.on_member_down)   # roles/membership.py
@@ -165,8 +169,7 @@ class Runtime:
             on(P.TaskExit, driver.on_task_exit)
             on(P.Persisted, driver.on_persisted)
             on(P.Output, Output.on_output)                 # output.py
-            on(P.StateReply, self.stall.on_reply)
-            on(P.TimelineReply, self.trace.on_reply)
+            on(P.Answer, self.gather.on_answer)
             on(P.ReduceRequest, coordinator.on_request)
             on(P.ReduceStepDone, coordinator.on_step_done)
             on(P.ReduceResume, coordinator.on_resume)
@@ -239,6 +242,13 @@ class Runtime:
                 self.call(self.ctx.driver.stragglers.check, 0.0, timeout=5.0)   # (the last look)
             except Exception:
                 pass
+        if self.rank == 0 and self.config.print_stats:
+            try:
+                per_rank, silent = self.gather_stats()
+                sys.__stderr__.write(rankstats.table(per_rank, silent))
+                sys.__stderr__.flush()
+            except Exception as exc:       # (the job's end must not depend on it)
+                log.warning("the job's stats could not be gathered: %s", exc)
         if self.rank == 0 and self.config.timeline and timeline.recorder is not None:
             try:
                 self.write_timeline(self.config.timeline)
@@ -417,14 +427,23 @@ class Runtime:
             raise RuntimeError("the timeline is not being recorded: set HOPLITE_MPI_TIMELINE=path "
                                "or call hm.timeline() first")
         fut = self.waiter()
-        self.call_soon(self.trace.gather, False, lambda per_rank, offsets: fut.set_result((per_rank, offsets)))
+        self.call_soon(self.trace.gather_events, False, lambda per_rank, offsets: fut.set_result((per_rank, offsets)))
         per_rank, offsets = fut.result(timeout)
         return timeline.write(path, per_rank, offsets)
+
+    def gather_stats(self, timeout: float = 30.0) -> tuple[dict, list[int]]:
+        """(driver) Every live rank's ``hm.stats()`` dict (rank -> dict), and the ranks that did
+        not answer within ``min(timeout, 10)`` seconds.  Raises concurrent.futures.TimeoutError
+        if the engine did not finish gathering within ``timeout``."""
+        fut = self.waiter()
+        self.call_soon(self.gather.ask, "stats", None, min(timeout, 10.0),
+                       lambda answers: fut.set_result((answers.payloads, answers.silent)))
+        return fut.result(timeout)
 
     def start_timeline(self, timeout: float = 60.0) -> None:
         """(driver) Start recording the timeline on every rank."""
         fut = self.waiter()
-        self.call_soon(self.trace.gather, True, lambda *a: fut.set_result(None))
+        self.call_soon(self.trace.gather_events, True, lambda *a: fut.set_result(None))
         fut.result(timeout)
 
     @property

@@ -250,7 +250,10 @@ class Scheduler:
         self.ahead_count: dict[int, int] = {}           # missing object -> tasks placed ahead on it
         self.revoking: set[int] = set()                 # placed tasks whose cancel was asked of the worker
         self.draining = False                           # Drain: no task is placed any more
-        self.stats = {"submitted": 0, "done": 0, "failed": 0, "retried": 0, "rebuilt": 0}
+        # done: finished on a worker ("errored": of those, with an exception as result);
+        # failed: failed without running (a dependency's error, a dead pinned rank, ...)
+        self.stats = {"submitted": 0, "done": 0, "errored": 0, "failed": 0, "retried": 0,
+                      "rebuilt": 0}
         self._handlers: dict[type, Callable] = {
             TaskSpec: self._submit, Submitted: self._submit_many, TaskDone: self._task_done, TaskBlocked: self._task_blocked,
             ObjectLost: self._object_lost, TaskExit: self._task_exit,
@@ -573,6 +576,8 @@ class Scheduler:
         if not task.blocked:
             self.inflight[task.rank] -= 1
         self.stats["done"] += 1
+        if msg.results and msg.results[0].error:
+            self.stats["errored"] += 1
         for info in msg.results:
             self.producer.pop(info.object_id, None)
             self._completed.append(info)

@@ -95,6 +95,41 @@ class DepPlaceholder:
         return (DepPlaceholder, (self.index,))
 
 
+class BusyClock:
+    """When this rank runs tasks (thread-safe): ``busy_s``, wall seconds with at least one task
+    running; ``idle_cpu_s``, this process's CPU seconds (every thread: polling, serving,
+    messages) while none ran, i.e. what the runtime costs a rank that has nothing to do."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._busy = 0.0
+        self._idle_cpu = 0.0
+        self._since = time.perf_counter()        # start of the current busy period
+        self._cpu_mark = time.process_time()     # start of the current idle period
+
+    def begin(self) -> None:
+        with self._lock:
+            if not self._running:
+                self._idle_cpu += time.process_time() - self._cpu_mark
+                self._since = time.perf_counter()
+            self._running += 1
+
+    def end(self) -> None:
+        with self._lock:
+            self._running -= 1
+            if not self._running:
+                self._busy += time.perf_counter() - self._since
+                self._cpu_mark = time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        """(busy_s, idle_cpu_s) up to now."""
+        with self._lock:
+            if self._running:
+                return self._busy + time.perf_counter() - self._since, self._idle_cpu
+            return self._busy, self._idle_cpu + time.process_time() - self._cpu_mark
+
+
 class Functions:
     """The functions and executor initializers sent to this rank (``RunTask.blobs``), each
     loaded, or run, once (thread-safe)."""
@@ -160,6 +195,7 @@ class TaskRunner:
         self.threads = threads
         self.functions = Functions(rank)
         self.executed = 0
+        self.clock = BusyClock()
         self._fetch = fetch
         self._held = held
         self._finished = finished
@@ -186,6 +222,7 @@ class TaskRunner:
         _context.blocked = False
         _context.seconds = 0.0
         started = time.perf_counter()
+        self.clock.begin()
         try:
             results = self._run(spec, msg.deps)
         except BaseException as exc:  # the task's own error, or a failure to load/resolve it
@@ -193,6 +230,7 @@ class TaskRunner:
             results = [(error, True)] * spec.num_returns
         finally:
             _context.task_id = _context.key = None
+            self.clock.end()
         self.executed += 1
         rec = timeline.recorder
         if rec is not None:

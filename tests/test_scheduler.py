@@ -199,7 +199,7 @@ def test_tasks_per_worker_cap_holds_tasks_back_until_task_done():
     assert s.task_done(done(d, 1)) == []
     assert s.pending() == 0
     assert s.completed == [value(20, 1), value(10, 1), value(30, 1), value(40, 1)]
-    assert s.stats == {"submitted": 4, "done": 4, "failed": 0, "retried": 0, "rebuilt": 0}
+    assert s.stats == {"submitted": 4, "done": 4, "errored": 0, "failed": 0, "retried": 0, "rebuilt": 0}
 
 
 def test_duplicate_task_done_is_ignored():
@@ -307,7 +307,7 @@ def test_error_result_propagates_to_dependents_as_error_objects():
     assert type(exc) is ValueError and exc.args == ("boom",)
     assert isinstance(exc.__cause__, RemoteTraceback) and exc.__cause__.rank == 1
     assert s.pending() == 0
-    assert s.stats == {"submitted": 3, "done": 1, "failed": 2, "retried": 0, "rebuilt": 0}
+    assert s.stats == {"submitted": 3, "done": 1, "errored": 1, "failed": 2, "retried": 0, "rebuilt": 0}
 
 
 def test_task_submitted_on_a_failed_object_fails_at_once():

@@ -1,5 +1,5 @@
 """The stall report (issue 15): when the job has made no progress for ``Config.stall_timeout``
-seconds while work is outstanding, rank 0 asks every rank for its state (``StateRequest``) and
+seconds while work is outstanding, rank 0 asks every rank for its state (roles/gather.py) and
 prints one report for the whole job on its stderr: what the driver and each task waits for,
 where those objects are, which ranks did not answer, and the likely culprit.  ``SIGUSR2`` to
 rank 0 prints the same report at once (debug.py; other ranks print their own state).
@@ -15,9 +15,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .. import protocol as P
 from ..ids import format_id
 from ..scheduler import TaskState
+from .gather import Answers, Gather
 
 REPLY_WAIT = 5.0      # seconds rank 0 waits for the ranks' answers
 PROGRESS = ("TaskDone", "ReduceStepDone", "Fetched", "Persisted", "DirSender")
@@ -26,21 +26,16 @@ PROGRESS = ("TaskDone", "ReduceStepDone", "Fetched", "Persisted", "DirSender")
 class StallRole:
     """Every rank answers StateRequests; rank 0 (:meth:`install`) watches for stalls."""
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: Any, gather: Gather) -> None:
         self.ctx = ctx
-        self.token = 0
-        self.replies: dict[int, str] = {}
-        self.asked: set[int] = set()
+        self.gather = gather
+        gather.answerers["state"] = lambda arg: ctx.engine_state()     # (every rank)
+        self.answers = Answers({}, {}, set())
         self.reason = ""
         self.printing = False
         self.marker: tuple = ()
         self.since = 0.0           # clock time of the last progress (or of the last report)
         self.reports = 0
-
-    # --- every rank -------------------------------------------------------------------------
-
-    def on_request(self, source: int, msg: P.StateRequest) -> None:
-        self.ctx.send(source, P.StateReply(msg.token, self.ctx.rank, self.ctx.engine_state()))
 
     # --- rank 0 ---------------------------------------------------------------------------------
 
@@ -74,43 +69,27 @@ class StallRole:
     def report(self, reason: str) -> None:
         """(engine) Ask every live rank for its state; print once all answered or after
         ``REPLY_WAIT`` seconds."""
-        ctx = self.ctx
-        self.token += 1
-        self.replies, self.reason, self.printing = {}, reason, True
-        self.asked = {r for r in range(ctx.size) if r != ctx.rank and r not in ctx.dead}
-        for rank in sorted(self.asked):
-            ctx.send(rank, P.StateRequest(self.token))
-        ctx.engine.timers.call_later(REPLY_WAIT, self._print, self.token)
-        if not self.asked:
-            self._print(self.token)
-
-    def on_reply(self, source: int, msg: P.StateReply) -> None:
-        if msg.token != self.token or not self.printing:
+        if self.printing:
             return
-        self.replies[msg.rank] = msg.text
-        if set(self.replies) >= self.asked:
-            self._print(self.token)
+        self.reason, self.printing = reason, True
+        self.gather.ask("state", None, REPLY_WAIT, self._print)
 
-    def _print(self, token: int) -> None:
-        if token != self.token or not self.printing:
-            return
-        self.printing = False
+    def _print(self, answers: Answers) -> None:
+        self.answers, self.printing = answers, False
         self.reports += 1
         sys.__stderr__.write(self.text())
         sys.__stderr__.flush()
 
     def text(self) -> str:
         """The report (rank 0's view, the answers received so far)."""
-        ctx = self.ctx
-        silent = sorted(self.asked - set(self.replies))
+        silent = self.answers.silent
         lines = [f"==== hoplite_mpi stall report: {self.reason} ===="]
         lines += self._waits()
         if silent:
             lines.append(f"silent ranks (no answer within {REPLY_WAIT:.0f} s): {silent}")
         lines.append("likely culprit: " + self._culprit(silent))
-        lines.append(ctx.engine_state().rstrip())
-        for rank in sorted(self.replies):
-            lines.append(self.replies[rank].rstrip())
+        for rank, text in sorted(self.answers.payloads.items()):
+            lines.append(str(text).rstrip())
         lines.append("==== end of stall report ====")
         return "\n".join(lines) + "\n"
 

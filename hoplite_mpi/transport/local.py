@@ -308,12 +308,14 @@ class LocalTransport(StreamTransport):
             return
         req = _Req(None, 0, (dest,))
         self._sends.append(req)
+        self.batches_sent += 1
         self.net.post(self.rank, dest, self.net.deliver_control, self.rank, dest,
                       pickle.dumps(batch, protocol=5), req)
 
     def receive(self) -> list[tuple[int, list]]:
         got = list(self.inbox)
         self.inbox.clear()
+        self.batches_received += len(got)
         return got
 
     def failures(self) -> list[int]:

@@ -70,6 +70,7 @@ class MPITransport(StreamTransport):
             self._sends.append(self.comm.isend(batch, dest, Tag.CONTROL))
         except MPI.Exception:     # the peer died (reported by failures())
             return
+        self.batches_sent += 1
         self.bell.ring(dest)
 
     def wait(self, timeout: float) -> bool:
@@ -107,7 +108,9 @@ class MPITransport(StreamTransport):
             source = status.Get_source()
             try:
                 if status.Get_tag() == Tag.CONTROL:
+                    self.control_bytes_received += status.Get_count(MPI.BYTE)
                     got.append((source, msg.recv()))
+                    self.batches_received += 1
                 else:
                     msg.Recv([bytearray(max(1, status.Get_count(MPI.BYTE))), MPI.BYTE])
             except MPI.Exception as exc:   # the sender died before its message was complete

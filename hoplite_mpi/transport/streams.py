@@ -124,6 +124,8 @@ class StreamTable:
         self.tag_ub = tag_ub
         self.streams: list[Stream] = []
         self.drains: list[list] = []     # [peer, tag, deadline, [(request, buffer)]]
+        self.bytes_sent = 0              # object bytes whose send request completed
+        self.bytes_received = 0          # object bytes whose receive request completed
 
     def data_tag(self, tag: int) -> int:
         """The transport tag of stream ``tag`` (wrapped below the tag upper bound)."""
@@ -217,8 +219,12 @@ class StreamTable:
         while s.inflight and self.requests.test(s.inflight[0][0]):
             _, nbytes = s.inflight.popleft()
             progressed = True
-            if s.on_chunk is not None:
-                s.on_chunk(nbytes)
+            if s.send:
+                self.bytes_sent += nbytes
+            else:
+                self.bytes_received += nbytes
+                if s.on_chunk is not None:
+                    s.on_chunk(nbytes)
         limit = len(s.chunks) if s.available is None else min(len(s.chunks), s.available())
         while s.next < limit and len(s.inflight) < self.window:
             buf = s.chunks[s.next]
@@ -322,6 +328,9 @@ class StreamTransport(Transport):
 
     streams: StreamTable
     _sends: list
+    batches_sent = 0                 # (counted by the subclasses; instance attributes once set)
+    batches_received = 0
+    control_bytes_received = 0
 
     @abc.abstractmethod
     def _prune_sends(self) -> bool:
@@ -367,3 +376,12 @@ class StreamTransport(Transport):
 
     def stream_summary(self) -> list[str]:
         return self.streams.summary()
+
+    def traffic(self) -> dict:
+        """Bytes moved by this rank's data streams (object chunks), and its control batches
+        sent and received (their bytes where the transport knows them), since it started."""
+        return {"bytes_sent": self.streams.bytes_sent,
+                "bytes_received": self.streams.bytes_received,
+                "control_batches_sent": self.batches_sent,
+                "control_batches_received": self.batches_received,
+                "control_bytes_received": self.control_bytes_received}
