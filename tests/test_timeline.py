@@ -4,15 +4,21 @@ was pulled; ``python -m hoplite_mpi.trace summary`` reads it; HOPLITE_MPI_TIMELI
 whole run."""
 from __future__ import annotations
 
+import bisect
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import HERE, ROOT, run_job
+
+from hoplite_mpi.config import Config
+from hoplite_mpi.serialization import serialize
+from hoplite_mpi.store import chunk_ends, object_plan
 
 WORKLOAD = os.path.join(HERE, "mpi", "timeline_workload.py")
 
@@ -185,6 +191,19 @@ def test_a_replanned_reduce_is_an_instant_event(tmp_path):
         (final,) = [s for s in steps if s["args"].get("result") == args["result"]
                     and s["args"]["reduce"] == whole["args"]["attempts"][-1]]
         assert final["pid"] == 0 and final["args"]["outcome"] == "done", final
+    # the new attempts' steps pulled only the chunks after the bytes kept, each stream exactly
+    # (the fault workload's inputs: 1 << 20 int64 values)
+    ends = chunk_ends(object_plan([memoryview(f).nbytes for f in
+                                   serialize(np.zeros(1 << 20, np.int64))], Config()))
+    for e in replans:
+        first = bisect.bisect_right(ends, e["args"]["bytes_kept"])
+        offset = ends[first - 1] if first else 0
+        new = [s for s in steps if s["args"]["reduce"] == e["args"]["reduce"]]
+        assert new and first < len(ends)
+        for s in new:
+            streams = len(s["args"]["peers"])
+            assert s["args"]["bytes"] == streams * (ends[-1] - offset), (e, s)
+            assert s["args"]["chunks"] == streams * (len(ends) - first), (e, s)
     # the abandoned attempts' steps ended failed or aborted, never as the final result
     old = {a for w in wholes.values() for a in w["args"]["attempts"][:-1]}
     assert old and all(s["args"]["outcome"] != "done" for s in steps
