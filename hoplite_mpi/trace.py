@@ -61,20 +61,25 @@ def text(summary: dict) -> str:
 
 
 def plot(summary: dict, path: str) -> None:
+    """Each rank's shares as a group of bars, one per kind and "other" (grouped, not stacked:
+    kinds overlap, e.g. a task's wait for its inputs lies within the task)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ranks = list(summary)
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.4 * len(ranks)))
-    left = [0.0] * len(ranks)
+    kinds = KINDS + ("other",)
     colors = ("tab:blue", "tab:orange", "tab:red", "tab:green", "lightgray")
-    for kind, color in zip(KINDS + ("other",), colors):
+    height = 0.8 / len(kinds)
+    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.6 * len(ranks)))
+    for k, (kind, color) in enumerate(zip(kinds, colors)):
         vals = [100 * summary[r][kind] / (summary[r]["span_s"] or 1) for r in ranks]
-        ax.barh([f"rank {r}" for r in ranks], vals, left=left, color=color, label=kind)
-        left = [a + b for a, b in zip(left, vals)]
-    ax.set_xlabel("% of the traced span")
+        ax.barh([i - 0.4 + (k + 0.5) * height for i in range(len(ranks))], vals, height=height,
+                color=color, label=kind)
+    ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("% of the traced span (kinds overlap)")
     ax.invert_yaxis()
-    ax.legend(ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.legend(ncol=5, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
