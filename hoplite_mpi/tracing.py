@@ -6,13 +6,33 @@ the whole run, written when the driver shuts down) or the driver calls ``hm.time
 (recording starts on every rank) and later ``hm.timeline("trace.json")`` (written at once).
 When off, each hook costs one test of a module global.
 
-Events, per rank (``pid`` = rank; ``tid`` = the thread): tasks (name, id; "X" complete events
-on the executor thread), a task's wait for its inputs, object transfers into this rank (object,
-bytes, peer; from the pull to the last chunk), rank losses (instant events).  Each rank stamps
-events with its own ``time.perf_counter``; when rank 0 gathers them it estimates each rank's
-clock offset from the request/reply round trip (offset = the rank's clock at its reply minus the
-midpoint of rank 0's send and receive times) and shifts the rank's events onto its own clock;
-the error is at most half the round trip (``args.offset_error_us`` in the metadata).
+Events, per rank (``pid`` = rank; ``tid`` = the thread, or a lane named after the kind), by
+``cat``; "X" complete events unless said otherwise; times in microseconds, sizes in bytes:
+
+- ``task``: a task run (name, id; on the executor thread).
+- ``wait``: a task's wait for its inputs; the driver's ``get``.
+- ``transfer`` (lane "transfers"): an object stream into this rank, from the ``Pull`` to the last
+  chunk (object, bytes, peer): fetches, broadcast copies, and a reduce step's child streams
+  (``reduce: true``).
+- ``collective`` (lane "collectives"): a reduce step (objects/reduce_step.py: the attempt's
+  ``reduce`` id, ``step`` leaf/combine/copy, ``out``, ``result`` if final, the ``inputs``
+  combined here, the ``peers`` it received from, the ``chunks`` and ``bytes`` received,
+  ``outcome`` done/failed/aborted); a broadcast copy on a target (objects/broadcast.py: object,
+  ``root`` that asked, ``peer`` it came from, ``path`` held/inline/direct/directory, chunks,
+  bytes); on the rank that started them, a whole broadcast (targets, errors) and a whole reduce
+  (roles/coordinator.py: result, target, path, inputs used, attempts).
+- ``directory`` (lane "directory"): a ``DirLookup`` until its ``DirReply`` (object, shard rank,
+  answer holders/inline/none) and this rank's ``DirPull`` until its ``DirSender`` (answer: the
+  sender's rank, inline, deleted); objects/lookup.py, objects/fetch.py.
+- ``rank-loss``: a rank declared dead (instant).  ``replan``: a reduce planned again without the
+  dead ranks (instant, rank 0: result, new attempt id, dead ranks, ``bytes_kept`` of the result
+  already given out, inputs to place again).
+
+Each rank stamps events with its own ``time.perf_counter``; when rank 0 gathers them it estimates
+each rank's clock offset from the request/reply round trip (offset = the rank's clock at its
+reply minus the midpoint of rank 0's send and receive times) and shifts the rank's events onto
+its own clock; the error is at most half the round trip (``args.offset_error_us`` in the
+metadata).
 """
 from __future__ import annotations
 

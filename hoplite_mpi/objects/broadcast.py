@@ -8,19 +8,26 @@ the ``Fetch`` itself (``Config.small_collectives``): the target keeps it and ans
 one-chunk object held here is pulled from here at once (``Fetch.sender``,
 ``Config.broadcast_direct``).  Replicas (``Config.replication``) are made the same way, with
 ``REPLICA_TOKEN``.
+
+Timeline (hoplite_mpi/tracing.py): the broadcasting rank records each broadcast, and each target
+each copy it made for a ``Fetch`` (which object, from which rank, bytes and chunks received), as
+"collective" events.
 """
 from __future__ import annotations
 
+import bisect
+import time
 from typing import Any, Callable, Optional
 
 from .. import faults
 from .. import protocol as P
+from .. import tracing as timeline
 from ..context import Loss
 from ..errors import TransferError
-from ..ids import shard_of
+from ..ids import format_id, shard_of
 from ..protocol import ObjectInfo
 from ..serialization import rebuild_error
-from ..store import DELETED, one_chunk_per_frame
+from ..store import DELETED, chunk_ends, object_plan, one_chunk_per_frame
 
 
 class Broadcasts:
@@ -36,6 +43,8 @@ class Broadcasts:
         ctx = self.ctx
         ranks = [r for r in ranks if r not in ctx.dead]
         token = ctx.ids.next()
+        if timeline.recorder is not None:
+            done = self._traced_broadcast(object_id, len(ranks), done)
         self.running[token] = (set(ranks), {}, done)
         shard = ctx.shard_ranks(object_id)[0]
         # a small value known here goes to each target in the Fetch itself: one message out and
@@ -78,8 +87,11 @@ class Broadcasts:
         ctx = self.ctx
         if msg.token == P.REPLICA_TOKEN:
             faults.reached("replica")
+        traced = self._traced_copy(source, msg) if timeline.recorder is not None else None
 
         def reply(got: Any) -> None:
+            if traced is not None:
+                traced(got)
             error = "deleted" if got is DELETED else None
             if isinstance(got, ObjectInfo) and got.error:
                 exc = rebuild_error(got.inline)     # (an error object is a value: held fine)
@@ -105,6 +117,60 @@ class Broadcasts:
             ctx.fetcher.await_sender(oid, reply)
             return
         ctx.fetcher.fetch(oid, reply)
+
+    # --- timeline ----------------------------------------------------------------------------
+
+    def _traced_broadcast(self, object_id: int, targets: int, done: Callable) -> Callable:
+        """``done`` that first records the broadcast (from now on) as a "collective" event."""
+        began = time.perf_counter()
+
+        def traced(errors: dict) -> None:
+            rec = timeline.recorder
+            if rec is not None:
+                rec.complete(f"broadcast {format_id(object_id)}", "collective", began,
+                             time.perf_counter(), {"object": format_id(object_id),
+                                                   "targets": targets, "errors": len(errors)},
+                             tid="collectives")
+            done(errors)
+        return traced
+
+    def _traced_copy(self, source: int, msg: P.Fetch) -> Callable[[Any], None]:
+        """A callback for the outcome of ``msg`` (this rank's copy) that records it as a
+        "collective" event from now on: the object, the rank that asked (``root``), the one it
+        was received from (``peer``, the last sender if a pull resumed elsewhere; None if nothing
+        was pulled), ``path`` (``held``: here already; ``inline``: the value came in the Fetch;
+        ``direct``: pulled from the sender the Fetch named; ``directory``: from the sender the
+        shard named), and the bytes and chunks received (those not held here at the start)."""
+        ctx, oid = self.ctx, msg.object_id
+        began = time.perf_counter()
+        entry = ctx.store.get(oid)
+        held = entry.progress if entry is not None else 0
+        local = ctx.catalog.local_frames(oid)
+        if msg.info is not None:
+            path = "inline"
+        elif local is not None and local is not DELETED:
+            path = "held"
+        else:
+            path = "direct" if msg.sender is not None else "directory"
+        what = "replica" if msg.token == P.REPLICA_TOKEN else "broadcast"
+
+        def traced(got: Any) -> None:
+            rec = timeline.recorder
+            if rec is None:
+                return
+            peer = ctx.fetcher.sender_of(oid) if path not in ("held", "inline") else None
+            now = ctx.store.get(oid)
+            nbytes = chunks = 0
+            failed = got is DELETED or (isinstance(got, ObjectInfo) and bool(got.error))
+            if now is not None and not failed and not isinstance(got, ObjectInfo):   # (frames)
+                ends = chunk_ends(object_plan(now.sizes, ctx.config))
+                nbytes = now.nbytes - held
+                chunks = len(ends) - bisect.bisect_right(ends, held)
+            rec.complete(f"{what} copy {format_id(oid)}", "collective", began, time.perf_counter(),
+                         {"object": format_id(oid), "root": source, "peer": peer, "path": path,
+                          "bytes": nbytes, "chunks": chunks, "error": failed},
+                         tid="collectives")
+        return traced
 
     def on_fetched(self, source: int, msg: P.Fetched) -> None:
         if msg.token == P.REPLICA_TOKEN:   # a background replica is complete (it registered itself)

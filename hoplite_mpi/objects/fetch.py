@@ -44,7 +44,8 @@ class Fetcher:
         self.fetching: dict[int, list[Callable]] = {}
         self.producing: dict[int, list[Callable]] = {}
         self.receiving: dict[int, tuple[int, int]] = {}
-        self._began: dict[int, tuple] = {}       # (timeline) into -> (start, sender, bytes)
+        self._began: dict[int, tuple] = {}       # (timeline) into -> (start, sender, bytes, source)
+        self._asked: dict[int, tuple] = {}       # (timeline) object -> (DirPull sent s, shard rank)
 
     # --- entry points ------------------------------------------------------------------------
 
@@ -158,7 +159,10 @@ class Fetcher:
 
     def ask_sender(self, oid: int) -> None:
         """Ask the object's shard for a sender for this rank (answered by :meth:`on_sender`)."""
-        self.ctx.send(self.ctx.shard_ranks(oid)[0], P.DirPull(oid, self.ctx.rank))
+        shard = self.ctx.shard_ranks(oid)[0]
+        if timeline.recorder is not None:
+            self._asked[oid] = (time.perf_counter(), shard)
+        self.ctx.send(shard, P.DirPull(oid, self.ctx.rank))
 
     def _ask_later(self, oid: int) -> None:
         """Ask again after :data:`RETRY_DELAY` seconds, if a reader still waits then."""
@@ -173,6 +177,8 @@ class Fetcher:
         """The shard's answer to a DirPull: a sender (or the value, or 'deleted')."""
         ctx, oid, info = self.ctx, msg.object_id, msg.info
         catalog = ctx.catalog
+        if timeline.recorder is not None:
+            self._trace_answer(oid, info)
         # keep what the answer tells even if nobody here waits yet: a DirPull the driver sent for
         # us (broadcast) can be answered before its Fetch arrives
         catalog.remember(info, oid)
@@ -231,6 +237,29 @@ class Fetcher:
             on_error(into, failure)
         ctx.transport.recv_stream(sender, tag, chunks, lambda n: self._chunk_in(into, n), failed)
         ctx.send(sender, P.Pull(source_id, tag, entry.progress, entry.sizes))
+
+    def sender_of(self, oid: int) -> Optional[int]:
+        """(timeline) The rank the pull into this rank's copy of ``oid`` streams from, while it
+        runs and in the callbacks of its completion (they run before :meth:`_chunk_in` drops
+        the record); None if no pull of it was recorded."""
+        began = self._began.get(oid)
+        return began[1] if began is not None else None
+
+    def _trace_answer(self, oid: int, info: Optional[ObjectInfo]) -> None:
+        """Record this rank's DirPull of ``oid`` and the shard's answer as a "directory" event
+        (answer: the sender's rank, "inline" or "deleted"); an answer to a DirPull sent for this
+        rank by another (a broadcast's) is not recorded."""
+        asked = self._asked.pop(oid, None)
+        rec = timeline.recorder
+        if asked is None or rec is None:
+            return
+        start, shard = asked
+        answer = "deleted" if info is None else "inline" if info.inline is not None else "sender"
+        args = {"object": format_id(oid), "shard": shard, "answer": answer}
+        if answer == "sender":
+            args["sender"] = info.holders[0]
+        rec.complete(f"DirPull {format_id(oid)}", "directory", start, time.perf_counter(), args,
+                     tid="directory")
 
     def _chunk_in(self, into: int, nbytes: int) -> None:
         faults.reached("chunk")

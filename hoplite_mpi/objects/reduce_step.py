@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import bisect
 import enum
+import time
 from typing import Any, Optional
 
 import numpy as np
 
 from .. import faults
 from .. import protocol as P
+from .. import tracing as timeline
 from ..arrays import array_meta
 from ..collectives import load_op, portable_error
 from ..errors import HopliteError
@@ -52,7 +54,15 @@ class ReduceStep:
     next attempt's final step fills in the rest (``adopt``).  The next attempt's steps start at
     the chunk after those bytes (``msg.start``): children are pulled from that offset and earlier
     chunks of the output are released unread.
+
+    Timeline (hoplite_mpi/tracing.py): a step started while recording gives one "collective"
+    event from :meth:`start` to its end (done, failed or aborted: :meth:`_trace`), and each child
+    stream a "transfer" event (the copy step's pull records its own, in the Fetcher).
     """
+
+    _began: Optional[float] = None   # (timeline) time.perf_counter() at start, s; None: not traced
+    _streams: Optional[list] = None  # (timeline) per child stream: (start s, rank, object id)
+    _inputs: Optional[list] = None   # (timeline) ids of the inputs combined here (own, late)
 
     def __init__(self, ctx: Any, coordinator: int, msg: P.ReduceStep) -> None:
         self.ctx, self.coordinator, self.msg = ctx, coordinator, msg
@@ -95,6 +105,10 @@ class ReduceStep:
     def start(self) -> None:
         ctx, msg = self.ctx, self.msg
         out = msg.out_id
+        if timeline.recorder is not None:
+            self._began = time.perf_counter()
+            self._streams = []
+            self._inputs = [msg.input_info.object_id] if msg.input_info is not None else []
         if msg.input_info is not None and not msg.children and not msg.late:   # a leaf: its input
             head, data = self._input(msg.input_info)
             ctx.store.put(out, [head, data])
@@ -146,6 +160,8 @@ class ReduceStep:
         self.bufs.append(bufs)
         self.got.append(self.first)
         self.open += 1
+        if self._streams is not None:
+            self._streams.append((time.perf_counter(), rank, oid))
         chunks = [memoryview(bufs[f])[a:b] for f, a, b in self.plan[self.first:]]
         tag = ctx.next_tag()
         ctx.transport.recv_stream(rank, tag, chunks, lambda n, i=i: self._arrived(i),
@@ -157,6 +173,8 @@ class ReduceStep:
         if self.state is StepState.ABORTED or self.late <= 0:
             return
         self.late -= 1
+        if self._inputs is not None:
+            self._inputs.append(info.object_id)
         if rank != self.ctx.rank and info.inline is None:
             self._pull(rank, info.object_id)
             return
@@ -191,6 +209,8 @@ class ReduceStep:
         if self.got[child] == len(self.plan):
             self.contributions += 1
             self._closed()
+            if self._streams is not None:
+                self._trace_stream(child)
         if self.state is not StepState.RUNNING:
             return
         f, a, b = self.plan[i]
@@ -263,6 +283,8 @@ class ReduceStep:
         if self.state is not StepState.RUNNING:
             return
         self.state = StepState.FAILED
+        if self._began is not None:
+            self._trace("failed")
         self.ctx.send(self.coordinator, P.ReduceStepDone(self.msg.reduce_id, self.msg.out_id,
                                                          self.ctx.rank, error=to_bytes(error), lost=lost))
 
@@ -270,6 +292,8 @@ class ReduceStep:
         """This attempt is abandoned (see the class docstring)."""
         if self.state in (StepState.ABORTED, StepState.DONE):
             return
+        if self._began is not None:
+            self._trace("aborted")
         self.state = StepState.ABORTED
         self.late = 0
         if self.msg.final:   # (it may never finish: a failed reduce's result is never adopted)
@@ -293,6 +317,8 @@ class ReduceStep:
 
     def _done(self) -> None:
         ctx, msg = self.ctx, self.msg
+        if self._began is not None:
+            self._trace("done")
         ctx.steps.unregister(msg.out_id, self)
         aborted = self.state is StepState.ABORTED
         if not aborted:
@@ -325,6 +351,64 @@ class ReduceStep:
         store.delete(self.msg.out_id)
         ctx.server.serve_deferred(self.msg.adopt)
         return self.msg.adopt
+
+
+    # --- timeline ----------------------------------------------------------------------------
+
+    def _kind(self) -> str:
+        """What this step does: "leaf" (its input is its output), "copy" (the target's copy of
+        the root's output), "combine" (its input and/or late ones with its children's)."""
+        msg = self.msg     # (as :meth:`start` tells them apart)
+        if msg.input_info is not None and not msg.children and not msg.late:
+            return "leaf"
+        if msg.input_info is None and len(msg.children) == 1 and not msg.late:
+            return "copy"
+        return "combine"
+
+    def _received(self, kind: str) -> tuple[int, int]:
+        """(chunks, bytes) received so far from other ranks: over the child streams, or into
+        the copy step's entry (from its offset on)."""
+        ends = chunk_ends(self.plan)
+        if kind == "copy":
+            got = [bisect.bisect_right(ends, self.entry.progress)] if self.entry is not None else []
+        else:
+            got = self.got
+        chunks = sum(g - self.first for g in got)
+        nbytes = sum(ends[g - 1] - self.offset for g in got if g > self.first)
+        return chunks, nbytes
+
+    def _trace(self, outcome: str) -> None:
+        """Record this step as one "collective" event (once): its reduce attempt, output (and
+        the result, if final), the inputs combined here (its own, late ones), its children's
+        count, the ranks it received from (``peers``), the chunks and bytes received so far.
+        ``outcome``: "done", "failed" or "aborted"."""
+        began, self._began = self._began, None
+        rec = timeline.recorder
+        if rec is None:
+            return
+        msg = self.msg
+        kind = self._kind()
+        chunks, nbytes = self._received(kind)
+        peers = [rank for _, rank, _ in self._streams or ()] or [rank for rank, _ in msg.children]
+        args = {"reduce": format_id(msg.reduce_id), "step": kind, "out": format_id(msg.out_id),
+                "inputs": [format_id(oid) for oid in self._inputs or ()],
+                "children": len(msg.children), "peers": peers, "chunks": chunks, "bytes": nbytes,
+                "outcome": outcome}
+        if msg.final:
+            args["result"] = format_id(msg.adopt or msg.out_id)
+        rec.complete(f"reduce {kind}", "collective", began, time.perf_counter(), args,
+                     tid="collectives")
+
+    def _trace_stream(self, child: int) -> None:
+        """Record child stream ``child`` (complete now) as a "transfer" event."""
+        rec = timeline.recorder
+        if rec is None or child >= len(self._streams):   # (recording began after this stream)
+            return
+        start, rank, oid = self._streams[child]
+        nbytes = chunk_ends(self.plan)[-1] - self.offset
+        rec.complete(f"pull {format_id(oid)}", "transfer", start, time.perf_counter(),
+                     {"object": format_id(oid), "bytes": nbytes, "peer": rank, "reduce": True},
+                     tid="transfers")
 
 
 def _raw(frame: Any) -> np.ndarray:

@@ -4,13 +4,18 @@
 Inputs are placed as they become ready (:meth:`Driver.when_ready`); steps report back
 (``ReduceStepDone``); after a rank loss the coordinator re-plans and the new attempt goes on from
 the bytes of the result already given out (``ReduceResume``).
+
+Timeline (hoplite_mpi/tracing.py): each reduce coordinated here is a "collective" event from its
+start to its result, and each re-plan an instant event (cat "replan").
 """
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from .. import protocol as P
+from .. import tracing as timeline
 from ..collectives import (InputReady, ReduceCoordinator, Reduced, Replanned, Start, WatchInputs,
                            chain_length, host_order)
 from ..context import Loss
@@ -29,6 +34,7 @@ class Coordination:
         self.ctx = ctx
         self.running: dict[int, ReduceCoordinator] = {}
         self.reduced: dict[int, list[int]] = {}
+        self._began: dict[int, float] = {}     # (timeline) result id -> start, perf_counter s
         hosts = getattr(ctx.transport, "hosts", None)
         # (Config.host_aware: inputs ready together are placed grouped by host)
         self.hosts = hosts if hosts and len(set(hosts)) > 1 and ctx.config.host_aware else None
@@ -48,6 +54,8 @@ class Coordination:
                                   size_to_chunks=chunks_of if ctx.config.chunk_aware_plan else None,
                                   direct_fetch=ctx.config.broadcast_direct)
         self.running[reduce_id] = coord
+        if timeline.recorder is not None:
+            self._began[result_id] = time.perf_counter()
         self._coordinated(coord, coord.handle(Start(frozenset(ctx.dead))))
 
     def combine_now(self, reduce_id: int, infos: list, op: bytes, num: int, result_id: int,
@@ -132,14 +140,47 @@ class Coordination:
                 log.warning("rank 0: reduce %s re-planned without the dead rank(s) %s (from byte %d)",
                             format_id(item.result_id), list(item.dead), item.start)
                 self.running[item.reduce_id] = coord
+                if timeline.recorder is not None:
+                    self._trace_replan(coord, item)
             elif cls is Reduced:
                 for rid in item.attempts:
                     self.running.pop(rid, None)
                 self.reduced[item.result.object_id] = list(item.used)
+                if timeline.recorder is not None:
+                    self._trace_reduce(coord, item)
                 ctx.refs.notify([item.result])
                 ctx.driver.object_known(item.result)
             else:
                 raise TypeError(f"unknown instruction {item!r}")
+
+    # --- timeline ----------------------------------------------------------------------------
+
+    def _trace_replan(self, coord: ReduceCoordinator, item: Replanned) -> None:
+        """An instant event: the reduce of result ``item.result_id`` planned again without the
+        dead ranks, as attempt ``item.reduce_id``; what it keeps: the result's first ``item.start`` bytes
+        (given out already) and the inputs it will place again."""
+        rec = timeline.recorder
+        if rec is not None:
+            rec.instant(f"replan {format_id(item.result_id)}", "replan",
+                        {"result": format_id(item.result_id), "reduce": format_id(item.reduce_id),
+                         "dead": list(item.dead), "bytes_kept": item.start,
+                         "inputs": len(coord.inputs), "num": coord.num})
+
+    def _trace_reduce(self, coord: ReduceCoordinator, item: Reduced) -> None:
+        """The reduce that gave ``item`` as one "collective" event, from its start here: its
+        result, target rank, path ("inline" or "tree"), the inputs used, the reduce ids of its
+        attempts (the ``reduce`` of its steps' events)."""
+        began = self._began.pop(item.result.object_id, None)
+        rec = timeline.recorder
+        if began is None or rec is None:
+            return
+        rec.complete(f"reduce {format_id(item.result.object_id)}", "collective", began,
+                     time.perf_counter(),
+                     {"result": format_id(item.result.object_id), "target": coord.target,
+                      "path": coord.path, "used": [format_id(oid) for oid in item.used],
+                      "attempts": [format_id(rid) for rid in item.attempts],
+                      "error": bool(item.result.error)},
+                     tid="collectives")
 
     def rank_lost(self, loss: Loss) -> None:
         for coord in {id(c): c for c in self.running.values()}.values():
