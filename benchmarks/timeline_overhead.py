@@ -14,9 +14,8 @@ on, alternating (off/on, then on/off, ...; the first rep of each is a warm-up, n
   ``hm.get`` of the last (s).
 
 "On": ``hm.timeline()`` starts recording on every rank; after the workloads ``hm.timeline(path)``
-gathers and writes the events (not timed).  "Off": recording is stopped on every rank: rank 0
-calls ``tracing.stop()`` and a task pinned to each worker rank (``strict_rank``) does the same
-in its process (the API has no stop).
+gathers and writes the events (not timed).  "Off": ``hm.timeline(path, stop=True)`` writes them
+and stops recording on every rank.
 
     # one job (prints RESULT <json>):
     mpirun -n 4 --oversubscribe python -m hoplite_mpi benchmarks/timeline_overhead.py [--reps 6]
@@ -67,13 +66,6 @@ def make(n: int, value: float) -> np.ndarray:
     return np.full(n, value, dtype=np.float64)
 
 
-@hm.remote
-def stop_recording() -> bool:
-    """(pinned to a worker rank) Stop recording in this rank's process."""
-    tracing.stop()
-    return tracing.recorder is None
-
-
 def _noop() -> float:
     """No-op tasks per second."""
     t0 = time.perf_counter()
@@ -122,12 +114,7 @@ def _set_recording(on: bool, path: str) -> int:
     if on:
         hm.timeline()
         return 0
-    events = hm.timeline(path) if tracing.recorder is not None else 0
-    tracing.stop()
-    workers = list(range(1, hm.world_size()))
-    assert all(hm.get([stop_recording.options(rank=r, strict_rank=True).remote() for r in workers],
-                      timeout=T))
-    return events
+    return hm.timeline(path, stop=True) if tracing.recorder is not None else 0
 
 
 def _phase(fns: dict) -> dict:

@@ -420,16 +420,15 @@ class Runtime:
         """(engine) See :meth:`Fetcher.fetch`."""
         self.ctx.fetcher.fetch(object_id, callback)
 
-    def write_timeline(self, path: str, timeout: float = 60.0) -> int:
-        """(driver) Gather every rank's timeline events and write them to ``path``; returns the
-        number of events.  Raises RuntimeError if recording is off (tracing.py)."""
+    def write_timeline(self, path: Optional[str], timeout: float = 60.0, stop: bool = False) -> int:
+        """(driver) Gather every rank's timeline events and write them to ``path`` (None: drop
+        them); ``stop``: every rank stops recording too.  Returns the number of events written.
+        Raises RuntimeError if recording is off (tracing.py)."""
         if timeline.recorder is None:
             raise RuntimeError("the timeline is not being recorded: set HOPLITE_MPI_TIMELINE=path "
                                "or call hm.timeline() first")
-        fut = self.waiter()
-        self.call_soon(self.trace.gather_events, False, lambda per_rank, offsets: fut.set_result((per_rank, offsets)))
-        per_rank, offsets = fut.result(timeout)
-        return timeline.write(path, per_rank, offsets)
+        per_rank, offsets = self._timeline("stop" if stop else "take", timeout)
+        return 0 if path is None else timeline.write(path, per_rank, offsets)
 
     def gather_stats(self, timeout: float = 30.0) -> tuple[dict, list[int]]:
         """(driver) Every live rank's ``hm.stats()`` dict (rank -> dict), and the ranks that did
@@ -442,9 +441,12 @@ class Runtime:
 
     def start_timeline(self, timeout: float = 60.0) -> None:
         """(driver) Start recording the timeline on every rank."""
+        self._timeline("start", timeout)
+
+    def _timeline(self, what: str, timeout: float) -> tuple[dict, dict]:
         fut = self.waiter()
-        self.call_soon(self.trace.gather_events, True, lambda *a: fut.set_result(None))
-        fut.result(timeout)
+        self.call_soon(self.trace.gather_events, what, lambda *answer: fut.set_result(answer))
+        return fut.result(timeout)
 
     @property
     def workflow(self) -> Any:

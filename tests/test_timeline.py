@@ -70,6 +70,19 @@ def test_the_whole_run_with_the_environment_variable(tmp_path):
     assert json.load(open(end))["traceEvents"]                 # written at shutdown
 
 
+def test_stop_ends_recording_on_every_rank(tmp_path):
+    """hm.timeline(path, stop=True): the file as before, then no rank records (the hooks are off
+    again) and a later hm.timeline(path) is a RuntimeError."""
+    path = str(tmp_path / "trace.json")
+    proc = run_job(3, "-m", "hoplite_mpi", WORKLOAD, path, "--start", "--stop", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    _check(path, got["nbytes"])
+    assert got["recording"] == [False, False]
+    assert got["again"].startswith("the timeline is not being recorded")
+    assert not os.path.exists(path + ".again")
+
+
 # --- collectives and directory requests (tests/mpi/timeline_collectives.py) -------------------
 
 COLLECTIVES = os.path.join(HERE, "mpi", "timeline_collectives.py")
