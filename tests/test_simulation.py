@@ -3,7 +3,9 @@
 - Unit tests of the in-process transport (transport/local.py): per-pair FIFO, stream order and
   late-posted receives, partial-copy forwarding, truncation, kill semantics.
 - Simulation seeds: CI runs ``CI_SEEDS`` seeds (random ranks, config, workload; about 40 % with
-  rank kills) plus ``KILL_SEEDS`` with kills forced, plus the seeds that found bugs
+  rank kills) plus ``KILL_SEEDS`` with kills forced, ``SURE_KILL_SEEDS`` with kills forced and
+  placed within the run (simulate_sure: a plain forced kill never fires in about half the
+  seeds, the run ends first), plus the seeds that found bugs
   (``REGRESSIONS``).  ``pytest tests/test_simulation.py --sim-seeds=100000 [--sim-start=S]``
   runs a soak instead; ``--sim-seed=S`` replays one seed with the runtime's log.
 - Honesty checks: a runtime that drops one message kind, or a transport that corrupts a byte,
@@ -17,12 +19,13 @@ import pytest
 
 from hoplite_mpi import protocol as P
 from hoplite_mpi.engine import Engine
-from hoplite_mpi.sim import simulate
+from hoplite_mpi.sim import simulate, simulate_sure
 from hoplite_mpi.transport import local
 from hoplite_mpi.transport.local import Network
 
 CI_SEEDS = range(1, 241)
 KILL_SEEDS = range(5001, 5061)
+SURE_KILL_SEEDS = range(8001, 8061)
 # seeds that found bugs (fixed): see the commit messages "Fix (found by the simulation, seed S)";
 # 10142 found a simulator bug (a rank hung across the shutdown stalled the virtual clock)
 REGRESSIONS = [18, 120, 126, 192, 222, 319, 1286, 1472, 1709, 1796, 1804, 10142, 11076,
@@ -184,6 +187,28 @@ def test_seeds_with_kills(first, request):
     if request.config.getoption("--sim-seeds") or request.config.getoption("--sim-seed") is not None:
         pytest.skip("a soak or a replay was asked for")
     _run(range(first, min(first + GROUP, KILL_SEEDS.stop)), kills=True)
+
+
+@pytest.mark.parametrize("first", list(SURE_KILL_SEEDS)[::GROUP])
+def test_seeds_with_sure_kills(first, request):
+    """Every seed of more than 2 ranks kills a rank (at a random point within the run) and
+    passes."""
+    if request.config.getoption("--sim-seeds") or request.config.getoption("--sim-seed") is not None:
+        pytest.skip("a soak or a replay was asked for")
+    bad, quiet = [], []
+    for seed in range(first, min(first + GROUP, SURE_KILL_SEEDS.stop)):
+        r = simulate_sure(seed)
+        if not r.ok:
+            bad.append(r.summary())
+        if r.size > 2 and not r.kills:
+            quiet.append(seed)
+    assert not bad, f"{len(bad)} failing seed(s):\n" + "\n\n".join(b[:6000] for b in bad)
+    assert not quiet, f"seeds of more than 2 ranks that killed nobody: {quiet}"
+
+
+def test_sure_kills_replay():
+    a, b = simulate_sure(8003), simulate_sure(8003)
+    assert a.kills and a.trace == b.trace and a.kills == b.kills
 
 
 @pytest.mark.parametrize("seed,kills", [(s, None) for s in sorted(KNOWN_FAILING)]

@@ -11,6 +11,6 @@
 
 Run ``python -m hoplite_mpi.sim --seeds 1-1000`` (soak) or ``--seed S`` (replay one, verbose).
 """
-from .simulator import SimResult, simulate
+from .simulator import SimResult, simulate, simulate_sure
 
-__all__ = ["SimResult", "simulate"]
+__all__ = ["SimResult", "simulate", "simulate_sure"]
