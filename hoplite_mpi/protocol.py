@@ -431,8 +431,8 @@ class Output:
 @message
 class Ask:
     """Rank 0 -> every rank: answer question ``what`` (with ``arg``): "state" (a stall report),
-    "timeline" (start recording if ``arg``, else the events so far), "stats" (the rank's
-    counters); roles/gather.py."""
+    "timeline" (``arg`` "start" recording, "take" the events so far, or take them and "stop"),
+    "stats" (the rank's counters); roles/gather.py."""
 
     token: int
     what: str

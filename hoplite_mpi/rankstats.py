@@ -22,16 +22,11 @@ def snapshot(rt: Any) -> dict:
     out["store_objects"] = len(rt.store)
     out["store_bytes"] = rt.store.bytes_used
     out.update(rt.transport.traffic())
-    tasks = rt.ctx.tasks
-    if tasks is not None:
-        busy, idle_cpu = tasks.worker.clock.read()
-        out["tasks_run"] = tasks.worker.executed
-    else:
-        busy, idle_cpu = 0.0, None
-    out["busy_s"], out["idle_cpu_s"] = busy, idle_cpu
+    worker = rt.ctx.tasks.worker if rt.ctx.tasks is not None else None
+    out["tasks_run"] = worker.executed if worker is not None else 0
+    out["busy_s"], out["idle_cpu_s"] = worker.clock.read() if worker is not None else (0.0, None)
     out["wall_s"] = time.perf_counter() - rt.started[0]
     out["cpu_s"] = time.process_time() - rt.started[1]
-    out.setdefault("tasks_run", 0)
     out["dead_ranks"] = sorted(rt.dead)
     out["rank"] = rt.rank
     out["rank_loss_tolerance"] = bool(rt.transport.ft)

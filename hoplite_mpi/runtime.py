@@ -44,7 +44,7 @@ from .roles.drain import DrainRole
 from .roles.gather import Gather
 from .roles.stall import StallRole
 from .roles.stragglers import EVERY as STRAGGLER_CHECK
-from .roles.timeline_role import TimelineRole
+from .roles.timeline_role import WAIT as TIMELINE_WAIT, TimelineRole
 from .roles.membership import Membership
 from .roles.shard import ShardRole
 from .roles.shutdown import Shutdown
@@ -434,18 +434,27 @@ class Runtime:
         """(driver) Every live rank's ``hm.stats()`` dict (rank -> dict), and the ranks that did
         not answer within ``min(timeout, 10)`` seconds.  Raises concurrent.futures.TimeoutError
         if the engine did not finish gathering within ``timeout``."""
-        fut = self.waiter()
-        self.call_soon(self.gather.ask, "stats", None, min(timeout, 10.0),
-                       lambda answers: fut.set_result((answers.payloads, answers.silent)))
-        return fut.result(timeout)
+        answers = self.ask_all("stats", None, min(timeout, 10.0), timeout)
+        return answers.payloads, answers.silent
 
     def start_timeline(self, timeout: float = 60.0) -> None:
         """(driver) Start recording the timeline on every rank."""
         self._timeline("start", timeout)
 
     def _timeline(self, what: str, timeout: float) -> tuple[dict, dict]:
+        """(driver) Ask every rank "timeline" ``what`` (roles/timeline_role.py); returns rank ->
+        events (on the rank's clock; [] if it could not answer) and rank -> clock offset."""
+        answers = self.ask_all("timeline", what, TIMELINE_WAIT, timeout)
+        events = {r: e if isinstance(e, list) else [] for r, e in answers.payloads.items()}
+        return events, answers.offsets
+
+    def ask_all(self, what: str, arg: Any, wait: float, timeout: float) -> Any:
+        """(driver, any thread but the engine's) Ask every live rank ``what`` (roles/gather.py:
+        answers within ``wait`` seconds count); returns the :class:`Answers`.  Raises
+        concurrent.futures.TimeoutError after ``timeout`` seconds, RuntimeShutdownError if the
+        runtime shuts down first."""
         fut = self.waiter()
-        self.call_soon(self.trace.gather_events, what, lambda *answer: fut.set_result(answer))
+        self.call_soon(self.gather.ask, what, arg, wait, fut.set_result)
         return fut.result(timeout)
 
     @property

@@ -23,7 +23,7 @@ log = logging.getLogger("hoplite_mpi")
 
 @dataclasses.dataclass
 class Answers:
-    """What came back.  ``payloads``: rank -> answer (rank 0's own too when asked of it);
+    """What came back.  ``payloads``: rank -> answer (rank 0's own included);
     ``offsets``: rank -> (clock offset s, error s); ``asked``: the ranks asked (live when
     asked, rank 0 excluded)."""
 
@@ -62,19 +62,15 @@ class Gather:
 
     # --- rank 0 -----------------------------------------------------------------------------
 
-    def ask(self, what: str, arg: Any, wait: float, done: Callable[[Answers], None],
-            here: bool = True) -> None:
+    def ask(self, what: str, arg: Any, wait: float, done: Callable[[Answers], None]) -> None:
         """(engine, rank 0) Ask every live rank ``what`` (with ``arg``); ``done(answers)`` once
-        all answered or after ``wait`` seconds, whichever comes first.  ``here``: rank 0
-        answers too (first, offset 0)."""
+        all answered or after ``wait`` seconds, whichever comes first.  Rank 0 answers too
+        (first, offset 0)."""
         ctx = self.ctx
         self.token += 1
         token = self.token
         asked = {r for r in range(ctx.size) if r != ctx.rank and r not in ctx.dead}
-        answers = Answers({}, {}, asked)
-        if here:
-            answers.payloads[ctx.rank] = self._answer(what, arg)
-            answers.offsets[ctx.rank] = (0.0, 0.0)
+        answers = Answers({ctx.rank: self._answer(what, arg)}, {ctx.rank: (0.0, 0.0)}, asked)
         self._pending[token] = (answers, time.perf_counter(), done)
         for rank in sorted(asked):
             ctx.send(rank, P.Ask(token, what, arg))

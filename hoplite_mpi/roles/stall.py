@@ -24,7 +24,8 @@ PROGRESS = ("TaskDone", "ReduceStepDone", "Fetched", "Persisted", "DirSender")
 
 
 class StallRole:
-    """Every rank answers StateRequests; rank 0 (:meth:`install`) watches for stalls."""
+    """Every rank answers "state" (roles/gather.py); rank 0 (:meth:`install`) watches for
+    stalls."""
 
     def __init__(self, ctx: Any, gather: Gather) -> None:
         self.ctx = ctx

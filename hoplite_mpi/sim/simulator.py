@@ -147,10 +147,12 @@ class Faults:
         self.kill_plan: list[tuple[int, int]] = []     # (after this many deliveries, rank)
         if with_kills and size > 2:
             victims = rng.sample(range(1, size), rng.randint(1, min(2, size - 2)))
-            # (kill_span: the same draws scaled to [0, kill_span) deliveries; see simulate_sure)
-            self.kill_plan = sorted((rng.randint(0, 60 * ops) if kill_span is None else
-                                     rng.randint(0, 60 * ops) * kill_span // (60 * ops + 1), r)
-                                    for r in victims)
+            top = 60 * ops
+
+            def at(draw: int) -> int:
+                # (kill_span: the same draws scaled to [0, kill_span) deliveries; simulate_sure)
+                return draw if kill_span is None else draw * kill_span // (top + 1)
+            self.kill_plan = sorted((at(rng.randint(0, top)), r) for r in victims)
         # a hung rank (not stepped for a while: declared dead by rank 0's heartbeat timeout if
         # long enough, then told so and exits when it runs again); its own generator keeps the
         # other choices of a seed unchanged
@@ -370,11 +372,9 @@ def simulate_sure(seed: int, ops: Optional[int] = None, verbose: bool = False) -
     out of reach counts the run's deliveries D; the second run scales the same kill draws into
     [0, 0.9 D).  Both runs are identical up to the first kill (the kill plan is the only
     difference), so every kill of the second run happens (on seeds with more than 2 ranks)."""
-    first = simulate(seed, ops, True, round_limit=200_000, kill_span=1 << 62)
-    if not first.ok:
-        first.forced = " --kills sure" + ("" if ops is None else f" --ops {ops}")
-        return first
-    result = simulate(seed, ops, True, verbose, kill_span=max(1, first.delivered * 9 // 10))
+    first = simulate(seed, ops, True, kill_span=1 << 62)
+    result = first if not first.ok else simulate(seed, ops, True, verbose,
+                                                  kill_span=max(1, first.delivered * 9 // 10))
     result.forced = " --kills sure" + ("" if ops is None else f" --ops {ops}")
     return result
 
